@@ -1,0 +1,325 @@
+"""Approximate maximum-inner-product search over label vectors (with bias) using faiss.
+
+score(x, y) = <x, w_y> + b_y.  The bias is folded in by the standard augmentation: the index stores
+w'_y = [w_y, b_y] and a query becomes x' = [x, 1], so <x', w'_y> = score(x, y).
+
+How MIPS is mapped onto the index (``mips`` argument):
+
+* ``"ip"``: the index uses ``faiss.METRIC_INNER_PRODUCT`` directly on w'.
+* ``"l2"`` (default for ``hnsw`` and ``ivf``): the reduction of Bachrach et al. (2014): with
+  R = max_y ||w'_y||, store w''_y = [w'_y, sqrt(R^2 - ||w'_y||^2)] and query x'' = [x', 0]; then
+  ||x'' - w''_y||^2 = ||x'||^2 + R^2 - 2 score(x, y), so the L2 nearest neighbours are exactly the
+  maximum-score labels, and the graph / k-means work in a true metric space. On the structured data of
+  ``benchmarks/inference_cost.py`` both reach the same recall when label norms are (nearly) equal; with
+  unequal norms (trained classifiers) the metric version keeps HNSW's graph navigable and IVF's k-means
+  cells meaningful, so it is the default. Scores returned by :meth:`LabelIndex.search` are converted back
+  to inner products either way.
+* ``kind="flat"`` is always an exact ``IndexFlatIP`` (``mips`` is ignored).
+
+``nlist`` default for IVF: ``round(sqrt(C))`` (clamped to [1, C // 39] so k-means has >= 39 points per
+centroid), with ``nprobe=16`` probed lists, trained on a seeded subsample of at most 64 points per centroid
+(k-means seed ``seed``). With ~sqrt(C) cells each probe scans ~sqrt(C) labels, so a query costs
+~nprobe * sqrt(C) inner products instead of C.
+
+Determinism: building twice from the same weights with the same settings gives the same neighbours.
+IVF: the k-means sample and seed are fixed and faiss' IVF add is order-preserving. HNSW: faiss' parallel
+insertion depends on thread timing, so with ``deterministic=True`` (default) the HNSW graph is built with
+one OpenMP thread (searches still use all threads); pass ``deterministic=False`` for a faster,
+multi-threaded build.
+
+GPU: with ``use_gpu="auto"`` (or True), flat and IVF indices are moved to GPU 0 when this faiss build has
+``StandardGpuResources`` and sees a GPU; otherwise one line "faiss GPU not available, using CPU" is logged
+(once per process). HNSW always runs on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from xmcneg.errors import ConfigError
+
+__all__ = ["LabelIndex", "ann_topk", "recall_against_exact"]
+
+log = logging.getLogger(__name__)
+_GPU_WARNED = False
+_KINDS = ("hnsw", "ivf", "flat")
+
+
+def _faiss():
+    import faiss  # imported lazily: faiss is only needed when an index is used
+
+    return faiss
+
+
+def _np32(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def _gpu_available(faiss) -> bool:
+    if not hasattr(faiss, "StandardGpuResources"):
+        return False
+    try:
+        return faiss.get_num_gpus() > 0
+    except Exception:  # pragma: no cover - depends on the faiss build
+        return False
+
+
+class LabelIndex:
+    """faiss index over label vectors (+ bias) for maximum-inner-product search.
+
+    kind: "hnsw" | "ivf" | "flat".  M, ef_search, ef_construction: HNSW parameters (the search uses
+    ``max(ef_search, k)``).  nlist (IVF lists, default round(sqrt(C))), nprobe: IVF parameters.
+    use_gpu: "auto" | True | False.  mips: "l2" (Bachrach et al. reduction, default) | "ip".
+    seed: IVF k-means / training-sample seed.  deterministic: single-threaded HNSW build.
+    """
+
+    def __init__(
+        self,
+        kind: str = "hnsw",
+        M: int = 32,
+        ef_search: int = 128,
+        ef_construction: int = 200,
+        nlist: Optional[int] = None,
+        nprobe: int = 16,
+        use_gpu="auto",
+        mips: str = "l2",
+        seed: int = 1234,
+        deterministic: bool = True,
+        max_train_points_per_list: int = 64,
+        kmeans_iters: int = 10,
+    ):
+        if kind not in _KINDS:
+            raise ConfigError("index.kind", f"must be one of {_KINDS}, got {kind!r}")
+        if mips not in ("l2", "ip"):
+            raise ConfigError("index.mips", f"must be 'l2' or 'ip', got {mips!r}")
+        if use_gpu not in ("auto", True, False):
+            raise ConfigError("index.use_gpu", f"must be 'auto', true or false, got {use_gpu!r}")
+        for key, val in (("M", M), ("ef_search", ef_search), ("ef_construction", ef_construction),
+                         ("nprobe", nprobe)):
+            if int(val) < 1:
+                raise ConfigError(f"index.{key}", f"must be >= 1, got {val!r}")
+        if nlist is not None and int(nlist) < 1:
+            raise ConfigError("index.nlist", f"must be >= 1, got {nlist!r}")
+        self.kind = kind
+        self.M = int(M)
+        self.ef_search = int(ef_search)
+        self.ef_construction = int(ef_construction)
+        self.nlist = None if nlist is None else int(nlist)
+        self.nprobe = int(nprobe)
+        self.use_gpu = use_gpu
+        self.mips = mips
+        self.seed = int(seed)
+        self.deterministic = bool(deterministic)
+        self.max_train_points_per_list = int(max_train_points_per_list)
+        self.kmeans_iters = int(kmeans_iters)
+        self.version = 0
+        self.index = None
+        self.num_labels = 0
+        self.dim = 0
+        self.on_gpu = False
+        self._has_bias = False
+        self._aug_l2 = False
+        self._R2 = 0.0
+        self._gpu_res = None
+        self.nlist_used = None
+
+    # ------------------------------------------------------------------ build
+    def build(self, label_w, label_b=None) -> "LabelIndex":
+        """(Re)build the index from label vectors (C, d) float32 and optional biases (C,)."""
+        faiss = _faiss()
+        W = _np32(label_w)
+        if W.ndim != 2 or W.shape[0] < 1:
+            raise ValueError(f"label_w must be a non-empty (C, d) matrix, got shape {W.shape}")
+        C, d = W.shape
+        parts = [W]
+        self._has_bias = label_b is not None
+        if self._has_bias:
+            b = _np32(label_b).reshape(-1)
+            if b.shape[0] != C:
+                raise ValueError(f"label_b has {b.shape[0]} entries, label_w has {C} rows")
+            parts.append(b[:, None])
+        self._aug_l2 = self.kind != "flat" and self.mips == "l2"
+        if self._aug_l2:
+            Wb = np.hstack(parts) if len(parts) > 1 else W
+            sq = np.einsum("ij,ij->i", Wb, Wb, dtype=np.float64)
+            self._R2 = float(sq.max())
+            parts.append(np.sqrt(np.maximum(self._R2 - sq, 0.0)).astype(np.float32)[:, None])
+        X = np.ascontiguousarray(np.hstack(parts)) if len(parts) > 1 else W
+        D = X.shape[1]
+        metric = faiss.METRIC_L2 if self._aug_l2 else faiss.METRIC_INNER_PRODUCT
+
+        if self.kind == "flat":
+            index = faiss.IndexFlatIP(D)
+            index.add(X)
+        elif self.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(D, self.M, metric)
+            index.hnsw.efConstruction = self.ef_construction
+            index.hnsw.efSearch = self.ef_search
+            prev = faiss.omp_get_max_threads()
+            if self.deterministic:
+                faiss.omp_set_num_threads(1)
+            try:
+                index.add(X)
+            finally:
+                faiss.omp_set_num_threads(prev)
+        else:  # ivf
+            nlist = self.nlist if self.nlist is not None else int(round(math.sqrt(C)))
+            nlist = max(1, min(nlist, C // 39 if C >= 39 else 1))
+            self.nlist_used = nlist
+            quantizer = faiss.IndexFlatL2(D) if self._aug_l2 else faiss.IndexFlatIP(D)
+            index = faiss.IndexIVFFlat(quantizer, D, nlist, metric)
+            index.cp.seed = self.seed
+            index.cp.niter = self.kmeans_iters
+            index.cp.max_points_per_centroid = max(self.max_train_points_per_list, 39)
+            n_train = min(C, nlist * max(self.max_train_points_per_list, 39))
+            if n_train < C:
+                rng = np.random.default_rng(self.seed)
+                sample = np.sort(rng.choice(C, size=n_train, replace=False))
+                train_x = np.ascontiguousarray(X[sample])
+            else:
+                train_x = X
+            index.train(train_x)
+            index.add(X)
+            index.nprobe = min(self.nprobe, nlist)
+
+        self.on_gpu = False
+        if self.kind in ("flat", "ivf") and self.use_gpu in ("auto", True):
+            if _gpu_available(faiss):
+                if self._gpu_res is None:
+                    self._gpu_res = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+                if self.kind == "ivf":
+                    faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", min(self.nprobe, self.nlist_used))
+                self.on_gpu = True
+            else:
+                global _GPU_WARNED
+                if not _GPU_WARNED:
+                    log.info("faiss GPU not available, using CPU")
+                    _GPU_WARNED = True
+        self.index = index
+        self.num_labels, self.dim = C, d
+        self.version += 1
+        return self
+
+    # ----------------------------------------------------------------- search
+    def _query_matrix(self, queries) -> np.ndarray:
+        Q = _np32(queries)
+        if Q.ndim != 2 or Q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (n, {self.dim}), got shape {Q.shape}")
+        extra = int(self._has_bias) + int(self._aug_l2)
+        if extra:
+            Qa = np.zeros((Q.shape[0], self.dim + extra), dtype=np.float32)
+            Qa[:, : self.dim] = Q
+            if self._has_bias:
+                Qa[:, self.dim] = 1.0
+            Q = Qa
+        return Q
+
+    def search(self, queries, k: int):
+        """Top-k labels by (approximate) score <q, w> + b: returns (scores (n, k) float32, ids (n, k) int64).
+
+        Missing results (possible with IVF when the probed lists hold fewer than k labels) have id -1 and
+        score -inf.
+        """
+        if self.index is None:
+            raise RuntimeError("LabelIndex.search called before build()")
+        k = int(k)
+        if k < 1:
+            raise ConfigError("eval.k", f"must be >= 1, got {k}")
+        k = min(k, self.num_labels)
+        Q = self._query_matrix(queries)
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(self.ef_search, k)
+        D, I = self.index.search(Q, k)
+        I = I.astype(np.int64, copy=False)
+        if self._aug_l2:
+            qn = np.einsum("ij,ij->i", Q, Q, dtype=np.float64)[:, None]
+            S = ((qn + self._R2 - D.astype(np.float64)) * 0.5).astype(np.float32)
+        else:
+            S = D.astype(np.float32, copy=False)
+        S = np.where(I >= 0, S, -np.inf).astype(np.float32, copy=False)
+        return S, I
+
+    def __repr__(self) -> str:
+        return (f"LabelIndex(kind={self.kind!r}, M={self.M}, ef_search={self.ef_search}, "
+                f"ef_construction={self.ef_construction}, nlist={self.nlist}, nprobe={self.nprobe}, "
+                f"mips={self.mips!r}, version={self.version})")
+
+
+@torch.no_grad()
+def ann_topk(doc_emb, label_w, label_b, k: int, index: LabelIndex, shortlist: int = 100,
+             query_chunk: int = 4096):
+    """Top-k labels via ANN retrieval of ``shortlist`` candidates, re-scored exactly with torch.
+
+    If ``index`` has never been built it is built from (label_w, label_b); otherwise it is used as is (the
+    caller rebuilds it when the weights change). Returns ``(scores (N, k), ids (N, k) int64)`` on
+    doc_emb's device, like :func:`xmcneg.eval.topk.exact_topk`; rows with fewer than k candidates are
+    padded with id -1 / score -inf.
+    """
+    doc = doc_emb if isinstance(doc_emb, torch.Tensor) else torch.as_tensor(doc_emb)
+    if not doc.is_floating_point():
+        doc = doc.float()
+    W = label_w if isinstance(label_w, torch.Tensor) else torch.as_tensor(label_w)
+    B = None
+    if label_b is not None:
+        B = (label_b if isinstance(label_b, torch.Tensor) else torch.as_tensor(label_b)).reshape(-1)
+    C = W.shape[0]
+    k = int(k)
+    if k < 1 or k > C:
+        raise ConfigError("eval.k", f"must be between 1 and the number of labels ({C}), got {k}")
+    if index.version == 0:
+        index.build(W, B)
+    S = min(max(int(shortlist), k), C)
+    device, dtype = doc.device, doc.dtype
+    N = doc.shape[0]
+    out_s = torch.empty((N, k), dtype=dtype, device=device)
+    out_i = torch.empty((N, k), dtype=torch.long, device=device)
+    for s in range(0, N, query_chunk):
+        e = min(N, s + query_chunk)
+        q = doc[s:e]
+        _, cand = index.search(q, S)
+        cand_t = torch.from_numpy(cand).to(W.device)
+        valid = cand_t >= 0
+        safe = cand_t.clamp_min(0)
+        w = W[safe].to(device=device, dtype=dtype)  # (n, S, d)
+        sc = torch.bmm(w, q.unsqueeze(2)).squeeze(2)  # (n, S)
+        if B is not None:
+            sc = sc + B[safe].to(device=device, dtype=dtype)
+        valid = valid.to(device)
+        sc = sc.masked_fill(~valid, float("-inf"))
+        kk = min(k, sc.shape[1])
+        ts, pos = torch.topk(sc, kk, dim=1)
+        ti = torch.gather(safe.to(device), 1, pos)
+        ti = ti.masked_fill(torch.isinf(ts) & (ts < 0), -1)
+        out_s[s:e, :kk] = ts
+        out_i[s:e, :kk] = ti
+        if kk < k:
+            out_s[s:e, kk:] = float("-inf")
+            out_i[s:e, kk:] = -1
+    return out_s, out_i
+
+
+def recall_against_exact(ann_ids, exact_ids) -> float:
+    """Mean over rows of the fraction of exact top-k ids (ignoring -1) that appear in the ANN top-k."""
+    a = ann_ids.detach().cpu().numpy() if isinstance(ann_ids, torch.Tensor) else np.asarray(ann_ids)
+    x = exact_ids.detach().cpu().numpy() if isinstance(exact_ids, torch.Tensor) else np.asarray(exact_ids)
+    if a.ndim != 2 or x.ndim != 2 or a.shape[0] != x.shape[0]:
+        raise ValueError(f"shape mismatch: ann {a.shape} vs exact {x.shape}")
+    if x.shape[0] == 0:
+        return 0.0
+    valid = x >= 0
+    found = np.zeros(x.shape, dtype=bool)
+    for j in range(a.shape[1]):  # K is small; vectorised over rows
+        found |= (x == a[:, j: j + 1])
+    found &= valid
+    nv = valid.sum(axis=1)
+    per_row = np.divide(found.sum(axis=1), nv, out=np.zeros(x.shape[0]), where=nv > 0)
+    rows = nv > 0
+    return float(per_row[rows].mean()) if rows.any() else 0.0

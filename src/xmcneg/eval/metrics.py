@@ -1,0 +1,213 @@
+"""Extreme-classification metrics: P@k, nDCG@k, PSP@k, PSnDCG@k, R@k.
+
+Conventions follow xclib (the Extreme Classification Repository's evaluation code):
+
+* ``P@k``   = mean over all N points of (#hits in the top k) / k.
+* ``nDCG@k`` = mean over all N points of DCG@k / IDCG@k, with DCG@k = sum_{j<k} hit_j / log2(j + 2) and
+  IDCG@k = sum_{j < min(k, #true)} 1 / log2(j + 2). Points without true labels contribute 0 to P and nDCG
+  and are still counted in N.
+* ``PSP@k`` = (sum over points of the inverse propensities of the hits in the top k) /
+  (sum over points of the best achievable value: the top-min(k, #true) inverse propensities among the
+  point's true labels). A ratio of sums, like xclib.
+* ``PSnDCG@k`` = same ratio of sums with the positions discounted by 1 / log2(j + 2).
+* ``R@k``   = mean over points with at least one true label of (#hits in the top k) / #true.
+
+Predictions are an int64 array ``topk`` (N, K) of label ids ordered by decreasing score; an entry of -1
+(or any id outside [0, C)) means "no prediction" and counts as wrong. Ids beyond column K are missing, so
+``P@k`` with k > K counts the missing positions as wrong. Everything is vectorised over rows (processed in
+row blocks to bound memory), so N = 1M, K = 100 is fine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from xmcneg.errors import ConfigError
+
+__all__ = ["propensities", "inverse_propensities", "xc_metrics", "filter_predictions"]
+
+_ROW_BLOCK = 65536
+
+
+def _to_numpy(x):
+    if hasattr(x, "detach"):  # torch tensor
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _as_csr(Y) -> sp.csr_matrix:
+    Y = sp.csr_matrix(Y) if not sp.isspmatrix_csr(Y) else Y
+    Y = Y.copy()
+    Y.sum_duplicates()  # also sorts indices
+    Y.eliminate_zeros()
+    return Y
+
+
+def propensities(train_Y, a: float = 0.55, b: float = 1.5) -> np.ndarray:
+    """Label propensities of Jain et al. (2016), shape (C,), float64.
+
+    p_l = 1 / (1 + c * exp(-a * log(n_l + b))),  c = (log N - 1) * (b + 1)^a,
+    where n_l is the number of training points carrying label l and N the number of training points.
+    The inverse propensities used by PSP@k are ``1 / p``.
+    """
+    if not (a > 0):
+        raise ConfigError("dataset.propensity_a", f"must be > 0, got {a!r}")
+    if not (b > 0):
+        raise ConfigError("dataset.propensity_b", f"must be > 0, got {b!r}")
+    Y = _as_csr(train_Y)
+    n_points = Y.shape[0]
+    counts = np.bincount(Y.indices, minlength=Y.shape[1]).astype(np.float64)
+    c = (np.log(max(n_points, 1)) - 1.0) * (b + 1.0) ** a
+    return 1.0 / (1.0 + c * np.exp(-a * np.log(counts + b)))
+
+
+def inverse_propensities(train_Y, a: float = 0.55, b: float = 1.5) -> np.ndarray:
+    """``1 / propensities(train_Y, a, b)`` — the ``inv_prop`` argument of :func:`xc_metrics`."""
+    return 1.0 / propensities(train_Y, a, b)
+
+
+def _hits(topk_block: np.ndarray, rows_offset: int, Y: sp.csr_matrix) -> np.ndarray:
+    """Boolean (n, K): whether topk_block[i, j] is a true label of point rows_offset + i."""
+    n, K = topk_block.shape
+    C = Y.shape[1]
+    lo, hi = Y.indptr[rows_offset], Y.indptr[rows_offset + n]
+    local_rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(Y.indptr[rows_offset: rows_offset + n + 1]))
+    true_keys = local_rows * C + Y.indices[lo:hi].astype(np.int64)  # sorted: rows ascending, indices sorted
+    valid = (topk_block >= 0) & (topk_block < C)
+    pred_keys = np.arange(n, dtype=np.int64)[:, None] * C + np.where(valid, topk_block, 0)
+    if true_keys.size == 0:
+        return np.zeros((n, K), dtype=bool)
+    pos = np.searchsorted(true_keys, pred_keys)
+    pos = np.minimum(pos, true_keys.size - 1)
+    return valid & (true_keys[pos] == pred_keys)
+
+
+def _ideal_prop_sums(Y: sp.csr_matrix, inv_prop: np.ndarray, ks, discount: np.ndarray):
+    """Per k: (sum over points of the top-min(k,#true) inv_prop, same with position discounts)."""
+    n = Y.shape[0]
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(Y.indptr))
+    vals = inv_prop[Y.indices]
+    order = np.lexsort((-vals, rows))  # by row, then by decreasing inv_prop
+    vals = vals[order]
+    rank = np.arange(vals.size, dtype=np.int64) - Y.indptr[rows]  # rows already sorted
+    out_p, out_n = {}, {}
+    for k in ks:
+        m = rank < k
+        out_p[k] = float(vals[m].sum())
+        out_n[k] = float((vals[m] * discount[rank[m]]).sum())
+    return out_p, out_n
+
+
+def xc_metrics(topk, true_Y, inv_prop=None, ks=(1, 3, 5), recall_ks=(10, 100)) -> dict[str, float]:
+    """Compute P@k and nDCG@k (k in ks), PSP@k and PSnDCG@k (when ``inv_prop`` is given) and R@k
+    (k in recall_ks with k <= K). See the module docstring for the exact conventions.
+
+    topk: int array (N, K) of predicted label ids ordered by score, -1 = no prediction.
+    true_Y: scipy sparse (N, C) ground truth (nonzero = relevant).
+    inv_prop: optional (C,) inverse propensities (``1 / propensities(train_Y)``).
+    """
+    topk = _to_numpy(topk).astype(np.int64, copy=False)
+    if topk.ndim != 2:
+        raise ValueError(f"topk must be 2-D (N, K), got shape {topk.shape}")
+    Y = _as_csr(true_Y)
+    N, K = topk.shape
+    if Y.shape[0] != N:
+        raise ValueError(f"topk has {N} rows but true_Y has {Y.shape[0]}")
+    C = Y.shape[1]
+    ks = tuple(int(k) for k in ks)
+    rks = tuple(int(k) for k in recall_ks if int(k) <= K)
+    if inv_prop is not None:
+        inv_prop = _to_numpy(inv_prop).astype(np.float64).reshape(-1)
+        if inv_prop.shape[0] != C:
+            raise ValueError(f"inv_prop has {inv_prop.shape[0]} entries, true_Y has {C} labels")
+    kmax = max(ks + rks) if (ks + rks) else 1
+    discount = 1.0 / np.log2(np.arange(max(kmax, 1), dtype=np.float64) + 2.0)  # (kmax,)
+    cum_disc = np.concatenate([[0.0], np.cumsum(discount)])  # cum_disc[m] = IDCG for m true in top
+
+    n_true = np.diff(Y.indptr).astype(np.int64)
+    p_sum = {k: 0.0 for k in ks}
+    ndcg_sum = {k: 0.0 for k in ks}
+    psp_num = {k: 0.0 for k in ks}
+    psn_num = {k: 0.0 for k in ks}
+    rec_sum = {k: 0.0 for k in rks}
+
+    Kc = min(K, kmax)
+    for s in range(0, N, _ROW_BLOCK):
+        e = min(N, s + _ROW_BLOCK)
+        blk = topk[s:e, :Kc]
+        hits = _hits(blk, s, Y).astype(np.float64)  # (n, Kc)
+        nt = n_true[s:e]
+        cum_hits = np.cumsum(hits, axis=1) if Kc > 0 else np.zeros((e - s, 0))
+        dcg = np.cumsum(hits * discount[:Kc], axis=1) if Kc > 0 else cum_hits
+        if inv_prop is not None:
+            w = np.where(blk >= 0, inv_prop[np.clip(blk, 0, C - 1)], 0.0) * hits
+            cum_w = np.cumsum(w, axis=1) if Kc > 0 else cum_hits
+            cum_wd = np.cumsum(w * discount[:Kc], axis=1) if Kc > 0 else cum_hits
+        for k in ks:
+            j = min(k, Kc) - 1  # last available column within the top k
+            if j < 0:
+                continue
+            p_sum[k] += cum_hits[:, j].sum() / k
+            idcg = cum_disc[np.minimum(nt, k)]
+            ndcg_sum[k] += np.divide(dcg[:, j], idcg, out=np.zeros_like(idcg), where=idcg > 0).sum()
+            if inv_prop is not None:
+                psp_num[k] += cum_w[:, j].sum()
+                psn_num[k] += cum_wd[:, j].sum()
+        for k in rks:
+            has = nt > 0
+            rec_sum[k] += (cum_hits[has, k - 1] / nt[has]).sum()
+
+    out: dict[str, float] = {}
+    denom = max(N, 1)
+    for k in ks:
+        out[f"P@{k}"] = float(p_sum[k] / denom)
+    for k in ks:
+        out[f"nDCG@{k}"] = float(ndcg_sum[k] / denom)
+    if inv_prop is not None:
+        ideal_p, ideal_n = _ideal_prop_sums(Y, inv_prop, ks, discount)  # len(discount) >= max(ks)
+        for k in ks:
+            out[f"PSP@{k}"] = float(psp_num[k] / ideal_p[k]) if ideal_p[k] > 0 else 0.0
+        for k in ks:
+            out[f"PSnDCG@{k}"] = float(psn_num[k] / ideal_n[k]) if ideal_n[k] > 0 else 0.0
+    n_with = int((n_true > 0).sum())
+    for k in rks:
+        out[f"R@{k}"] = float(rec_sum[k] / n_with) if n_with > 0 else 0.0
+    return out
+
+
+def filter_predictions(topk, scores, filter_pairs):
+    """Remove (doc, label) pairs from the predictions.
+
+    topk: int (N, K) label ids; scores: (N, K) scores or None; filter_pairs: int (M, 2) rows of
+    (doc index, label id) — e.g. the LF benchmarks' ``filter_labels_test.txt``. Each filtered entry is
+    replaced by -1 (score -inf) and moved to the end of its row; the other entries keep their order.
+    Returns ``(topk, scores)`` of the same kind (numpy or torch) as given; inputs are not modified.
+    """
+    is_torch = hasattr(topk, "detach")
+    ids = _to_numpy(topk).astype(np.int64, copy=True)
+    sc = None if scores is None else _to_numpy(scores).copy()
+    pairs = _to_numpy(filter_pairs).astype(np.int64).reshape(-1, 2)
+    if pairs.size and ids.size:
+        width = int(max(ids.max(), pairs[:, 1].max(), 0)) + 1
+        N = ids.shape[0]
+        keep = (pairs[:, 0] >= 0) & (pairs[:, 0] < N) & (pairs[:, 1] >= 0)
+        fkeys = np.unique(pairs[keep, 0] * width + pairs[keep, 1])
+        pkeys = np.arange(N, dtype=np.int64)[:, None] * width + np.where(ids >= 0, ids, 0)
+        pos = np.minimum(np.searchsorted(fkeys, pkeys), max(fkeys.size - 1, 0))
+        drop = (ids >= 0) & (fkeys.size > 0) & (fkeys[pos] == pkeys) if fkeys.size else np.zeros_like(ids, bool)
+        if drop.any():
+            ids[drop] = -1
+            order = np.argsort(drop, axis=1, kind="stable")  # kept first, in their original order
+            ids = np.take_along_axis(ids, order, axis=1)
+            if sc is not None:
+                if np.issubdtype(sc.dtype, np.floating):
+                    sc[drop] = -np.inf
+                sc = np.take_along_axis(sc, order, axis=1)
+    if is_torch:
+        import torch
+
+        ids_t = torch.from_numpy(ids).to(topk.device)
+        sc_t = None if sc is None else torch.from_numpy(sc).to(scores.device)
+        return ids_t, sc_t
+    return ids, sc

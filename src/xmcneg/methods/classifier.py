@@ -1,0 +1,242 @@
+"""The label-scoring LightningModule shared by the full and the sampled methods.
+
+Score s(x, y) = <f(x), w_y> + b_y, with f the encoder and (w_y, b_y) one row of the label matrix / bias.
+- sampler is None (`sampler=full`): all C labels scored every step; dense AdamW on everything.
+- otherwise: positives + the sampler's negatives are gathered from `nn.Embedding(sparse=True)` tables, so the
+  backward pass yields gradients for the touched rows only, and `SparseRowOptimizer` updates those rows only.
+
+Manual optimisation (two optimisers: dense for the encoder, row-wise for the labels). Evaluation scores all
+labels exactly in chunks (`eval.topk.exact_topk`), adds the sampler's prediction-time correction (e.g. log p_n
+of the adversarial tree, Bamler & Mandt Theorem 1) when the loss is not logQ-corrected, and logs both the
+corrected metrics and the raw ones (`raw/...`).
+"""
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmcneg.errors import ConfigError, XMCError
+from xmcneg.eval.metrics import xc_metrics
+from xmcneg.eval.topk import exact_topk
+from xmcneg.methods.losses import check_loss, compute_loss, sampled_softmax_loss
+from xmcneg.methods.sparse_optim import SparseRowOptimizer
+
+
+class NonFiniteLossError(XMCError):
+    pass
+
+
+def mask_positives(neg, pos):
+    """Boolean mask, True where a negative is NOT one of the document's positives.
+    neg (B,k) per document or (U,) sorted & shared; pos (B,P) padded with -1."""
+    if neg.dim() == 2:
+        return ~(neg.unsqueeze(-1) == pos.unsqueeze(1)).any(-1)
+    B, U = pos.shape[0], neg.shape[0]
+    mask = torch.ones(B, U, dtype=torch.bool, device=neg.device)
+    if U == 0:
+        return mask
+    at = torch.searchsorted(neg, pos.clamp(min=0)).clamp_(max=U - 1)
+    hit = (pos >= 0) & (neg[at] == pos)
+    rows = torch.arange(B, device=neg.device).unsqueeze(1).expand_as(pos)
+    mask[rows[hit], at[hit]] = False
+    return mask
+
+
+class XMCClassifier(pl.LightningModule):
+    def __init__(self, encoder, num_labels, sampler=None, loss_cfg=None, optim_cfg=None, eval_cfg=None,
+                 inv_prop=None, check_finite=True):
+        super().__init__()
+        self.automatic_optimization = False
+        self.encoder = encoder
+        self.sampler = sampler
+        self.loss_cfg, self.optim_cfg, self.eval_cfg = loss_cfg, optim_cfg, eval_cfg
+        check_loss(loss_cfg.name)
+        if sampler is None and loss_cfg.name == "ns":
+            raise ConfigError("loss.name", "'ns' needs sampled negatives; use bce or softmax with sampler=full")
+        if sampler is not None and sampler.fixed_k and sampler.num_negatives >= num_labels:
+            raise ConfigError("sampler.num_negatives",
+                              f"{sampler.num_negatives} negatives must be fewer than the {num_labels} labels")
+        self.num_labels = num_labels
+        sparse = sampler is not None
+        d = encoder.dim
+        self.label_w = nn.Embedding(num_labels, d, sparse=sparse)
+        self.label_b = nn.Embedding(num_labels, 1, sparse=sparse)
+        nn.init.normal_(self.label_w.weight, std=0.01)
+        nn.init.zeros_(self.label_b.weight)
+        self.inv_prop = inv_prop
+        self.check_finite = check_finite
+        self.fault_step = None  # test hook: inject a NaN loss at this global step
+        self._sampler_state = None
+        self.test_metrics = {}
+        self._eval = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_fit_start(self):
+        if self.sampler is not None:
+            self.sampler.setup(self.trainer.datamodule, self, state=self._sampler_state)
+            self._sampler_state = None
+
+    def on_save_checkpoint(self, checkpoint):
+        if self.sampler is not None:
+            checkpoint["sampler_state"] = self.sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        self._sampler_state = checkpoint.get("sampler_state")
+
+    # ------------------------------------------------------------------ scoring
+    def score_candidates(self, h, ids):
+        """Scores of label ids for each document: ids (B,n) per document -> (B,n); ids (n,) shared -> (B,n)."""
+        if ids.dim() == 1:
+            return h @ self.label_w(ids).T + self.label_b(ids).squeeze(-1)
+        w = self.label_w(ids)  # (B,n,d)
+        return torch.bmm(w, h.unsqueeze(-1)).squeeze(-1) + self.label_b(ids).squeeze(-1)
+
+    def sampled_loss(self, h, batch):
+        pos = batch["pos"]
+        pos_mask = pos >= 0
+        pos_ids = pos.clamp(min=0)
+        neg, log_q_neg = self.sampler.sample(batch, h.detach())
+        neg_mask = mask_positives(neg, pos)
+        if neg.dim() == 1:  # shared negatives: one (B,U) matmul
+            s_pos = self.score_candidates(h, pos_ids)
+            s_neg = self.score_candidates(h, neg)
+            log_q_neg = log_q_neg.unsqueeze(0).expand_as(s_neg)
+        else:  # per-document negatives: one gather and one bmm for positives and negatives together
+            s = self.score_candidates(h, torch.cat([pos_ids, neg], dim=1))
+            s_pos, s_neg = s[:, : pos.shape[1]], s[:, pos.shape[1]:]
+        log_q_pos = None
+        if self.loss_cfg.name == "ns" and float(self.loss_cfg.get("reg_lambda", 0.0)) > 0:
+            log_q_pos = self.sampler.log_prob(batch, h.detach(), pos_ids)
+        return compute_loss(self.loss_cfg, s_pos, pos_mask.float(), s_neg, neg_mask.float(), log_q_neg, log_q_pos)
+
+    def full_loss(self, h, batch):
+        logits = h @ self.label_w.weight.T + self.label_b.weight.T  # (B, C)
+        pos = batch["pos"]
+        pos_mask = pos >= 0
+        target = torch.zeros_like(logits, dtype=torch.bool)
+        rows = torch.arange(pos.shape[0], device=pos.device).unsqueeze(1).expand_as(pos)
+        target[rows[pos_mask], pos[pos_mask]] = True
+        if self.loss_cfg.name == "bce":
+            return F.binary_cross_entropy_with_logits(logits, target.float())
+        # decoupled softmax: other positives never enter the denominator
+        s_pos = logits.gather(1, pos.clamp(min=0))
+        neg_lse = torch.logsumexp(logits.masked_fill(target, float("-inf")), dim=1, keepdim=True)
+        denom = torch.logaddexp(s_pos, neg_lse.expand_as(s_pos))
+        return ((denom - s_pos) * pos_mask).sum() / pos_mask.sum().clamp(min=1)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx):
+        if self.sampler is not None:
+            self.sampler.refresh(self.global_step, self.current_epoch, self)
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        h = self.encoder(batch["x"])
+        loss = self.full_loss(h, batch) if self.sampler is None else self.sampled_loss(h, batch)
+        if self.fault_step is not None and self.global_step == self.fault_step:
+            loss = loss * float("nan")
+        if self.check_finite and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step} (epoch {self.current_epoch}); "
+                "the last good checkpoint is kept; lower the learning rates or check the data")
+        self.manual_backward(loss)
+        if self.optim_cfg.get("grad_clip") and self.optim_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), float(self.optim_cfg.grad_clip))
+        for opt in opts:
+            opt.step()
+        scheds = self.lr_schedulers()
+        for sch in scheds if isinstance(scheds, list) else [scheds] if scheds is not None else []:
+            sch.step()
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False,
+                 batch_size=h.shape[0])
+        return loss.detach()
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        if float(o.encoder_lr) <= 0:
+            raise ConfigError("optim.encoder_lr", f"must be > 0, got {o.encoder_lr}")
+        enc = torch.optim.AdamW(self.encoder.parameters(), lr=float(o.encoder_lr), weight_decay=float(o.weight_decay))
+        warm = int(o.get("warmup_steps", 0))
+        scheds = []
+        if warm > 0:
+            scheds = [torch.optim.lr_scheduler.LambdaLR(enc, lambda s: min(1.0, (s + 1) / warm))]
+        if self.sampler is None:
+            if float(o.full_label_lr) <= 0:
+                raise ConfigError("optim.full_label_lr", f"must be > 0, got {o.full_label_lr}")
+            enc.add_param_group({"params": [self.label_w.weight, self.label_b.weight], "lr": float(o.full_label_lr),
+                                 "weight_decay": 0.0})
+            return ([enc], scheds) if scheds else enc
+        lab = SparseRowOptimizer([self.label_w.weight, self.label_b.weight], lr=float(o.label_lr),
+                                 kind=o.label_optimizer)
+        return ([enc, lab], scheds) if scheds else [enc, lab]
+
+    # ------------------------------------------------------------------ evaluation
+    def use_correction(self):
+        return self.sampler is not None and self.loss_cfg.name in ("bce", "ns")
+
+    def _eval_start(self):
+        self._eval = {"emb": [], "query": [], "idx": []}
+
+    def _eval_step(self, batch):
+        h = self.encoder(batch["x"])
+        self._eval["emb"].append(h.float())
+        self._eval["idx"].append(batch["idx"])
+        if self.use_correction():
+            q = self.sampler.correction_query(batch, h)
+            if q is not None:
+                self._eval["query"].append(q)
+
+    def predict_topk(self, emb, query=None, k=None):
+        """Top-k (scores, ids) over all labels for document embeddings `emb`, chunked over documents and labels;
+        with `query` (from the sampler's correction_query) the sampler's score correction is added."""
+        k = min(int(k or self.eval_cfg.k), self.num_labels)
+        chunk = int(self.eval_cfg.doc_chunk)
+        w, b = self.label_w.weight, self.label_b.weight.squeeze(-1)
+        out_s, out_i = [], []
+        for i in range(0, emb.shape[0], chunk):
+            correction = None
+            if query is not None:
+                q = query[i: i + chunk]
+                correction = lambda _e, start, end, q=q: self.sampler.score_correction(q, start, end)
+            s, ids = exact_topk(emb[i: i + chunk], w, b, k=k, doc_chunk=chunk,
+                                label_chunk=int(self.eval_cfg.label_chunk), correction=correction)
+            out_s.append(s)
+            out_i.append(ids)
+        return torch.cat(out_s), torch.cat(out_i)
+
+    def _eval_end(self, split):
+        buf = self._eval
+        emb = torch.cat(buf["emb"])
+        idx = torch.cat(buf["idx"]).cpu().numpy()
+        Y = self.trainer.datamodule.split(split)[1][idx]
+        query = torch.cat(buf["query"]) if buf["query"] else None
+        _, ids = self.predict_topk(emb, query)
+        metrics = xc_metrics(ids.cpu().numpy(), Y, self.inv_prop)
+        if query is not None:
+            _, raw_ids = self.predict_topk(emb, None)
+            raw = xc_metrics(raw_ids.cpu().numpy(), Y, self.inv_prop)
+            metrics.update({f"raw/{k}": v for k, v in raw.items()})
+        self._eval = None
+        return metrics
+
+    def on_validation_epoch_start(self):
+        self._eval_start()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        for k, v in self._eval_end("val").items():
+            self.log(f"val/{k}", float(v), sync_dist=False)
+
+    def on_test_epoch_start(self):
+        self._eval_start()
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self.test_metrics = {k: float(v) for k, v in self._eval_end("test").items()}
+        for k, v in self.test_metrics.items():
+            self.log(f"test/{k}", v)

@@ -1,0 +1,132 @@
+"""Run records (DESIGN.md section 3): the train-time clock, metrics.csv (one row per validation) and results.json.
+
+The clock runs from fit start (so a sampler's one-time fitting, e.g. the adversarial tree, counts as training
+time, as in the paper's plots) and pauses during validation. Its state is saved in checkpoints, so a resumed run
+keeps counting from where it stopped. Files are written atomically (temp file + os.replace).
+"""
+import csv
+import io
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+
+def atomic_write_text(path, text):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def read_metrics_csv(path):
+    if not Path(path).exists():
+        return []
+    with open(path) as f:
+        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def time_to_target(rows, target, key="val/P@1"):
+    """First train_time_s at which `key` reached `target` (None if never)."""
+    if target is None:
+        return None
+    for r in rows:
+        v = r.get(key)
+        if isinstance(v, float) and v >= target:
+            return r["train_time_s"]
+    return None
+
+
+class RunRecorder(pl.Callback):
+    """Keeps the train-time clock and writes metrics.csv rows; logs train_time_s to every logger."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.csv_path = self.out_dir / "metrics.csv"
+        self.train_time = 0.0
+        self.samples = 0
+        self._started = None
+        self.rows = read_metrics_csv(self.csv_path)
+
+    # clock
+    def start(self):
+        if self._started is None:
+            self._started = time.perf_counter()
+
+    def pause(self):
+        if self._started is not None:
+            self.train_time += time.perf_counter() - self._started
+            self._started = None
+
+    def elapsed(self):
+        return self.train_time + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def on_fit_start(self, trainer, pl_module):
+        self.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.samples += int(batch["idx"].shape[0]) * trainer.world_size
+
+    def on_validation_start(self, trainer, pl_module):
+        if trainer.state.fn == "fit":
+            self.pause()
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        t = self.elapsed()
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "train_time_s": round(t, 3), **val}
+        self.rows.append(row)
+        if trainer.is_global_zero:
+            self._write_csv()
+            for lg in trainer.loggers:
+                lg.log_metrics({"train_time_s": t, **val}, step=trainer.global_step)
+        self.start()
+
+    def on_train_end(self, trainer, pl_module):
+        self.pause()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.pause()
+
+    def _write_csv(self):
+        keys = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_text(self.csv_path, buf.getvalue())
+
+    # resume
+    def state_dict(self):
+        return {"train_time": self.elapsed(), "samples": self.samples, "rows": len(self.rows)}
+
+    def load_state_dict(self, state):
+        self.train_time = float(state["train_time"])
+        self.samples = int(state["samples"])
+        self._started = None
+        self.rows = self.rows[: int(state["rows"])]  # drop rows logged after the checkpoint

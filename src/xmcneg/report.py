@@ -1,0 +1,537 @@
+"""Sweep report: run dirs -> convergence.png, summary.md, summary.csv (DESIGN.md sections 1 and 3).
+
+    python -m xmcneg.report SWEEP_DIR [MORE_DIRS ...] [--target P1] [--log-time] [--out DIR] [--group-by KEY]
+
+Every run dir found (recursively) under the given dirs is read; a run dir is a dir holding `.hydra/`,
+`results.json` or `metrics.csv` (the search does not descend into a run dir, so its `csv/` logger dir or
+`wandb/` dir is never taken for a run). The files are written into the first dir, or into --out.
+
+- Runs are grouped by their sampler (`results.json` "sampler", else `.hydra/config.yaml` sampler.name, else a
+  `sampler=` override); `--group-by sampler.num_negatives` (any dotted config key, repeatable) splits the groups
+  further, e.g. for the negatives or batch-size sweeps.
+- Only completed runs (results.json status "completed") are aggregated and plotted; every other run (failed,
+  interrupted, still running / killed, no results.json) is listed in "Failed / unfinished runs" with its dir and
+  reason, and counted in the group's `failed` column.
+- Time to target: the first metrics.csv row whose val/P@1 >= target (its train_time_s). The target is --target,
+  or by default the best final validation P@1 (last metrics.csv row; per group mean over seeds, max over groups)
+  minus 0.01. The group that reaches it first is the one with the lowest mean time among groups all of whose
+  completed runs reach it (if none does, among those where some run does; the summary says which).
+- convergence.png: 2x2, validation P@1 / P@5 against train time and against epoch; per group the mean over seeds
+  with a min-max band. Each run's curve is linearly interpolated onto a common grid (never extrapolated: at a
+  grid point only the runs whose curve covers it count).
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from xmcneg.records import atomic_write_text, read_metrics_csv, time_to_target, write_json
+
+TEST_KEYS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
+RUN_KEYS = ("train_time_s", "samples_per_s", "peak_rss_mb")
+DEFAULT_MARGIN = 0.01
+PLOT_METRICS = ("val/P@1", "val/P@5")
+
+
+# ---------------------------------------------------------------------------------------------------- discovery
+def is_run_dir(d):
+    d = Path(d)
+    return (d / ".hydra").is_dir() or (d / "results.json").is_file() or (d / "metrics.csv").is_file()
+
+
+def find_run_dirs(roots):
+    """Run dirs under each root (the root itself included), sorted, without duplicates; no descent into runs."""
+    found = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: not a directory")
+        for dirpath, dirnames, _ in os.walk(root):
+            if is_run_dir(dirpath):
+                found.append(Path(dirpath))
+                dirnames[:] = []
+                continue
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    seen, out = set(), []
+    for d in found:
+        key = d.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _load_yaml(path):
+    try:
+        import yaml
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except Exception:  # noqa: BLE001 - a broken .hydra file must not stop the report
+        return None
+
+
+def _select(cfg, dotted):
+    cur = cfg
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _overrides(run_dir):
+    ov = _load_yaml(Path(run_dir) / ".hydra" / "overrides.yaml")
+    out = {}
+    for item in ov or []:
+        if isinstance(item, str) and "=" in item:
+            k, v = item.split("=", 1)
+            out[k.lstrip("+~")] = v
+    return out
+
+
+def _float(v):
+    if isinstance(v, bool) or v is None:
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class Run:
+    """One run dir: its results.json (if any), metrics.csv rows, config and overrides."""
+
+    def __init__(self, run_dir):
+        self.dir = Path(run_dir)
+        self.results = None
+        self.results_error = None
+        p = self.dir / "results.json"
+        if p.is_file():
+            try:
+                self.results = json.loads(p.read_text())
+                if not isinstance(self.results, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as e:
+                self.results, self.results_error = None, f"unreadable results.json ({e})"
+        try:
+            self.rows = read_metrics_csv(self.dir / "metrics.csv")
+        except (OSError, csv.Error) as e:
+            self.rows = []
+            self.results_error = self.results_error or f"unreadable metrics.csv ({e})"
+        self.config = _load_yaml(self.dir / ".hydra" / "config.yaml") or {}
+        self.overrides = _overrides(self.dir)
+
+    def get(self, dotted):
+        """A config value: results.json first (top-level keys), then .hydra/config.yaml, then overrides."""
+        if self.results is not None and "." not in dotted and dotted in self.results:
+            return self.results[dotted]
+        v = _select(self.config, dotted)
+        if v is None or isinstance(v, dict):
+            if dotted in self.overrides:
+                return self.overrides[dotted]
+        return v
+
+    @property
+    def sampler(self):
+        if self.results is not None and self.results.get("sampler"):
+            return str(self.results["sampler"])
+        name = _select(self.config, "sampler.name")
+        if name:
+            return str(name)
+        return str(self.overrides.get("sampler", "unknown"))
+
+    @property
+    def seed(self):
+        v = self.get("seed")
+        return v if v is not None else ""
+
+    @property
+    def status(self):
+        if self.results is None:
+            return "missing"
+        return str(self.results.get("status", "unknown"))
+
+    @property
+    def completed(self):
+        return self.status == "completed"
+
+    @property
+    def reason(self):
+        if self.results_error:
+            return self.results_error
+        if self.results is None:
+            n = len(self.rows)
+            return f"no results.json (still running or killed; {n} validation row{'s' if n != 1 else ''} logged)"
+        st = self.status
+        if self.results.get("reason"):
+            return str(self.results["reason"])
+        if st == "running":
+            return "status running: still running, or killed before it finished"
+        if st == "interrupted":
+            return "interrupted before the planned end of training"
+        return f"status {st}"
+
+    def curve(self, key):
+        """(train_time_s, fractional epoch, value) arrays of the rows that have a numeric `key`."""
+        t, ep, v = [], [], []
+        epochs = [r.get("epoch") for r in self.rows]
+        per_epoch = {}
+        for e in epochs:
+            per_epoch[e] = per_epoch.get(e, 0) + 1
+        seen = {}
+        for r, e in zip(self.rows, epochs):
+            seen[e] = seen.get(e, 0) + 1
+            val = _float(r.get(key))
+            tt = _float(r.get("train_time_s"))
+            ee = _float(e)
+            if math.isnan(val) or math.isnan(tt):
+                continue
+            # validation at the end of epoch e (0-based) = e + 1 epochs done; several per epoch are spread evenly
+            frac = ee + seen[e] / per_epoch[e] if not math.isnan(ee) else math.nan
+            t.append(tt); ep.append(frac); v.append(val)
+        return np.asarray(t), np.asarray(ep), np.asarray(v)
+
+    def final_val(self, key="val/P@1"):
+        for r in reversed(self.rows):
+            val = _float(r.get(key))
+            if not math.isnan(val):
+                return val
+        return math.nan
+
+    def test(self, key):
+        return _float(((self.results or {}).get("test") or {}).get(key))
+
+    def value(self, key):
+        return _float((self.results or {}).get(key))
+
+
+def group_label(run, group_by=()):
+    label = run.sampler
+    extra = []
+    for key in group_by:
+        if key == "sampler":
+            continue
+        v = run.get(key)
+        extra.append(f"{key}={v if v is not None else '?'}")
+    return label + (" " + ",".join(extra) if extra else "")
+
+
+# ---------------------------------------------------------------------------------------------------- aggregation
+def mean_std(values):
+    """(mean, sample std (0 for n=1), n) over the finite values."""
+    a = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if a.size == 0:
+        return math.nan, math.nan, 0
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size)
+
+
+def default_target(groups, margin=DEFAULT_MARGIN):
+    """Best final val P@1 over groups (each the mean over its completed runs) minus `margin`; None if no data."""
+    best = None
+    for runs in groups.values():
+        m, _, n = mean_std([r.final_val("val/P@1") for r in runs])
+        if n and (best is None or m > best):
+            best = m
+    return None if best is None else best - margin
+
+
+def summarize(runs, target=None, group_by=()):
+    """Aggregate completed runs per group. Returns (rows, target, target_source, first, failed_runs)."""
+    groups, failed_count = {}, {}
+    for r in runs:
+        g = group_label(r, group_by)
+        if r.completed:
+            groups.setdefault(g, []).append(r)
+        else:
+            failed_count[g] = failed_count.get(g, 0) + 1
+    if target is None:
+        target = default_target(groups)
+        source = "best final validation P@1 (mean over seeds, best group) - 0.01"
+    else:
+        source = "--target"
+    rows = []
+    for g in sorted(set(groups) | set(failed_count)):
+        grp = groups.get(g, [])
+        row = {"group": g, "n": len(grp), "failed": failed_count.get(g, 0)}
+        for k in TEST_KEYS:
+            row[f"test_{k}"] = mean_std([r.test(k) for r in grp])
+        for k in RUN_KEYS:
+            row[k] = mean_std([r.value(k) for r in grp])
+        row["final_val_P@1"] = mean_std([r.final_val("val/P@1") for r in grp])
+        ttt = [time_to_target(r.rows, target) if target is not None else None for r in grp]
+        row["time_to_target_s"] = mean_std([_float(x) for x in ttt])
+        row["reached"] = sum(x is not None for x in ttt)
+        row["epochs"] = mean_std([r.value("epochs") for r in grp])
+        rows.append(row)
+    first = _first_to_target(rows)
+    failed = [r for r in runs if not r.completed]
+    return rows, target, source, first, failed
+
+
+def _first_to_target(rows):
+    cands = [r for r in rows if r["reached"] > 0 and r["n"] > 0]
+    if not cands:
+        return None
+    full = [r for r in cands if r["reached"] == r["n"]]
+    pool = full or cands
+    best = min(pool, key=lambda r: r["time_to_target_s"][0])
+    return {"group": best["group"], "time_s": best["time_to_target_s"][0], "reached": best["reached"],
+            "n": best["n"], "all_seeds": bool(full)}
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def _fmt(ms, digits=4):
+    m, s, n = ms
+    if n == 0 or math.isnan(m):
+        return "–"
+    if n == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _md_escape(s):
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+COLUMNS = [  # (csv name, md header, row key, digits)
+    ("test_P@1", "test P@1", "test_P@1", 4), ("test_P@3", "P@3", "test_P@3", 4), ("test_P@5", "P@5", "test_P@5", 4),
+    ("test_nDCG@5", "nDCG@5", "test_nDCG@5", 4), ("test_PSP@5", "PSP@5", "test_PSP@5", 4),
+    ("final_val_P@1", "final val P@1", "final_val_P@1", 4),
+    ("train_time_s", "train time (s)", "train_time_s", 1), ("samples_per_s", "samples/s", "samples_per_s", 0),
+    ("peak_rss_mb", "peak RSS (MB)", "peak_rss_mb", 0), ("time_to_target_s", "time to target (s)",
+                                                         "time_to_target_s", 1),
+    ("epochs", "epochs", "epochs", 1),
+]
+
+
+def summary_csv(rows):
+    header = ["group", "n", "failed"]
+    for name, _, _, _ in COLUMNS:
+        header += [f"{name}_mean", f"{name}_std"]
+    header.insert(header.index("time_to_target_s_mean"), "reached_target")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in rows:
+        out = [r["group"], r["n"], r["failed"]]
+        for name, _, key, _ in COLUMNS:
+            if name == "time_to_target_s":
+                out.append(r["reached"])
+            m, s, n = r[key]
+            out += ["" if n == 0 else repr(round(m, 6)), "" if n == 0 else repr(round(s, 6))]
+        w.writerow(out)
+    return buf.getvalue()
+
+
+def summary_md(rows, target, source, first, failed, runs, out_dir, plot_name="convergence.png"):
+    lines = ["# Sweep summary", ""]
+    lines.append(f"{len(runs)} run dirs: {sum(r.completed for r in runs)} completed, {len(failed)} failed or "
+                 "unfinished. Values are mean ± std over the completed runs of each group (n); "
+                 "`failed` counts the group's other runs.")
+    lines.append("")
+    if target is None:
+        lines.append("Target P@1: none (no validation rows in any completed run).")
+    else:
+        lines.append(f"Target validation P@1: **{target:.4f}** ({source}).")
+        if first is None:
+            lines.append("No group reaches the target.")
+        else:
+            note = "" if first["all_seeds"] else \
+                f" (no group reaches it in every run; {first['reached']}/{first['n']} runs of this one do)"
+            lines.append(f"First to reach the target: **{first['group']}**, mean "
+                         f"{first['time_s']:.1f} s of training{note}.")
+    lines.append("")
+    lines.append(f"![convergence]({plot_name})")
+    lines.append("")
+    hdr = ["group", "n", "failed"] + [h for _, h, _, _ in COLUMNS]
+    hdr.insert(hdr.index("time to target (s)"), "reached")
+    lines.append("| " + " | ".join(hdr) + " |")
+    lines.append("|" + "---|" * len(hdr))
+    for r in rows:
+        cells = [_md_escape(r["group"]), str(r["n"]), str(r["failed"])]
+        for name, _, key, digits in COLUMNS:
+            if name == "time_to_target_s":
+                cells.append(f"{r['reached']}/{r['n']}")
+            cells.append(_fmt(r[key], digits))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("## Failed / unfinished runs")
+    lines.append("")
+    if not failed:
+        lines.append("None.")
+    else:
+        lines.append("| run dir | group | seed | status | reason |")
+        lines.append("|---|---|---|---|---|")
+        for r in failed:
+            lines.append(f"| {_md_escape(_rel(r.dir, out_dir))} | {_md_escape(r.sampler)} | {r.seed} | "
+                         f"{r.status} | {_md_escape(r.reason)} |")
+    lines.append("")
+    lines.append("## Runs")
+    lines.append("")
+    lines.append("| run dir | sampler | seed | status | test P@1 | train time (s) | val rows |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for r in runs:
+        p1, tt = r.test("P@1"), r.value("train_time_s")
+        lines.append(f"| {_md_escape(_rel(r.dir, out_dir))} | {_md_escape(r.sampler)} | {r.seed} | {r.status} | "
+                     f"{'–' if math.isnan(p1) else f'{p1:.4f}'} | {'–' if math.isnan(tt) else f'{tt:.1f}'} | "
+                     f"{len(r.rows)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _rel(path, base):
+    try:
+        return os.path.relpath(Path(path).resolve(), Path(base).resolve())
+    except ValueError:
+        return str(path)
+
+
+def _band(curves, log_x=False, n_grid=200):
+    """curves: list of (x, y) sorted by x. Returns grid, mean, min, max (NaN where no curve covers x)."""
+    curves = [(x, y) for x, y in curves if len(x)]
+    if not curves:
+        return None
+    lo = min(float(x.min()) for x, _ in curves)
+    hi = max(float(x.max()) for x, _ in curves)
+    if log_x:
+        pos = [float(x[x > 0].min()) for x, _ in curves if (x > 0).any()]
+        lo = min(pos) if pos else 1e-3
+        hi = max(hi, lo * 1.0001)
+        grid = np.geomspace(lo, hi, n_grid)
+    else:
+        grid = np.linspace(lo, hi, n_grid) if hi > lo else np.array([lo])
+    # the points themselves too, so single-point and step-like curves keep their values
+    grid = np.unique(np.concatenate([grid] + [x[(x >= lo) & (x <= hi)] for x, _ in curves]))
+    ys = np.full((len(curves), len(grid)), np.nan)
+    for i, (x, y) in enumerate(curves):
+        order = np.argsort(x, kind="stable")
+        x, y = x[order], y[order]
+        inside = (grid >= x[0]) & (grid <= x[-1])
+        ys[i, inside] = np.interp(grid[inside], x, y)
+    keep = ~np.all(np.isnan(ys), axis=0)
+    grid, ys = grid[keep], ys[:, keep]
+    return grid, np.nanmean(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+
+
+def plot_convergence(groups, path, log_time=False, target=None):
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    for gi, (g, runs) in enumerate(sorted(groups.items())):
+        color = colors[gi % len(colors)]
+        for mi, metric in enumerate(PLOT_METRICS):
+            curves = [r.curve(metric) for r in runs]
+            for xi, log_x in ((0, log_time), (1, False)):
+                ax = axes[mi][xi]
+                band = _band([(c[xi], c[2]) for c in curves], log_x=log_x)
+                if band is None:
+                    continue
+                x, mean, mn, mx = band
+                label = f"{g} (n={len(runs)})"
+                if len(x) == 1:
+                    ax.errorbar(x, mean, yerr=[mean - mn, mx - mean], fmt="o", color=color, label=label)
+                else:
+                    ax.plot(x, mean, color=color, label=label)
+                    ax.fill_between(x, mn, mx, color=color, alpha=0.2, linewidth=0)
+    for mi, metric in enumerate(PLOT_METRICS):
+        for xi, xlabel in enumerate(("train time (s)", "epoch")):
+            ax = axes[mi][xi]
+            ax.set_xlabel(xlabel + (" [log]" if xi == 0 and log_time else ""))
+            ax.set_ylabel(metric)
+            ax.set_title(f"{metric} vs {xlabel.split(' (')[0]}")
+            ax.grid(True, alpha=0.3)
+            if xi == 0 and log_time:
+                ax.set_xscale("log")
+            if target is not None and metric == "val/P@1":
+                ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        axes[0][0].legend(loc="lower right", fontsize="small")
+    else:
+        for row in axes:
+            for ax in row:
+                ax.text(0.5, 0.5, "no validation rows in completed runs", ha="center", va="center",
+                        transform=ax.transAxes, color="grey")
+    fig.suptitle("Validation metrics: mean over seeds, min–max band")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def make_report(dirs, out=None, target=None, log_time=False, group_by=()):
+    """Read every run under `dirs`, write convergence.png, summary.md, summary.csv (+ summary.json) into `out`
+    (default: the first dir). Returns a dict with the paths and the summary."""
+    dirs = [Path(d) for d in dirs]
+    run_dirs = find_run_dirs(dirs)
+    if not run_dirs:
+        raise FileNotFoundError("no run dirs (with .hydra/, results.json or metrics.csv) under "
+                                + ", ".join(map(str, dirs)))
+    runs = [Run(d) for d in run_dirs]
+    out_dir = Path(out) if out is not None else dirs[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, target, source, first, failed = summarize(runs, target=target, group_by=group_by)
+    groups = {}
+    for r in runs:
+        if r.completed:
+            groups.setdefault(group_label(r, group_by), []).append(r)
+    png, md, csv_path = out_dir / "convergence.png", out_dir / "summary.md", out_dir / "summary.csv"
+    plot_convergence(groups, png, log_time=log_time, target=target)
+    atomic_write_text(md, summary_md(rows, target, source, first, failed, runs, out_dir, png.name))
+    atomic_write_text(csv_path, summary_csv(rows))
+    write_json(out_dir / "summary.json", {
+        "target_p1": target, "target_source": source, "first_to_target": first,
+        "groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows],
+        "failed": [{"dir": str(r.dir), "sampler": r.sampler, "seed": r.seed, "status": r.status,
+                    "reason": r.reason} for r in failed],
+    })
+    return {"png": png, "md": md, "csv": csv_path, "rows": rows, "target": target, "first": first,
+            "failed": failed, "runs": runs}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m xmcneg.report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", metavar="SWEEP_DIR", help="sweep dirs or run dirs (searched recursively)")
+    p.add_argument("--target", type=float, default=None,
+                   help="validation P@1 target for time-to-target (default: best final val P@1 - 0.01)")
+    p.add_argument("--log-time", action="store_true", help="log scale for the train-time axis")
+    p.add_argument("--out", default=None, help="output dir (default: the first SWEEP_DIR)")
+    p.add_argument("--group-by", action="append", default=[], metavar="KEY",
+                   help="also group by this dotted config key, e.g. sampler.num_negatives (repeatable)")
+    a = p.parse_args(argv)
+    if a.target is not None and not (0.0 <= a.target <= 1.0):
+        print(f"error: --target {a.target}: a P@1 value in [0, 1]", file=sys.stderr)
+        return 2
+    try:
+        res = make_report(a.dirs, out=a.out, target=a.target, log_time=a.log_time, group_by=a.group_by)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_ok = sum(r.completed for r in res["runs"])
+    print(f"{len(res['runs'])} runs ({n_ok} completed, {len(res['failed'])} failed/unfinished)")
+    if res["target"] is not None:
+        f = res["first"]
+        print(f"target val P@1 {res['target']:.4f}: " + (f"first reached by {f['group']} ({f['time_s']:.1f} s)"
+                                                         if f else "not reached"))
+    for r in res["failed"]:
+        print(f"  not completed: {r.dir} [{r.status}] {r.reason}")
+    for k in ("md", "csv", "png"):
+        print(f"wrote {res[k]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

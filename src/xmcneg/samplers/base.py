@@ -1,0 +1,72 @@
+"""The negative-sampler interface (DESIGN.md section 1).
+
+Life cycle: `setup(datamodule, module)` once before training (fit a tree, build an index, count labels);
+`sample(batch, doc_emb) -> (label_ids, log_q)` every step; `refresh(step, epoch)` at the start of every step
+(rebuild an index when due); `state_dict()/load_state_dict()` for resume; `score_correction(query, start, end)`
+for a prediction-time bias term on labels [start, end) (None = no correction).
+
+`sample` returns either per-document negatives, `label_ids` of shape (B, k), or negatives shared by the whole
+batch, shape (U,); `log_q` has the same shape and holds log q(y|x), the probability of drawing y in one draw.
+Negatives that are positives of the document are masked by the method, never counted as negatives.
+Cost per call must not depend on C beyond O(log C) per negative.
+"""
+import torch
+
+from xmcneg.errors import ConfigError
+
+
+class Sampler:
+    name = "base"
+    fixed_k = True  # draws exactly num_negatives per document (so it must be < C)
+
+    def __init__(self, num_negatives: int = 64, seed: int = 0):
+        self.num_negatives = int(num_negatives)
+        self.seed = int(seed)
+        self.num_labels = None
+        self.generator = torch.Generator()
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+    def setup(self, datamodule, module=None, state=None):
+        """Cheap per-process setup, then either the expensive one-time `fit` or, on resume, `load_state_dict`."""
+        self.num_labels = datamodule.num_labels
+        if self.num_negatives <= 0:
+            raise ConfigError("sampler.num_negatives", f"must be > 0, got {self.num_negatives}")
+        rank = module.global_rank if module is not None and module._trainer is not None else 0
+        # one reproducible stream per rank, different across ranks
+        self.generator.manual_seed(self.seed * 1_000_003 + 7919 * rank + 17)
+        if state is None:
+            self.fit(datamodule, module)
+        else:
+            self.load_state_dict(state)
+
+    def fit(self, datamodule, module=None):
+        """Expensive one-time work whose result goes into state_dict (a tree, an index)."""
+
+    def log_prob(self, batch, doc_emb, label_ids):
+        """log q(y|x) of given labels (B, P); needed by the ns regulariser. Default: unknown."""
+        return None
+
+    def refresh(self, step: int, epoch: int, module=None):
+        """Called before every training step; samplers with periodic work do it here."""
+
+    def sample(self, batch, doc_emb):
+        raise NotImplementedError
+
+    # -- prediction-time correction -----------------------------------------------------------------------------
+    def correction_query(self, batch, doc_emb):
+        """Per-document input the correction needs (kept for the whole evaluation split); None = no correction."""
+        return None
+
+    def score_correction(self, query, start: int, end: int):
+        return None
+
+    # -- resume ------------------------------------------------------------------------------------------------
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+    def uniform(self, shape, device):
+        """Uniform label ids drawn from this sampler's own stream."""
+        return torch.randint(0, self.num_labels, shape, generator=self.generator).to(device, non_blocking=True)

@@ -1,0 +1,100 @@
+"""Refuse Hydra multiruns (`python train.py -m ...`) with a DDP strategy that re-launches the script.
+
+Lightning's `ddp` strategy starts its extra processes by re-running the command line (`sys.argv`), so under
+`-m` every child process would run the whole sweep again. `ddp_spawn`/`ddp_fork`/`ddp_notebook` start workers
+without re-running the script and are allowed; so is any multirun under the submitit SLURM launcher, where SLURM
+starts one task per device and Lightning does not launch processes itself.
+"""
+from xmcneg.errors import ConfigError
+
+MESSAGE = ("multirun with the ddp strategy re-runs the whole sweep in each child process; use "
+           "hydra/launcher=submitit_slurm (one job per task) instead")
+
+_SAFE_LAUNCH = ("spawn", "fork", "notebook")
+
+
+def _get(cfg, key, default=None):
+    try:
+        return cfg.get(key, default)
+    except AttributeError:
+        return getattr(cfg, key, default)
+
+
+def _count(v):
+    """Number of devices/nodes a Lightning `devices`/`num_nodes` value stands for (None: unknown, e.g. auto)."""
+    if v is None:
+        return 1
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return None if v < 0 else max(v, 1)
+    if isinstance(v, str):
+        s = v.strip()
+        if s.lstrip("-").isdigit():
+            return _count(int(s))
+        if "," in s:
+            return len([p for p in s.split(",") if p.strip()])
+        return None  # "auto", "-1"
+    try:
+        return len(list(v))  # list of device ids
+    except TypeError:
+        return None
+
+
+def _strategy_name(strategy):
+    if strategy is None:
+        return ""
+    if isinstance(strategy, str):
+        return strategy.lower()
+    target = _get(strategy, "_target_")  # a strategy given as a config node
+    return str(target or strategy).lower()
+
+
+def is_ddp_like(hardware, choice=None):
+    """True when the hardware config runs a re-launching DDP strategy on more than one process, or is the
+    `ddp` hardware option (by its `name` key or `choice`, the option picked in the hardware group)."""
+    name = str(_get(hardware, "name", "") or choice or "").lower()
+    strategy = _strategy_name(_get(hardware, "strategy"))
+    if "ddp" in strategy and not any(s in strategy for s in _SAFE_LAUNCH):
+        devices, nodes = _count(_get(hardware, "devices", 1)), _count(_get(hardware, "num_nodes", 1))
+        if devices is None or nodes is None or devices * nodes > 1:
+            return True
+    return name == "ddp"
+
+
+def _hydra_state():
+    """(is_multirun, launcher _target_, hardware option) from the running Hydra app, or (False, '', None)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return False, "", None
+    if not HydraConfig.initialized():
+        return False, "", None
+    hc = HydraConfig.get()
+    launcher = str(_get(_get(hc, "launcher", {}) or {}, "_target_", "") or "")
+    try:
+        choice = hc.runtime.choices.get("hardware")
+    except Exception:  # noqa: BLE001
+        choice = None
+    return hc.mode == RunMode.MULTIRUN, launcher, choice
+
+
+def check_multirun(cfg, multirun=None, launcher=None):
+    """Raise ConfigError('hardware.strategy', ...) for a multirun with a ddp-like hardware config.
+
+    `multirun`/`launcher` default to the running Hydra app's mode and `hydra.launcher._target_` (given
+    explicitly in tests). Multiruns under the submitit SLURM launcher are allowed.
+    """
+    choice = None
+    if multirun is None or launcher is None:
+        m, lau, choice = _hydra_state()
+        multirun = m if multirun is None else multirun
+        launcher = lau if launcher is None else launcher
+    if not multirun:
+        return
+    if "slurm" in str(launcher).lower():
+        return
+    hardware = _get(cfg, "hardware")
+    if hardware is not None and is_ddp_like(hardware, choice):
+        raise ConfigError("hardware.strategy", MESSAGE)

@@ -1,0 +1,182 @@
+"""Build everything from the Hydra config, train, test, and write the run records."""
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from xmcneg.errors import ConfigError, MissingFileError, XMCError
+from xmcneg.records import peak_rss_mb, time_to_target, write_json
+
+log = logging.getLogger("xmcneg")
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def build_from_target(cfg, key, skip=("name",), **extra):
+    """Instantiate `cfg._target_` with the remaining keys (+ extra) as keyword arguments; clear errors."""
+    target = cfg.get("_target_")
+    if not target:
+        return None
+    try:
+        cls = get_class(target)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{key}._target_", f"cannot import '{target}': {e}") from None
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+              if k not in skip and k != "_target_"}
+    kwargs.update(extra)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(key, f"bad arguments for {cls.__name__}: {e}") from None
+
+
+def build_sampler(cfg):
+    extra = {"seed": int(cfg.seed)}
+    return build_from_target(cfg.sampler, "sampler", **extra)
+
+
+def build_encoder(cfg, dm):
+    enc = build_from_target(cfg.encoder, "encoder", num_features=dm.num_features)
+    if enc is None:
+        raise ConfigError("encoder._target_", "missing")
+    if int(enc.dim) <= 0:
+        raise ConfigError("encoder.dim", f"must be > 0, got {enc.dim}")
+    return enc
+
+
+def build_module(cfg, dm):
+    from xmcneg.eval.metrics import propensities
+    from xmcneg.methods.classifier import XMCClassifier
+
+    inv_prop = 1.0 / propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
+    encoder = build_encoder(cfg, dm)
+    sampler = build_sampler(cfg)
+    return XMCClassifier(encoder, dm.num_labels, sampler=sampler, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
+                         eval_cfg=cfg.eval, inv_prop=inv_prop)
+
+
+def build_loggers(cfg, out_dir):
+    from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+    loggers = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
+    if cfg.logger.wandb:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        name = cfg.logger.run_name or f"{cfg.sampler.name}-seed{cfg.seed}"
+        wl = WandbLogger(project=cfg.logger.project, group=cfg.logger.group, name=name, save_dir=str(out_dir),
+                         config=OmegaConf.to_container(cfg, resolve=True))
+        wl.experiment.define_metric("train_time_s")
+        wl.experiment.define_metric("val/*", step_metric="train_time_s")
+        loggers.append(wl)
+    return loggers
+
+
+def resolve_ckpt(cfg, out_dir):
+    p = cfg.get("ckpt_path")
+    if p is None:
+        return None
+    if p == "last":
+        last = Path(out_dir) / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            raise MissingFileError(f"ckpt_path=last: {last} not found (resume with hydra.run.dir=<the run's dir>)")
+        return str(last)
+    if not Path(p).exists():
+        raise MissingFileError(f"ckpt_path: {p} not found")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def run(cfg: DictConfig):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from xmcneg.data.datamodule import build_datamodule
+    from xmcneg.records import RunRecorder
+
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"sampler": cfg.sampler.name, "dataset": cfg.dataset.name,
+               "encoder": str(cfg.encoder._target_).rsplit(".", 1)[-1], "seed": int(cfg.seed),
+               "status": "running"}
+    recorder = None
+    t_start = time.perf_counter()
+    try:
+        if cfg.hardware.get("num_threads"):
+            torch.set_num_threads(int(cfg.hardware.num_threads))
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        dm = build_datamodule(cfg)
+        dm.prepare_data()
+        dm.setup("fit")
+        module = build_module(cfg, dm)
+        results["num_labels"] = int(dm.num_labels)
+        recorder = RunRecorder(out_dir)
+        ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0,
+                               every_n_epochs=1, save_on_train_epoch_end=True)
+        t = cfg.trainer
+        trainer = pl.Trainer(
+            accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
+            strategy=cfg.hardware.strategy, precision=cfg.hardware.precision,
+            max_epochs=int(t.max_epochs), max_steps=int(t.max_steps), max_time=t.max_time,
+            check_val_every_n_epoch=t.check_val_every_n_epoch, val_check_interval=t.val_check_interval,
+            log_every_n_steps=int(t.log_every_n_steps), enable_progress_bar=bool(t.enable_progress_bar),
+            limit_train_batches=t.limit_train_batches, num_sanity_val_steps=0,
+            logger=build_loggers(cfg, out_dir) or False, callbacks=[recorder, ckpt],
+            default_root_dir=str(out_dir), deterministic=False, enable_model_summary=False,
+        )
+        trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt(cfg, out_dir), weights_only=True)
+        fit_wall = time.perf_counter() - t_start
+        t_test = time.perf_counter()
+        trainer.test(module, datamodule=dm, verbose=True)
+        test_s = time.perf_counter() - t_test
+        train_time = recorder.train_time
+        results.update({
+            "test": {k: round(v, 6) for k, v in module.test_metrics.items()},
+            "train_time_s": round(train_time, 3),
+            "eval_time_s": round(max(fit_wall - train_time, 0.0) + test_s, 3),
+            "samples_per_s": round(recorder.samples / max(train_time, 1e-9), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "time_to_target_s": time_to_target(recorder.rows, cfg.eval.target_p1),
+            "epochs": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "status": "completed",
+        })
+        if trainer.interrupted:
+            results["status"] = "interrupted"
+        write_json(out_dir / "results.json", results)
+        log.info("results: %s", out_dir / "results.json")
+        return results.get("test", {}).get("P@1")
+    except BaseException as e:
+        results.update({"status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0],
+                        "peak_rss_mb": round(peak_rss_mb(), 1)})
+        if recorder is not None:
+            results.update({"train_time_s": round(recorder.elapsed(), 3), "epochs_logged": len(recorder.rows)})
+        write_json(out_dir / "results.json", results)
+        raise
+
+
+def main(cfg: DictConfig):
+    """Entry point used by train.py: one-line errors and a non-zero exit for bad input; in a multirun a failing
+    job is recorded (results.json status failed) and the sweep goes on."""
+    logging.getLogger("xmcneg").setLevel(logging.INFO)
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+    try:
+        return run(cfg)
+    except XMCError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        if multirun:
+            return None
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001
+        if not multirun:
+            raise
+        log.exception("job failed: %s", e)
+        return None

@@ -97,12 +97,13 @@ class RunRecorder(pl.Callback):
             return
         t = self.elapsed()
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "train_time_s": round(t, 3), **val}
+        step = getattr(pl_module, "train_steps", trainer.global_step)
+        row = {"epoch": trainer.current_epoch, "step": step, "train_time_s": round(t, 3), **val}
         self.rows.append(row)
         if trainer.is_global_zero:
             self._write_csv()
             for lg in trainer.loggers:
-                lg.log_metrics({"train_time_s": t, **val}, step=trainer.global_step)
+                lg.log_metrics({"train_time_s": t, **val}, step=step)
         self.start()
 
     def on_train_end(self, trainer, pl_module):

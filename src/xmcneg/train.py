@@ -37,7 +37,7 @@ def build_from_target(cfg, key, skip=("name",), **extra):
 
 def build_sampler(cfg):
     extra = {"seed": int(cfg.seed)}
-    return build_from_target(cfg.sampler, "sampler", **extra)
+    return build_from_target(cfg.sampler, "sampler", skip=("name", "method"), **extra)
 
 
 def build_encoder(cfg, dm):
@@ -50,9 +50,20 @@ def build_encoder(cfg, dm):
 
 
 def build_module(cfg, dm):
+    """The LightningModule for cfg.sampler: `sampler.method` names a module with `build(cfg, dm)` (default:
+    the label-scoring classifier in xmcneg.methods.classifier)."""
+    import importlib
+
     from xmcneg.eval.metrics import propensities
     from xmcneg.methods.classifier import XMCClassifier
 
+    method = cfg.sampler.get("method", "classifier")
+    if method != "classifier":
+        try:
+            mod = importlib.import_module(f"xmcneg.methods.{method}")
+        except ImportError as e:
+            raise ConfigError("sampler.method", f"unknown method '{method}': {e}") from None
+        return mod.build(cfg, dm)
     inv_prop = 1.0 / propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
     encoder = build_encoder(cfg, dm)
     sampler = build_sampler(cfg)

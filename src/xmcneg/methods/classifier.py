@@ -67,6 +67,7 @@ class XMCClassifier(pl.LightningModule):
         self.check_finite = check_finite
         self.fault_step = None  # test hook: inject a NaN loss at this global step
         self._sampler_state = None
+        self.train_steps = 0  # training batches done (Lightning's global_step counts optimizer steps)
         self.test_metrics = {}
         self._eval = None
 
@@ -77,10 +78,12 @@ class XMCClassifier(pl.LightningModule):
             self._sampler_state = None
 
     def on_save_checkpoint(self, checkpoint):
+        checkpoint["train_steps"] = self.train_steps
         if self.sampler is not None:
             checkpoint["sampler_state"] = self.sampler.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
+        self.train_steps = int(checkpoint.get("train_steps", 0))
         self._sampler_state = checkpoint.get("sampler_state")
 
     # ------------------------------------------------------------------ scoring
@@ -127,18 +130,18 @@ class XMCClassifier(pl.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx):
         if self.sampler is not None:
-            self.sampler.refresh(self.global_step, self.current_epoch, self)
+            self.sampler.refresh(self.train_steps, self.current_epoch, self)
         opts = self.optimizers()
         opts = opts if isinstance(opts, list) else [opts]
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         h = self.encoder(batch["x"])
         loss = self.full_loss(h, batch) if self.sampler is None else self.sampled_loss(h, batch)
-        if self.fault_step is not None and self.global_step == self.fault_step:
+        if self.fault_step is not None and self.train_steps == self.fault_step:
             loss = loss * float("nan")
         if self.check_finite and not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step} (epoch {self.current_epoch}); "
+                f"non-finite training loss ({loss.item()}) at step {self.train_steps} (epoch {self.current_epoch}); "
                 "the last good checkpoint is kept; lower the learning rates or check the data")
         self.manual_backward(loss)
         if self.optim_cfg.get("grad_clip") and self.optim_cfg.grad_clip > 0:
@@ -148,6 +151,7 @@ class XMCClassifier(pl.LightningModule):
         scheds = self.lr_schedulers()
         for sch in scheds if isinstance(scheds, list) else [scheds] if scheds is not None else []:
             sch.step()
+        self.train_steps += 1
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=h.shape[0])
         return loss.detach()

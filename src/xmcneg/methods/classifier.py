@@ -100,6 +100,9 @@ class XMCClassifier(pl.LightningModule):
         pos_ids = pos.clamp(min=0)
         neg, log_q_neg = self.sampler.sample(batch, h.detach())
         neg_mask = mask_positives(neg, pos)
+        if neg.dim() == 2:  # per-document negatives may be padded with -1 (variable-size candidate sets)
+            neg_mask &= neg >= 0
+            neg = neg.clamp(min=0)
         if neg.dim() == 1:  # shared negatives: one (B,U) matmul
             s_pos = self.score_candidates(h, pos_ids)
             s_neg = self.score_candidates(h, neg)

@@ -126,6 +126,7 @@ def run(cfg: DictConfig):
         dm.prepare_data()
         dm.setup("fit")
         module = build_module(cfg, dm)
+        module.run_config = OmegaConf.to_container(cfg, resolve=True)
         results["num_labels"] = int(dm.num_labels)
         recorder = RunRecorder(out_dir)
         ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0,

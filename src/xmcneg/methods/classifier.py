@@ -79,6 +79,8 @@ class XMCClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["train_steps"] = self.train_steps
+        if getattr(self, "run_config", None) is not None:
+            checkpoint["xmcneg_config"] = self.run_config  # plain dict: lets eval.py rebuild the model
         if self.sampler is not None:
             checkpoint["sampler_state"] = self.sampler.state_dict()
 

@@ -1,0 +1,13 @@
+"""Evaluate a checkpoint on a test split, or write top-k predictions: see conf/eval.yaml."""
+import hydra
+
+from xmcneg.evaluate import main as _main
+
+
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+def main(cfg):
+    return _main(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,507 @@
+"""Bamler & Mandt's auxiliary model: a probabilistic balanced binary tree of logistic regressions over the labels.
+
+Pure torch / numpy / scipy (no Lightning), so it can be tested and benchmarked alone.
+
+Model
+-----
+* ``x~ = Projection(x)``: a whitened truncated SVD (= PCA, centred implicitly) of the sparse train features,
+  ``x~ = (x - mu) V diag(1/std)``, stored as one ``(F, k)`` matrix ``weight = V / std`` and an ``offset = mu @ weight``,
+  so a batch in EmbeddingBag form costs one ``embedding_bag`` (``x~ = bag(x) @ weight - offset``).
+* A complete binary tree of depth ``D = ceil(log2 C)`` (``D >= 1``) in heap order: node ``g`` has children
+  ``2g+1`` (left, bit 0) and ``2g+2`` (right, bit 1); level ``l`` holds nodes ``2^l - 1 .. 2^(l+1) - 2``. Leaf ``j``
+  (``0 <= j < 2^D``) is the path read as a binary number, most significant bit at the root; it holds one label or
+  is a padding leaf. Node ``g`` goes right with probability ``sigmoid(s_g)``, ``s_g = w_g . x~ + b_g``, so
+  ``log p_n(y|x) = sum over the path of log sigmoid(+-s_g)``.
+* **Padding.** A node one of whose subtrees holds no label has ``w = 0`` and ``b = +-PAD_LOGIT`` (1000) towards the
+  inhabited child: in float32 ``sigmoid(+-1000)`` is exactly 1 / 0, so padding leaves have probability exactly 0
+  (``log p`` <= -1000) and the Bernoulli test ``u < sigmoid(s)`` with ``u`` in [0, 1) can never take that branch
+  (no resampling or remapping is needed; the invariant is re-imposed whenever a tree is built or loaded).
+
+Fitting (``fit_label_tree``) — top-down, level by level, every step vectorised over all nodes of a level
+--------------------------------------------------------------------------------------------------------
+1. class embeddings ``e_y = sum_{x in D_y} x~`` (one index_add over the (point, label) pairs);
+2. per node, the dominant direction of the covariance of its classes' ``e_y`` (power iteration batched over the
+   nodes: ``v <- sum_y (e_y - m)((e_y - m) . v)``, seeded start), and a balanced split: the ``floor(n/2)`` classes
+   with the largest projection go right;
+3. per node an L2-regularised logistic regression (on w and b, lambda = ``l2``) on all (point, label) pairs whose
+   label lies under the node (target: the label's side), by batched Newton steps with the bound Hessian
+   ``H = X^T X / 4 + lambda I`` (Boehning's bound: it *is* the Hessian at the start ``theta = 0``, so the first step is
+   an exact Newton step; later steps are monotone majorise-minimise steps). ``H`` needs only the per-node Gram
+   matrices, obtained from per-label Gram matrices computed once (so each level costs O(C k^2), not O(E k^2)), is
+   inverted once per level by batched Cholesky, and each step costs one O(E k) gradient pass + a batched matvec;
+4. optionally (``resplit``) re-split each node's classes by their fitted score sums
+   ``Delta_y = sum_{x in D_y} (w . x~ + b)`` (paper Eq. 9), right = largest, the number going right = the number
+   with ``Delta_y > 0`` clamped so that each child holds at most half the node's leaves (and, for >= 2 classes,
+   at least one class), then refit (warm start);
+5. nodes with an empty child get ``w = 0, b = +-PAD_LOGIT`` (see Padding).
+Cost: O(D * (E * k * steps + C * k^2 + nodes * k^3)) with E the number of pairs: linear in E and C up to log C.
+Deterministic given the data and ``seed`` (seeded power-iteration starts, stable sorts, fixed chunking).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("xmcneg")
+
+PAD_LOGIT = 1000.0
+_PAIR_CHUNK = 1 << 19
+_CORRECTION_BUDGET_BYTES = 256 << 20
+
+
+def tree_depth(num_labels: int) -> int:
+    return max(1, int(math.ceil(math.log2(max(int(num_labels), 1)))))
+
+
+# ================================================================================================ projection
+class Projection:
+    """x~ = x @ weight - offset (whitened PCA of the training inputs). ``kind`` says which input it expects:
+    "bag" = sparse features (EmbeddingBag dict or CSR matrix), "dense" = dense vectors (encoder embeddings)."""
+
+    def __init__(self, weight: torch.Tensor, offset: torch.Tensor, kind: str = "bag"):
+        if kind not in ("bag", "dense"):
+            raise ValueError(f"projection kind must be 'bag' or 'dense', got {kind!r}")
+        self.weight = weight.float().contiguous()
+        self.offset = offset.float().contiguous()
+        self.kind = kind
+
+    @property
+    def dim(self):
+        return self.weight.shape[1]
+
+    def to(self, device):
+        return Projection(self.weight.to(device), self.offset.to(device), self.kind)
+
+    def bag(self, x):
+        """x: {"indices", "offsets", "weights"} (EmbeddingBag inputs) -> (B, k)."""
+        w = self.weight
+        out = F.embedding_bag(x["indices"].to(w.device), w, x["offsets"].to(w.device), mode="sum",
+                              per_sample_weights=x["weights"].to(w.device, w.dtype))
+        return out - self.offset
+
+    def dense(self, h):
+        return h.to(self.weight.dtype) @ self.weight - self.offset
+
+    def csr(self, X, chunk: int = 1 << 16):
+        """All rows of a scipy CSR matrix -> (N, k) float32 tensor (on CPU)."""
+        W = self.weight.cpu().numpy()
+        out = np.empty((X.shape[0], self.dim), dtype=np.float32)
+        for s in range(0, X.shape[0], chunk):
+            out[s: s + chunk] = np.asarray(X[s: s + chunk] @ W)
+        return torch.from_numpy(out) - self.offset.cpu()
+
+    def state_dict(self):
+        return {"weight": self.weight.cpu(), "offset": self.offset.cpu(), "kind": self.kind}
+
+    @classmethod
+    def from_state_dict(cls, st):
+        return cls(st["weight"], st["offset"], st["kind"])
+
+
+def _whiten(V, s, mu, n_rows, k, eps=1e-8):
+    """(F, r) right singular vectors, (r,) singular values -> Projection with k columns (zero-padded)."""
+    r = min(k, V.shape[1])
+    V, s = V[:, :r], s[:r]
+    # sign convention (deterministic across BLAS builds): the largest-|.| entry of each component is positive
+    big = np.argmax(np.abs(V), axis=0)
+    V = V * np.where(V[big, np.arange(r)] < 0, -1.0, 1.0)
+    std = s / math.sqrt(max(n_rows - 1, 1))
+    keep = std > eps * max(float(std.max()) if r else 0.0, 1e-30)
+    W = np.zeros((V.shape[0], k), dtype=np.float64)
+    W[:, :r] = np.where(keep, V / np.where(keep, std, 1.0), 0.0)
+    return torch.from_numpy(W.astype(np.float32)), torch.from_numpy((mu @ W).astype(np.float32))
+
+
+def fit_projection_sparse(X: sp.spmatrix, k: int = 16, seed: int = 0, n_iter: int = 4,
+                          oversample: int = 10) -> Projection:
+    """Whitened PCA of a sparse (N, F) matrix by randomized SVD of the implicitly centred matrix X - 1 mu^T
+    (Halko et al., normalised power iterations; float64; seeded)."""
+    X = sp.csr_matrix(X)
+    N, Fdim = X.shape
+    mu = np.asarray(X.mean(axis=0), dtype=np.float64).ravel()
+    XT = X.T.tocsr()
+    ones = np.ones(N)
+
+    def A(M):  # (X - 1 mu^T) @ M
+        return np.asarray(X @ M, dtype=np.float64) - np.outer(ones, mu @ M)
+
+    def AT(M):  # (X - 1 mu^T)^T @ M
+        return np.asarray(XT @ M, dtype=np.float64) - np.outer(mu, M.sum(axis=0))
+
+    r = min(k + oversample, N, Fdim)
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(A(rng.standard_normal((Fdim, r))))
+    for _ in range(n_iter):
+        Q, _ = np.linalg.qr(AT(Q))
+        Q, _ = np.linalg.qr(A(Q))
+    B = AT(Q).T  # (r, F) = Q^T (X - 1 mu^T)
+    _, s, Vt = np.linalg.svd(B, full_matrices=False)
+    W, off = _whiten(Vt.T, s, mu, N, k)
+    return Projection(W, off, "bag")
+
+
+def fit_projection_dense(H: torch.Tensor, k: int = 16) -> Projection:
+    """Whitened PCA of dense rows (e.g. encoder embeddings, (N, d)) via the d x d covariance (float64)."""
+    H = H.detach().to("cpu", torch.float64)
+    mu = H.mean(0)
+    Hc = H - mu
+    cov = Hc.T @ Hc
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
+    W, off = _whiten(evecs.numpy(), np.sqrt(evals.numpy()), mu.numpy(), H.shape[0], k)
+    return Projection(W, off, "dense")
+
+
+# ================================================================================================ the tree
+class LabelTree:
+    """Node parameters ``weight (M, k)``, ``bias (M,)`` with M = 2^D - 1 (heap order), ``label_to_leaf (C,)``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, label_to_leaf: torch.Tensor, depth: int,
+                 num_labels: int, enforce_padding: bool = True):
+        self.depth, self.num_labels = int(depth), int(num_labels)
+        M = (1 << self.depth) - 1
+        if weight.shape[0] != M or bias.shape != (M,):
+            raise ValueError(f"tree of depth {depth} needs {M} nodes, got weight {tuple(weight.shape)}, "
+                             f"bias {tuple(bias.shape)}")
+        if label_to_leaf.shape != (self.num_labels,):
+            raise ValueError(f"label_to_leaf must have shape ({num_labels},), got {tuple(label_to_leaf.shape)}")
+        self.label_to_leaf = label_to_leaf.long().contiguous()
+        dev = self.label_to_leaf.device
+        self.leaf_to_label = torch.full((1 << self.depth,), -1, dtype=torch.long, device=dev)
+        self.leaf_to_label[self.label_to_leaf] = torch.arange(self.num_labels, device=dev)
+        if int((self.leaf_to_label >= 0).sum()) != self.num_labels:
+            raise ValueError("label_to_leaf is not one-to-one")
+        # one (M, k+1) table [w | b]: one gather per level fetches a node's whole parameter row
+        self.wb = torch.cat([weight.float(), bias.float().unsqueeze(1)], dim=1).contiguous()
+        if enforce_padding:
+            self._enforce_padding()
+
+    # ---------------------------------------------------------------------------------------------- basics
+    @property
+    def dim(self):
+        return self.wb.shape[1] - 1
+
+    @property
+    def num_nodes(self):
+        return self.wb.shape[0]
+
+    @property
+    def weight(self):
+        return self.wb[:, :-1]
+
+    @property
+    def bias(self):
+        return self.wb[:, -1]
+
+    @property
+    def device(self):
+        return self.wb.device
+
+    def _enforce_padding(self):
+        """Nodes with exactly one inhabited child: w = 0, b = +-PAD_LOGIT towards it (padding mass exactly 0)."""
+        D = self.depth
+        occ = (self.leaf_to_label >= 0).to(torch.int64)  # occupancy of the level-D "nodes" (the leaves)
+        for l in range(D - 1, -1, -1):
+            pairs = occ.view(-1, 2)
+            left, right = pairs[:, 0] > 0, pairs[:, 1] > 0
+            base = (1 << l) - 1
+            rows = self.wb[base: base + (1 << l)]
+            one_sided = left ^ right
+            rows[one_sided, :-1] = 0.0
+            rows[one_sided, -1] = torch.where(right[one_sided], PAD_LOGIT, -PAD_LOGIT)
+            occ = pairs.sum(1)
+
+    def to(self, device):
+        t = LabelTree.__new__(LabelTree)
+        t.depth, t.num_labels = self.depth, self.num_labels
+        t.wb = self.wb.to(device)
+        t.label_to_leaf = self.label_to_leaf.to(device)
+        t.leaf_to_label = self.leaf_to_label.to(device)
+        return t
+
+    def state_dict(self):
+        return {"weight": self.weight.cpu().contiguous(), "bias": self.bias.cpu().contiguous(),
+                "label_to_leaf": self.label_to_leaf.cpu(), "depth": self.depth, "num_labels": self.num_labels}
+
+    @classmethod
+    def from_state_dict(cls, st):
+        return cls(st["weight"], st["bias"], st["label_to_leaf"], st["depth"], st["num_labels"])
+
+    @classmethod
+    def random(cls, num_labels: int, k: int = 16, seed: int = 0, scale: float = 1.0, shuffle: bool = True):
+        """Random node parameters of the right shape (benchmarks, tests); labels at random leaves if `shuffle`,
+        else balanced (label i at the leaf of the i-th of C evenly spread leaves)."""
+        g = torch.Generator().manual_seed(seed)
+        D = tree_depth(num_labels)
+        M = (1 << D) - 1
+        w = torch.randn(M, k, generator=g) * (scale / math.sqrt(k))
+        b = torch.randn(M, generator=g) * 0.5 * scale
+        # spread labels evenly: leaves j*2^D // C are distinct and leave padding scattered
+        leaves = (torch.arange(num_labels, dtype=torch.float64) * (1 << D) / num_labels).floor().long()
+        if shuffle:
+            leaves = leaves[torch.randperm(num_labels, generator=g)]
+        return cls(w, b, leaves, D, num_labels)
+
+    # ---------------------------------------------------------------------------------------------- paths
+    def path(self, labels: torch.Tensor):
+        """(..., ) label ids -> node ids (..., D) and branch bits (..., D) (bool, True = right)."""
+        D = self.depth
+        leaves = self.label_to_leaf[labels]
+        lv = torch.arange(D, device=leaves.device)
+        rel = leaves.unsqueeze(-1) >> (D - lv)  # relative index of the level-l ancestor
+        nodes = rel + ((1 << lv) - 1)
+        bits = ((leaves.unsqueeze(-1) >> (D - 1 - lv)) & 1).bool()
+        return nodes, bits
+
+    def log_prob(self, xt: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log p_n(labels | x) for xt (B, k) and labels (B, P) (or (B,)) along their known paths: (B, P)."""
+        squeeze = labels.dim() == 1
+        if squeeze:
+            labels = labels.unsqueeze(1)
+        B, P = labels.shape
+        nodes, bits = self.path(labels)  # (B, P, D)
+        xt = xt.to(self.wb.dtype)
+        prm = self.wb.index_select(0, nodes.reshape(-1)).view(B, P * self.depth, -1)
+        s = (prm[..., :-1] * xt.unsqueeze(1)).sum(-1) + prm[..., -1]  # (B, P*D)
+        s = s.view(B, P, self.depth)
+        out = F.logsigmoid(torch.where(bits, s, -s)).sum(-1)
+        return out.squeeze(1) if squeeze else out
+
+    def sample(self, xt: torch.Tensor, num: int, generator: torch.Generator = None, u: torch.Tensor = None):
+        """Ancestral sampling: `num` labels per row of xt (B, k), one Bernoulli per level, all rows and draws at
+        once. Uniforms `u` (B, num, D) are drawn on the CPU from `generator` (then moved) unless given.
+        Returns (labels (B, num) long, log p_n (B, num) float32)."""
+        B, D = xt.shape[0], self.depth
+        dev = self.wb.device
+        if u is None:
+            u = torch.rand((B, num, D), generator=generator)
+        u = u.to(dev, non_blocking=True)
+        xt = xt.to(dev, self.wb.dtype).unsqueeze(1)  # (B, 1, k)
+        node = torch.zeros((B, num), dtype=torch.long, device=dev)
+        signed = torch.empty((B, num, D), dtype=self.wb.dtype, device=dev)
+        for l in range(D):
+            prm = self.wb.index_select(0, node.view(-1)).view(B, num, -1)
+            s = (prm[..., :-1] * xt).sum(-1) + prm[..., -1]
+            right = u[..., l] < torch.sigmoid(s)
+            signed[..., l] = torch.where(right, s, -s)
+            node = 2 * node + 1 + right
+        leaves = node - ((1 << D) - 1)
+        return self.leaf_to_label[leaves], F.logsigmoid(signed).sum(-1)
+
+    # ---------------------------------------------------------------------------------------------- all labels
+    def leaf_log_probs(self, xt: torch.Tensor) -> torch.Tensor:
+        """log p_n of every leaf (n, 2^D) (padding leaves <= -PAD_LOGIT): node logits once per input, then
+        one top-down pass (per level: child = parent + log sigmoid(+-s))."""
+        x1 = torch.cat([xt.to(self.wb.dtype), torch.ones_like(xt[:, :1], dtype=self.wb.dtype)], 1)
+        S = x1 @ self.wb.T  # (n, M)
+        right = F.logsigmoid(S)
+        left = right - S  # log sigmoid(-s) = log sigmoid(s) - s
+        lp = torch.zeros((xt.shape[0], 1), dtype=S.dtype, device=S.device)
+        for l in range(self.depth):
+            a, b = (1 << l) - 1, (1 << (l + 1)) - 1
+            lp = torch.stack((lp + left[:, a:b], lp + right[:, a:b]), dim=2).reshape(xt.shape[0], -1)
+        return lp
+
+    def label_log_probs(self, xt: torch.Tensor, start: int = 0, end: int = None,
+                        budget_bytes: int = _CORRECTION_BUDGET_BYTES) -> torch.Tensor:
+        """log p_n(y|x) for labels [start, end) and every row of xt (n, k) -> (n, end-start), memory bounded
+        by about `budget_bytes` of temporaries (chunked over rows and labels). Two exact strategies:
+        many labels -> all leaves per row (`leaf_log_probs`) then a gather; few labels -> per level, logits
+        of the distinct ancestors only, gathered by each label's ancestor id and branch bit (D terms)."""
+        end = self.num_labels if end is None else int(end)
+        L, n, D = end - int(start), xt.shape[0], self.depth
+        dev = self.wb.device
+        xt = xt.to(dev, self.wb.dtype)
+        out = torch.empty((n, L), dtype=self.wb.dtype, device=dev)
+        if L == 0 or n == 0:
+            return out
+        labels = torch.arange(int(start), end, device=dev)
+        if L * D >= 2 * (1 << D):  # table strategy
+            per_row = 4 * 6 * (1 << D)  # S, right, left, lp and the stacked temporaries, float32
+            rows = max(1, min(n, budget_bytes // per_row))
+            leaves = self.label_to_leaf[labels]
+            for i in range(0, n, rows):
+                out[i: i + rows] = self.leaf_log_probs(xt[i: i + rows]).index_select(1, leaves)
+            return out
+        nodes, bits = self.path(labels)  # (L, D)
+        x1 = torch.cat([xt, torch.ones_like(xt[:, :1])], 1)
+        per_level = []
+        for l in range(D):
+            uniq, inv = torch.unique(nodes[:, l], return_inverse=True)
+            sign = bits[:, l].to(xt.dtype) * 2 - 1
+            per_level.append((self.wb.index_select(0, uniq).T.contiguous(), inv, sign))
+        rows = max(1, min(n, budget_bytes // (4 * 3 * L)))
+        for i in range(0, n, rows):
+            xi = x1[i: i + rows]
+            acc = torch.zeros((xi.shape[0], L), dtype=xt.dtype, device=dev)
+            for wbT, inv, sign in per_level:
+                acc += F.logsigmoid((xi @ wbT).index_select(1, inv) * sign)
+            out[i: i + rows] = acc
+        return out
+
+
+# ================================================================================================ fitting
+def _rank_within(node: np.ndarray, key: np.ndarray, num_nodes: int):
+    """Ascending rank of each item's key among the items of the same node (stable: ties by item id)."""
+    order = np.lexsort((key, node))
+    counts = np.bincount(node, minlength=num_nodes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(len(node), dtype=np.int64)
+    rank[order] = np.arange(len(node)) - starts[node[order]]
+    return rank
+
+
+def _directions(cls: torch.Tensor, node: torch.Tensor, nn: int, cnt: torch.Tensor, gen, iters: int):
+    """Per node, the dominant eigenvector of the covariance of its classes' embeddings (batched power
+    iteration); returns each class's centred projection on its node's direction."""
+    k = cls.shape[1]
+    mean = torch.zeros(nn, k, dtype=cls.dtype).index_add_(0, node, cls) / cnt.clamp(min=1).unsqueeze(1)
+    ec = cls - mean[node]
+    v = torch.randn(nn, k, generator=gen, dtype=cls.dtype)
+    v /= v.norm(dim=1, keepdim=True)
+    for _ in range(iters):
+        proj = (ec * v[node]).sum(1, keepdim=True)
+        vn = torch.zeros(nn, k, dtype=cls.dtype).index_add_(0, node, ec * proj)
+        norm = vn.norm(dim=1, keepdim=True)
+        v = torch.where(norm > 1e-12, vn / norm.clamp(min=1e-30), v)
+    return (ec * v[node]).sum(1)
+
+
+def _label_grams(Xp: torch.Tensor, labels: torch.Tensor, C: int, chunk: int = 1 << 16):
+    """Upper triangles of per-label Gram matrices sum_{pairs of y} x x^T: (C, K(K+1)/2) float32."""
+    K = Xp.shape[1]
+    iu = torch.triu_indices(K, K)
+    flat = iu[0] * K + iu[1]
+    G = torch.zeros(C, flat.numel(), dtype=torch.float32)
+    for s in range(0, Xp.shape[0], chunk):
+        x = Xp[s: s + chunk]
+        G.index_add_(0, labels[s: s + chunk], (x.unsqueeze(2) * x.unsqueeze(1)).reshape(-1, K * K)[:, flat])
+    return G
+
+
+def _inverse_bound_hessians(G_lab, node, nn, K, lam):
+    """(nn, K, K) inverses of Gram/4 + lam I per node (float64, batched Cholesky)."""
+    iu = torch.triu_indices(K, K)
+    sym = torch.zeros(K, K, dtype=torch.long)
+    sym[iu[0], iu[1]] = torch.arange(iu.shape[1])
+    sym[iu[1], iu[0]] = torch.arange(iu.shape[1])
+    Gn = torch.zeros(nn, G_lab.shape[1], dtype=torch.float32).index_add_(0, node, G_lab)
+    H = Gn.double()[:, sym.reshape(-1)].view(nn, K, K) * 0.25
+    H.diagonal(dim1=1, dim2=2).add_(lam)
+    L, info = torch.linalg.cholesky_ex(H)
+    if bool((info != 0).any()):  # numerically indefinite (float32 Gram): add jitter where needed
+        bad = info != 0
+        H[bad] += torch.eye(K, dtype=H.dtype) * (1e-6 * H[bad].diagonal(dim1=1, dim2=2).amax(1) + lam)[:, None, None]
+        L, _ = torch.linalg.cholesky_ex(H)
+    return torch.cholesky_inverse(L)
+
+
+def _newton(Xp, pnode, target, theta, Hinv, lam, steps, chunk=_PAIR_CHUNK):
+    """`steps` bound-Hessian Newton steps of every node's L2-regularised logistic regression, batched.
+    Xp (E, K) float32 pair inputs [x~, 1]; pnode (E,) node of each pair; target (E,) float32 in {0, 1}."""
+    nn, K = theta.shape
+    for _ in range(steps):
+        th32 = theta.float()
+        g = torch.zeros(nn, K, dtype=torch.float32)
+        for s in range(0, Xp.shape[0], chunk):
+            x, pn = Xp[s: s + chunk], pnode[s: s + chunk]
+            r = torch.sigmoid((x * th32[pn]).sum(1)) - target[s: s + chunk]
+            g.index_add_(0, pn, x * r.unsqueeze(1))
+        grad = g.double() + lam * theta
+        theta = theta - torch.bmm(Hinv, grad.unsqueeze(2)).squeeze(2)
+    return theta
+
+
+def _pair_scores(Xp, pnode, theta, chunk=_PAIR_CHUNK):
+    th32 = theta.float()
+    return torch.cat([(Xp[s: s + chunk] * th32[pnode[s: s + chunk]]).sum(1) for s in range(0, Xp.shape[0], chunk)])
+
+
+def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_steps: int = 8, resplit: bool = True,
+                   seed: int = 0, power_iters: int = 10, verbose: bool = False):
+    """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)).
+    Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "train_avg_log_p", "level_s": [...]}"""
+    t0 = time.perf_counter()
+    C = int(num_labels)
+    D = tree_depth(C)
+    Z = torch.as_tensor(np.asarray(Z) if not isinstance(Z, torch.Tensor) else Z).float()
+    rows = torch.as_tensor(np.asarray(rows, dtype=np.int64) if not isinstance(rows, torch.Tensor) else rows).long()
+    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)
+                             if not isinstance(labels, torch.Tensor) else labels).long()
+    if rows.shape != labels.shape:
+        raise ValueError("rows and labels must have the same length")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
+        raise ValueError(f"label ids must be in [0, {C})")
+    k = Z.shape[1]
+    K = k + 1
+    E = labels.numel()
+    gen = torch.Generator().manual_seed(int(seed) * 7_919 + 1)
+
+    Xp = torch.cat([Z[rows], torch.ones(E, 1)], 1).contiguous()  # (E, K)
+    cls = torch.zeros(C, k, dtype=torch.float64).index_add_(0, labels, Xp[:, :k].double())  # class sums
+    G_lab = _label_grams(Xp, labels, C)
+    labels_np = labels.numpy()
+
+    wb = torch.zeros((1 << D) - 1, K, dtype=torch.float32)
+    node = torch.zeros(C, dtype=torch.long)  # each label's node (relative index) at the current level
+    total_ll = 0.0
+    level_s = []
+    for l in range(D):
+        tl = time.perf_counter()
+        nn, cap = 1 << l, 1 << (D - l - 1)
+        cnt = torch.bincount(node, minlength=nn)
+        node_np, cnt_np = node.numpy(), cnt.numpy()
+        # (2) balanced initial split along the dominant direction of the class embeddings
+        proj = _directions(cls, node, nn, cnt, gen, power_iters)
+        rank = _rank_within(node_np, proj.numpy(), nn)
+        right = torch.from_numpy(rank >= cnt_np[node_np] - cnt_np[node_np] // 2)
+        # (3) per-node logistic regressions
+        pnode = node[labels]
+        Hinv = _inverse_bound_hessians(G_lab, node, nn, K, float(l2))
+        theta = torch.zeros(nn, K, dtype=torch.float64)
+        theta = _newton(Xp, pnode, right[labels].float(), theta, Hinv, float(l2), newton_steps)
+        if resplit:  # (4) capacity-constrained re-split by the score sums, then refit
+            delta = torch.zeros(C, dtype=torch.float64).index_add_(0, labels, _pair_scores(Xp, pnode, theta).double())
+            many = (cnt_np >= 2).astype(np.int64)
+            lo = np.maximum(cnt_np - cap, many)
+            hi = np.minimum(cap, cnt_np - many)
+            n_pos = np.bincount(node_np, weights=(delta.numpy() > 0), minlength=nn).astype(np.int64)
+            n_right = np.clip(n_pos, lo, hi)
+            rank = _rank_within(node_np, delta.numpy(), nn)
+            new_right = torch.from_numpy(rank >= cnt_np[node_np] - n_right[node_np])
+            if bool((new_right != right).any()):
+                right = new_right
+                theta = _newton(Xp, pnode, right[labels].float(), theta, Hinv, float(l2), newton_steps)
+        # (5) nodes with an empty child
+        n_r = torch.bincount(node[right], minlength=nn)
+        n_l = cnt - n_r
+        one_sided = (n_r == 0) | (n_l == 0)
+        theta[one_sided] = 0.0
+        theta[(n_r == 0) & (n_l > 0), k] = -PAD_LOGIT
+        theta[(n_l == 0) & (n_r > 0), k] = PAD_LOGIT
+        base = (1 << l) - 1
+        wb[base: base + nn] = theta.float()
+        if E:
+            s = _pair_scores(Xp, pnode, theta)
+            total_ll += float(F.logsigmoid(torch.where(right[labels], s, -s)).double().sum())
+        node = 2 * node + right.long()
+        level_s.append(time.perf_counter() - tl)
+        if verbose:
+            log.info("label tree level %d/%d: %d nodes, %.2fs", l + 1, D, nn, level_s[-1])
+    tree = LabelTree(wb[:, :k], wb[:, k], node, D, C)
+    info = {"fit_s": time.perf_counter() - t0, "pairs": int(E), "depth": D, "num_labels": C,
+            "train_avg_log_p": total_ll / max(E, 1), "level_s": level_s}
+    return tree, info
+
+
+def csr_pairs(Y: sp.spmatrix):
+    """(point, label) pairs of a CSR label matrix: rows (E,), labels (E,) int64."""
+    Y = sp.csr_matrix(Y)
+    rows = np.repeat(np.arange(Y.shape[0], dtype=np.int64), np.diff(Y.indptr))
+    return rows, Y.indices.astype(np.int64)

@@ -1,0 +1,257 @@
+"""MIPS hard negatives + uniform negatives (Qaraei & Babbar; METHODS.md section b).
+
+Candidate set per document, of fixed size `num_candidates`:
+    all its positives  +  `num_hard` MIPS hard negatives  +  uniform negatives filling up to `num_candidates`.
+
+Hard negatives are the labels with the highest current score <f(x), w_y> + b_y that are not positives of the
+document, found in a faiss index over the label matrix and bias (`xmcneg.eval.ann.LabelIndex`, `index` = flat |
+ivf | hnsw), queried with the detached float32 document embeddings of the batch. The index asks for
+`num_hard + max #positives in the batch` neighbours, so `num_hard` remain after the positives are removed.
+
+Size rule (per document i with p_i valid positives; n_i = number of valid negatives returned):
+    n_i = max(num_candidates - p_i, num_hard)
+so p_i + n_i == num_candidates, except for a document with more than num_candidates - num_hard positives,
+which keeps all its positives and gets num_hard negatives (hard ones once hard negatives are active; a
+candidate set larger than num_candidates). Returned `label_ids` are (B, W) with W = max_i n_i (= num_candidates
+- min_i p_i in the normal case); row i holds [h_i hard | n_i - h_i uniform | -1 padding] (the method masks -1).
+
+Hard negatives per document h_i, by `mode`:
+    mix          (default) h_i = num_hard, the rest uniform;
+    mips_only    h_i = n_i (the whole candidate set is hard negatives; num_hard only sets the floor above);
+    uniform_only h_i = 0 (no index is ever built).
+During the first `warmup_epochs` epochs h_i = 0 in every mode (uniform-only warm-up; hard negatives from the
+start are unstable - the point of the mix). If the index returns fewer usable neighbours than h_i (IVF with few
+labels in the probed lists), the missing ones are filled with uniform negatives.
+Uniform negatives are drawn with replacement, exactly uniformly from the labels outside {positives, hard
+negatives of that document} (rank-shift trick: O(log P) per draw, no rejection), so no slot is ever masked and
+the size rule holds exactly; two uniform slots of a row may repeat a label (prob ~ n^2 / 2C).
+
+log_q (only used by loss=softmax, the logQ-corrected sampled softmax; the default loss is BCE, which ignores it).
+The hard negatives are deterministic, so there is no true proposal probability; we return the per-slot
+probability of the stratified proposal "W slots: h_i slots hold the hard labels, u_i = n_i - h_i slots a uniform
+draw from the C - m_i labels outside positives and hard negatives (m_i = p_i + h_i), the rest padding":
+    hard y:    log q = -log W                   ->  the loss' correction log(W q) = 0 (counted once, exactly)
+    uniform y: log q = log(u_i / (W (C - m_i)))  ->  correction log(u_i / (C - m_i)) (importance weight)
+so sum_hard e^s + (C - m_i)/u_i sum_uniform e^s is an unbiased estimate of sum over non-positives of e^s.
+
+Schedule (refresh(step, epoch) is called before every training step with the module's batch counter): while
+hard negatives are active (epoch >= warmup_epochs and mode != uniform_only) the index is rebuilt from the
+current label matrix + bias at the first step of every epoch, at every step with step % refresh_steps == 0
+(refresh_steps <= 0: epoch starts only), and at the first step after a resume (the index itself is not saved).
+
+DDP: there is no broadcast. DDP keeps the label matrix identical on every rank, and every rank calls refresh
+with the same (step, epoch), so every rank rebuilds at the same steps from the same weights; the build is
+deterministic (flat: exact; IVF: fixed k-means seed and sample; HNSW: single-threaded insertion, see
+LabelIndex(deterministic=True)), so all ranks hold the same index (same `index_version`). Each rank queries it
+with its own batch; the uniform draws use the per-rank stream of the base class.
+
+Timing: index build and query seconds are accumulated and logged through the module at each refresh as
+time/index_build_s, time/index_query_s (cumulative) and time/index_share = (build + query) / wall time of the
+training steps seen (the interval between consecutive refresh calls one step apart in the same epoch, so
+end-of-epoch validation is excluded; a mid-epoch validation with trainer.val_check_interval is not).
+"""
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from xmcneg.errors import ConfigError
+from xmcneg.samplers.base import Sampler
+
+log = logging.getLogger(__name__)
+
+MODES = ("mix", "mips_only", "uniform_only")
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+
+
+class MIPSSampler(Sampler):
+    name = "mips"
+    fixed_k = True  # num_negatives = num_candidates bounds the width; it must be below C
+
+    def __init__(self, num_hard: int = 5, num_candidates: int = 69, index: str = "hnsw", refresh_steps: int = 1000,
+                 warmup_epochs: int = 1, mode: str = "mix", index_args=None, seed: int = 0):
+        super().__init__(num_negatives=num_candidates, seed=seed)
+        if mode not in MODES:
+            raise ConfigError("sampler.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+        if index not in INDEX_KINDS:
+            raise ConfigError("sampler.index", f"must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
+        if int(num_candidates) < 1:
+            raise ConfigError("sampler.num_candidates", f"must be >= 1, got {num_candidates}")
+        if not 0 <= int(num_hard) <= int(num_candidates):
+            raise ConfigError("sampler.num_hard", f"must be in [0, num_candidates={num_candidates}], got {num_hard}")
+        if int(warmup_epochs) < 0:
+            raise ConfigError("sampler.warmup_epochs", f"must be >= 0, got {warmup_epochs}")
+        self.num_hard = int(num_hard)
+        self.num_candidates = int(num_candidates)
+        self.index_kind = index
+        self.refresh_steps = int(refresh_steps)
+        self.warmup_epochs = int(warmup_epochs)
+        self.mode = mode
+        self.index_args = dict(index_args or {})
+        # index state (the index itself is rebuilt, never saved)
+        self.index = None
+        self.index_version = 0          # number of builds so far (survives resume)
+        self.last_refresh_step = -1     # train step of the last build
+        self.index_epoch = -1           # epoch of the last build
+        self.hard_active = False
+        self.refresh_steps_log = []     # steps at which the index was (re)built in this process (tests/diagnostics)
+        # timing
+        self.build_s = 0.0
+        self.query_s = 0.0
+        self.step_s = 0.0
+        self._prev_call = None          # (step, epoch, perf_counter) of the previous refresh call
+
+    # ------------------------------------------------------------------ life cycle
+    def setup(self, datamodule, module=None, state=None):
+        if self.num_candidates >= datamodule.num_labels:
+            raise ConfigError("sampler.num_candidates",
+                              f"{self.num_candidates} must be fewer than the {datamodule.num_labels} labels")
+        super().setup(datamodule, module, state)
+
+    def _new_index(self):
+        from xmcneg.eval.ann import LabelIndex
+
+        args = dict(self.index_args)
+        args.setdefault("deterministic", True)  # same graph on every DDP rank
+        try:
+            return LabelIndex(kind=self.index_kind, **args)
+        except TypeError as e:
+            raise ConfigError("sampler.index_args", str(e)) from None
+
+    def hard_wanted(self, epoch: int) -> bool:
+        return self.mode != "uniform_only" and epoch >= self.warmup_epochs
+
+    def due(self, step: int, epoch: int) -> bool:
+        """Whether the index must be (re)built before this step."""
+        if not self.hard_wanted(epoch):
+            return False
+        if self.index is None or epoch != self.index_epoch:
+            return True
+        return self.refresh_steps > 0 and step % self.refresh_steps == 0 and step != self.last_refresh_step
+
+    def rebuild(self, module, step: int, epoch: int):
+        t0 = time.perf_counter()
+        w = module.label_w.weight.detach()
+        b = module.label_b.weight.detach().reshape(-1)
+        if self.index is None:
+            self.index = self._new_index()
+        self.index.build(w.float().cpu(), b.float().cpu())
+        self.build_s += time.perf_counter() - t0
+        self.index_version += 1
+        self.last_refresh_step = int(step)
+        self.index_epoch = int(epoch)
+        self.refresh_steps_log.append(int(step))
+
+    def refresh(self, step: int, epoch: int, module=None):
+        now = time.perf_counter()
+        if self._prev_call is not None:
+            ps, pe, pt = self._prev_call
+            if step == ps + 1 and epoch == pe:
+                self.step_s += now - pt
+        self._prev_call = (int(step), int(epoch), now)
+        if self.due(step, epoch):
+            if module is None:
+                raise RuntimeError("MIPSSampler.refresh needs the module to read the label matrix")
+            self.rebuild(module, step, epoch)
+        self.hard_active = self.hard_wanted(epoch) and self.index is not None
+        if module is not None and getattr(module, "_trainer", None) is not None:
+            for k, v in self.stats().items():
+                module.log(k, float(v), on_step=True, on_epoch=False, batch_size=1)
+
+    def stats(self):
+        spent = self.build_s + self.query_s
+        return {"time/index_build_s": self.build_s, "time/index_query_s": self.query_s,
+                "time/index_share": spent / self.step_s if self.step_s > 0 else 0.0,
+                "sampler/index_version": float(self.index_version)}
+
+    # ------------------------------------------------------------------ sampling
+    def _hard_targets(self, n, device):
+        if not self.hard_active:
+            return torch.zeros_like(n)
+        if self.mode == "mips_only":
+            return n
+        return torch.full_like(n, self.num_hard)
+
+    def query(self, doc_emb, kq):
+        t0 = time.perf_counter()
+        q = doc_emb.detach().to("cpu", torch.float32).numpy()
+        _, ids = self.index.search(q, kq)
+        self.query_s += time.perf_counter() - t0
+        return torch.from_numpy(ids)
+
+    def sample(self, batch, doc_emb):
+        device = doc_emb.device
+        pos = batch["pos"].detach().cpu()
+        B, P = pos.shape
+        C = self.num_labels
+        p = (pos >= 0).sum(1)                                           # (B,) positives per document
+        n = torch.clamp(self.num_candidates - p, min=self.num_hard)     # valid negatives per document
+        h_target = self._hard_targets(n, device)
+        W = int(n.max()) if B > 0 else 0
+
+        # --- hard negatives: first h_target[i] index neighbours that are not positives
+        hard = torch.full((B, max(int(h_target.max()) if B else 0, 0)), -1, dtype=torch.long)
+        h = torch.zeros(B, dtype=torch.long)
+        if hard.shape[1] > 0:
+            kq = min(int((h_target + p).max()), C)
+            cand = self.query(doc_emb, kq)                              # (B, kq), -1 = missing
+            is_pos = (cand.unsqueeze(-1) == pos.unsqueeze(1)).any(-1) if P > 0 else torch.zeros_like(cand, dtype=torch.bool)
+            ok = (cand >= 0) & ~is_pos
+            rank = ok.long().cumsum(1) - 1
+            take = ok & (rank < h_target.unsqueeze(1))
+            rows = torch.arange(B).unsqueeze(1).expand_as(cand)
+            hard[rows[take], rank[take]] = cand[take]
+            h = take.sum(1)
+
+        # --- uniform negatives from the labels outside positives and hard negatives, exactly (rank shift)
+        u = n - h
+        excl = torch.cat([pos, hard], 1)
+        big = C + (1 << 40)
+        excl = torch.where(excl >= 0, excl, torch.full_like(excl, big)).sort(1).values
+        if excl.shape[1] > 1:  # drop duplicate exclusions (defensive: positives are unique per row)
+            dup = torch.zeros_like(excl, dtype=torch.bool)
+            dup[:, 1:] = excl[:, 1:] == excl[:, :-1]
+            excl = torch.where(dup, torch.full_like(excl, big), excl).sort(1).values
+        m = (excl < big).sum(1)                                         # (B,) excluded labels per row
+        free = (C - m).clamp(min=0)
+        u = torch.minimum(u, torch.where(free > 0, u, torch.zeros_like(u)))
+        r = torch.rand((B, W), generator=self.generator, dtype=torch.float64)
+        draw = (r * free.unsqueeze(1).double()).long().clamp(max=(free - 1).clamp(min=0).unsqueeze(1))
+        shifted = excl - torch.arange(excl.shape[1]).unsqueeze(0)       # e_j - j: non-decreasing per row
+        uni = draw + torch.searchsorted(shifted.contiguous(), draw.contiguous(), right=True)
+
+        # --- compose [hard | uniform | -1]
+        col = torch.arange(W).unsqueeze(0)
+        out = torch.full((B, W), -1, dtype=torch.long)
+        is_hard = col < h.unsqueeze(1)
+        is_uni = (col >= h.unsqueeze(1)) & (col < (h + u).unsqueeze(1))
+        if hard.shape[1] > 0:
+            hw = min(W, hard.shape[1])
+            out[:, :hw] = torch.where(is_hard[:, :hw], hard[:, :hw], out[:, :hw])
+        out = torch.where(is_uni, uni, out)
+        log_q = torch.full((B, W), -math.log(max(W, 1)), dtype=torch.float32)
+        lq_uni = (torch.log(u.double().clamp(min=1)) - math.log(max(W, 1)) - torch.log(free.double().clamp(min=1)))
+        log_q = torch.where(is_uni, lq_uni.float().unsqueeze(1).expand(B, W), log_q)
+        return out.to(device, non_blocking=True), log_q.to(device, non_blocking=True)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self):
+        s = super().state_dict()
+        s.update({"index_version": int(self.index_version), "last_refresh_step": int(self.last_refresh_step),
+                  "index_epoch": int(self.index_epoch), "build_s": float(self.build_s),
+                  "query_s": float(self.query_s), "step_s": float(self.step_s)})
+        return s
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.index_version = int(state.get("index_version", 0))
+        self.last_refresh_step = int(state.get("last_refresh_step", -1))
+        self.index_epoch = int(state.get("index_epoch", -1))
+        self.build_s = float(state.get("build_s", 0.0))
+        self.query_s = float(state.get("query_s", 0.0))
+        self.step_s = float(state.get("step_s", 0.0))
+        self.index = None          # rebuilt at the first refresh after load (when hard negatives are active)
+        self.hard_active = False
+        self._prev_call = None

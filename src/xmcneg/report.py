@@ -17,8 +17,8 @@ Every run dir found (recursively) under the given dirs is read; a run dir is a d
   minus 0.01. The group that reaches it first is the one with the lowest mean time among groups all of whose
   completed runs reach it (if none does, among those where some run does; the summary says which).
 - convergence.png: 2x2, validation P@1 / P@5 against train time and against epoch; per group the mean over seeds
-  with a min-max band. Each run's curve is linearly interpolated onto a common grid (never extrapolated: at a
-  grid point only the runs whose curve covers it count).
+  with a min-max band, and each run's own validation points as faint dots. Each run's curve is linearly
+  interpolated onto a common grid over the range all runs of the group cover (never extrapolated).
 """
 import argparse
 import csv
@@ -122,7 +122,7 @@ class Run:
                 self.results, self.results_error = None, f"unreadable results.json ({e})"
         try:
             self.rows = read_metrics_csv(self.dir / "metrics.csv")
-        except (OSError, csv.Error) as e:
+        except (OSError, ValueError, csv.Error) as e:
             self.rows = []
             self.results_error = self.results_error or f"unreadable metrics.csv ({e})"
         self.config = _load_yaml(self.dir / ".hydra" / "config.yaml") or {}
@@ -155,7 +155,7 @@ class Run:
     @property
     def status(self):
         if self.results is None:
-            return "missing"
+            return "unfinished"
         return str(self.results.get("status", "unknown"))
 
     @property
@@ -367,7 +367,7 @@ def summary_md(rows, target, source, first, failed, runs, out_dir, plot_name="co
     if not failed:
         lines.append("None.")
     else:
-        lines.append("| run dir | group | seed | status | reason |")
+        lines.append("| run dir | sampler | seed | status | reason |")
         lines.append("|---|---|---|---|---|")
         for r in failed:
             lines.append(f"| {_md_escape(_rel(r.dir, out_dir))} | {_md_escape(r.sampler)} | {r.seed} | "
@@ -394,15 +394,22 @@ def _rel(path, base):
 
 
 def _band(curves, log_x=False, n_grid=200):
-    """curves: list of (x, y) sorted by x. Returns grid, mean, min, max (NaN where no curve covers x)."""
+    """curves: list of (x, y). Returns grid, mean, min, max over the x range that every curve covers (if the
+    curves do not overlap: over their union, each point averaging the curves that cover it)."""
+    curves = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves]
+    curves = [(x[ok], y[ok]) for x, y in curves for ok in [~(np.isnan(x) | np.isnan(y))]]
     curves = [(x, y) for x, y in curves if len(x)]
     if not curves:
         return None
-    lo = min(float(x.min()) for x, _ in curves)
-    hi = max(float(x.max()) for x, _ in curves)
+    lo = max(float(x.min()) for x, _ in curves)
+    hi = min(float(x.max()) for x, _ in curves)
+    if hi < lo:
+        lo = min(float(x.min()) for x, _ in curves)
+        hi = max(float(x.max()) for x, _ in curves)
     if log_x:
-        pos = [float(x[x > 0].min()) for x, _ in curves if (x > 0).any()]
-        lo = min(pos) if pos else 1e-3
+        if lo <= 0:  # a log axis starts at the first positive time
+            pos = [float(x[x > 0].min()) for x, _ in curves if (x > 0).any()]
+            lo = min(pos) if pos else 1e-3
         hi = max(hi, lo * 1.0001)
         grid = np.geomspace(lo, hi, n_grid)
     else:
@@ -437,6 +444,8 @@ def plot_convergence(groups, path, log_time=False, target=None):
                 if band is None:
                     continue
                 x, mean, mn, mx = band
+                for c in curves:  # every run's own validation points, faint
+                    ax.plot(c[xi], c[2], ".", color=color, alpha=0.35, markersize=4)
                 label = f"{g} (n={len(runs)})"
                 if len(x) == 1:
                     ax.errorbar(x, mean, yerr=[mean - mn, mx - mean], fmt="o", color=color, label=label)
@@ -462,7 +471,7 @@ def plot_convergence(groups, path, log_time=False, target=None):
             for ax in row:
                 ax.text(0.5, 0.5, "no validation rows in completed runs", ha="center", va="center",
                         transform=ax.transAxes, color="grey")
-    fig.suptitle("Validation metrics: mean over seeds, min–max band")
+    fig.suptitle("Validation metrics: mean over seeds, min–max band (dots: each run's validations)")
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")

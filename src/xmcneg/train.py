@@ -41,7 +41,10 @@ def build_sampler(cfg):
 
 
 def build_encoder(cfg, dm):
-    enc = build_from_target(cfg.encoder, "encoder", num_features=dm.num_features)
+    # text datamodules say what the encoder needs (vocabulary size, or nothing for a pretrained tokenizer);
+    # `encoder.text` configures the datamodule's text inputs and is not a constructor argument
+    extra = dm.encoder_kwargs() if hasattr(dm, "encoder_kwargs") else {"num_features": dm.num_features}
+    enc = build_from_target(cfg.encoder, "encoder", skip=("name", "text"), **extra)
     if enc is None:
         raise ConfigError("encoder._target_", "missing")
     if int(enc.dim) <= 0:
@@ -109,7 +112,7 @@ def run(cfg: DictConfig):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.records import RunRecorder
+    from xmcneg.records import AtomicCheckpointIO, RunRecorder
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,10 +130,13 @@ def run(cfg: DictConfig):
         dm.setup("fit")
         module = build_module(cfg, dm)
         module.run_config = OmegaConf.to_container(cfg, resolve=True)
+        if cfg.get("debug", {}).get("nan_at_step") is not None:
+            module.fault_step = int(cfg.debug.nan_at_step)
         results["num_labels"] = int(dm.num_labels)
         recorder = RunRecorder(out_dir)
-        ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, save_top_k=0,
-                               every_n_epochs=1, save_on_train_epoch_end=True)
+        # one rolling checkpoint, checkpoints/last.ckpt, replaced atomically at every epoch end
+        ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="last", save_top_k=1, monitor=None,
+                               enable_version_counter=False, every_n_epochs=1, save_on_train_epoch_end=True)
         t = cfg.trainer
         trainer = pl.Trainer(
             accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
@@ -141,6 +147,7 @@ def run(cfg: DictConfig):
             limit_train_batches=t.limit_train_batches, num_sanity_val_steps=0,
             logger=build_loggers(cfg, out_dir) or False, callbacks=[recorder, ckpt],
             default_root_dir=str(out_dir), deterministic=False, enable_model_summary=False,
+            plugins=[AtomicCheckpointIO()],
         )
         trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt(cfg, out_dir), weights_only=True)
         fit_wall = time.perf_counter() - t_start

@@ -197,9 +197,28 @@ class XMCClassifier(pl.LightningModule):
                 self._eval["query"].append(q)
 
     def predict_topk(self, emb, query=None, k=None):
-        """Top-k (scores, ids) over all labels for document embeddings `emb`, chunked over documents and labels;
-        with `query` (from the sampler's correction_query) the sampler's score correction is added."""
+        """Top-k (scores, ids) over all labels for document embeddings `emb`; with `query` (from the sampler's
+        correction_query) the sampler's score correction is added.
+
+        eval.search=exact: all labels scored exactly, chunked over documents and labels.
+        eval.search=ann: a faiss `LabelIndex` (eval.ann_index) over label matrix + bias, built once per set of
+        weights, retrieves eval.ann_shortlist labels per document, which are re-scored exactly (+ the correction,
+        computed for the shortlisted labels only via the sampler's optional `score_correction_ids(query, ids)`);
+        the shortlist is retrieved by the uncorrected score. A sampler whose correction only supports label
+        ranges (`score_correction(query, start, end)`) falls back to exact search (logged, and
+        `<stage>/ann_fallback_exact` = 1). During validation/test, `<stage>/ann_recall@5` (recall of the ANN
+        top-5 against the exact top-5, first <= 1000 documents) is logged; `raw/...` for the uncorrected pass.
+        """
         k = min(int(k or self.eval_cfg.k), self.num_labels)
+        if str(self.eval_cfg.get("search", "exact")) == "ann":
+            out = self._ann_predict_topk(emb, query, k)
+            if out is not None:
+                return out
+        elif str(self.eval_cfg.get("search", "exact")) != "exact":
+            raise ConfigError("eval.search", f"must be exact or ann, got {self.eval_cfg.search!r}")
+        return self._exact_predict_topk(emb, query, k)
+
+    def _exact_predict_topk(self, emb, query, k):
         chunk = int(self.eval_cfg.doc_chunk)
         w, b = self.label_w.weight, self.label_b.weight.squeeze(-1)
         out_s, out_i = [], []
@@ -212,6 +231,100 @@ class XMCClassifier(pl.LightningModule):
                                 label_chunk=int(self.eval_cfg.label_chunk), correction=correction)
             out_s.append(s)
             out_i.append(ids)
+        return torch.cat(out_s), torch.cat(out_i)
+
+    def _eval_stage(self):
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        if trainer.validating or trainer.sanity_checking:
+            return "val"
+        return "test" if trainer.testing else None
+
+    def _ann_label_index(self):
+        """The eval LabelIndex, rebuilt only when the label matrix or bias changed (tensor version counters)."""
+        import logging
+        import time
+
+        from xmcneg.eval.ann import LabelIndex
+
+        kind = str(self.eval_cfg.get("ann_index", "hnsw"))
+        w, b = self.label_w.weight, self.label_b.weight
+        key = (kind, tuple(w.shape), w.data_ptr(), w._version, b.data_ptr(), b._version, self.train_steps)
+        cache = getattr(self, "_ann_cache", None)
+        if cache is None or cache[0] != key:
+            t0 = time.perf_counter()
+            index = LabelIndex(kind=kind).build(w.detach().float().cpu(), b.detach().reshape(-1).float().cpu())
+            logging.getLogger(__name__).info("eval ANN index (%s) over %d labels built in %.2fs", kind,
+                                             w.shape[0], time.perf_counter() - t0)
+            self._ann_cache = cache = (key, index)
+        return cache[1]
+
+    @torch.no_grad()
+    def _ann_predict_topk(self, emb, query, k):
+        """eval.search=ann; returns None when it must fall back to exact search."""
+        import logging
+
+        from xmcneg.eval.ann import ann_topk, recall_against_exact
+
+        stage = self._eval_stage()
+        corr_ids = None
+        if query is not None:
+            corr_ids = getattr(self.sampler, "score_correction_ids", None)
+            if corr_ids is None:
+                if not getattr(self, "_ann_fallback_warned", False):
+                    logging.getLogger(__name__).info(
+                        "eval.search=ann: sampler '%s' gives its score correction for label ranges only; "
+                        "using exact search for the corrected scores", getattr(self.sampler, "name", "?"))
+                    self._ann_fallback_warned = True
+                if stage is not None:
+                    self.log(f"{stage}/ann_fallback_exact", 1.0)
+                if isinstance(self._eval, dict):
+                    self._eval["_ann_corrected_done"] = True  # the raw pass that follows logs raw/ann_recall@5
+                return None
+        index = self._ann_label_index()
+        shortlist = int(self.eval_cfg.get("ann_shortlist", 200))
+        chunk = int(self.eval_cfg.doc_chunk)
+        w, b = self.label_w.weight, self.label_b.weight.reshape(-1)
+        if corr_ids is None:
+            scores, ids = ann_topk(emb, w, b, k, index, shortlist=shortlist, query_chunk=chunk)
+        else:
+            scores, ids = self._ann_rescore(emb, query, k, index, shortlist, corr_ids)
+        if stage is not None and emb.shape[0] > 0:
+            n, kk = min(1000, emb.shape[0]), min(5, k)
+            _, exact_ids = self._exact_predict_topk(emb[:n], None if query is None else query[:n], kk)
+            recall = recall_against_exact(ids[:n, :kk], exact_ids)
+            buf = self._eval if isinstance(self._eval, dict) else {}
+            name = "raw/ann_recall@5" if (query is None and buf.get("_ann_corrected_done")) else "ann_recall@5"
+            if query is not None:
+                buf["_ann_corrected_done"] = True
+            self.ann_recall = {**getattr(self, "ann_recall", {}), f"{stage}/{name}": recall}
+            self.log(f"{stage}/{name}", float(recall))
+        return scores, ids
+
+    def _ann_rescore(self, emb, query, k, index, shortlist, corr_ids):
+        """Shortlist from `index`, exact re-scoring + the sampler's correction for the shortlisted ids."""
+        W, B = self.label_w.weight, self.label_b.weight.reshape(-1)
+        S = min(max(shortlist, k), self.num_labels)
+        chunk = int(self.eval_cfg.doc_chunk)
+        out_s, out_i = [], []
+        for i in range(0, emb.shape[0], chunk):
+            q = emb[i: i + chunk]
+            _, cand = index.search(q, S)
+            cand = torch.from_numpy(cand).to(q.device)
+            valid, safe = cand >= 0, cand.clamp(min=0)
+            sc = torch.bmm(W[safe.to(W.device)].to(q.device, q.dtype), q.unsqueeze(2)).squeeze(2)
+            sc = sc + B[safe.to(B.device)].to(q.device, q.dtype)
+            sc = sc + corr_ids(query[i: i + chunk], safe).to(q.device, q.dtype)
+            sc = sc.masked_fill(~valid, float("-inf"))
+            ts, at = torch.topk(sc, min(k, sc.shape[1]), dim=1)
+            ti = torch.gather(safe, 1, at).masked_fill(torch.isneginf(ts), -1)
+            if ts.shape[1] < k:
+                pad = k - ts.shape[1]
+                ts = torch.cat([ts, ts.new_full((ts.shape[0], pad), float("-inf"))], 1)
+                ti = torch.cat([ti, ti.new_full((ti.shape[0], pad), -1)], 1)
+            out_s.append(ts)
+            out_i.append(ti)
         return torch.cat(out_s), torch.cat(out_i)
 
     def _eval_end(self, split):

@@ -53,6 +53,7 @@ log = logging.getLogger("xmcneg")
 PAD_LOGIT = 1000.0
 _PAIR_CHUNK = 1 << 19
 _CORRECTION_BUDGET_BYTES = 256 << 20
+_MAX_STEP = 4.0
 
 
 def tree_depth(num_labels: int) -> int:
@@ -385,36 +386,62 @@ def _label_grams(Xp: torch.Tensor, labels: torch.Tensor, C: int, chunk: int = 1 
     return G
 
 
-def _inverse_bound_hessians(G_lab, node, nn, K, lam):
-    """(nn, K, K) inverses of Gram/4 + lam I per node (float64, batched Cholesky)."""
+def _sym_index(K):
+    """Index that expands a packed upper triangle (K(K+1)/2,) into a full symmetric (K*K,) matrix."""
     iu = torch.triu_indices(K, K)
     sym = torch.zeros(K, K, dtype=torch.long)
     sym[iu[0], iu[1]] = torch.arange(iu.shape[1])
     sym[iu[1], iu[0]] = torch.arange(iu.shape[1])
-    Gn = torch.zeros(nn, G_lab.shape[1], dtype=torch.float32).index_add_(0, node, G_lab)
-    H = Gn.double()[:, sym.reshape(-1)].view(nn, K, K) * 0.25
-    H.diagonal(dim1=1, dim2=2).add_(lam)
-    L, info = torch.linalg.cholesky_ex(H)
-    if bool((info != 0).any()):  # numerically indefinite (float32 Gram): add jitter where needed
-        bad = info != 0
-        H[bad] += torch.eye(K, dtype=H.dtype) * (1e-6 * H[bad].diagonal(dim1=1, dim2=2).amax(1) + lam)[:, None, None]
-        L, _ = torch.linalg.cholesky_ex(H)
-    return torch.cholesky_inverse(L)
+    return sym.reshape(-1)
 
 
-def _newton(Xp, pnode, target, theta, Hinv, lam, steps, chunk=_PAIR_CHUNK):
-    """`steps` bound-Hessian Newton steps of every node's L2-regularised logistic regression, batched.
-    Xp (E, K) float32 pair inputs [x~, 1]; pnode (E,) node of each pair; target (E,) float32 in {0, 1}."""
+def _inverse_hessians(G_lab, curv, node, nn, K, lam, chunk=1 << 17, node_chunk=1 << 16):
+    """(nn, K, K) float32 inverses of H_v = sum_{y in v} curv_y G_y + lam I (float64 batched Cholesky). With curv the
+    per-label mean of p(1-p) over the label's pairs, this is the Newton Hessian with each pair's curvature
+    replaced by its label's mean (exact at theta = 0, where every curvature is 1/4)."""
+    Hn = torch.zeros(nn, G_lab.shape[1], dtype=torch.float64)
+    for s in range(0, G_lab.shape[0], chunk):
+        Hn.index_add_(0, node[s: s + chunk], G_lab[s: s + chunk].double() * curv[s: s + chunk].unsqueeze(1))
+    sym = _sym_index(K)
+    Hinv = torch.empty(nn, K, K, dtype=torch.float32)
+    for a in range(0, nn, node_chunk):  # float64 factorisation, node-chunked; inverses kept in float32
+        H = Hn[a: a + node_chunk][:, sym].view(-1, K, K)
+        H.diagonal(dim1=1, dim2=2).add_(lam)
+        L, info = torch.linalg.cholesky_ex(H)
+        if bool((info != 0).any()):  # float32 round-off made a Gram slightly indefinite: add jitter there
+            bad = info != 0
+            jitter = 1e-6 * H[bad].diagonal(dim1=1, dim2=2).amax(1) + lam
+            H[bad] += torch.eye(K, dtype=H.dtype) * jitter[:, None, None]
+            L, _ = torch.linalg.cholesky_ex(H)
+        Hinv[a: a + node_chunk] = torch.cholesky_inverse(L).float()
+    return Hinv
+
+
+def _newton(Xp, pnode, labels, target, theta, lam, steps, hessian_every, G_lab, node, label_count,
+            max_step=_MAX_STEP, chunk=_PAIR_CHUNK):
+    """`steps` Newton steps of every node's L2-regularised logistic regression at once (step norm clipped at
+    `max_step`). Xp (E, K) float32 pair inputs [x~, 1]; pnode (E,) node of each pair; target (E,) float32 in
+    {0, 1}. The Hessian (label-mean curvature, see `_inverse_hessians`) is rebuilt at step 0 and every
+    `hessian_every` steps (0: only at step 0); in between the last inverse is reused."""
     nn, K = theta.shape
-    for _ in range(steps):
+    C = G_lab.shape[0]
+    Hinv = None
+    for it in range(steps):
+        need_h = Hinv is None or (hessian_every > 0 and it % hessian_every == 0)
         th32 = theta.float()
         g = torch.zeros(nn, K, dtype=torch.float32)
+        curv = torch.zeros(C, dtype=torch.float32) if need_h else None
         for s in range(0, Xp.shape[0], chunk):
             x, pn = Xp[s: s + chunk], pnode[s: s + chunk]
-            r = torch.sigmoid((x * th32[pn]).sum(1)) - target[s: s + chunk]
-            g.index_add_(0, pn, x * r.unsqueeze(1))
-        grad = g.double() + lam * theta
-        theta = theta - torch.bmm(Hinv, grad.unsqueeze(2)).squeeze(2)
+            p = torch.sigmoid((x * th32[pn]).sum(1))
+            g.index_add_(0, pn, x * (p - target[s: s + chunk]).unsqueeze(1))
+            if need_h:
+                curv.index_add_(0, labels[s: s + chunk], p * (1 - p))
+        if need_h:
+            Hinv = _inverse_hessians(G_lab, curv.double() / label_count, node, nn, K, lam)
+        step = torch.bmm(Hinv, (g.double() + lam * theta).float().unsqueeze(2)).squeeze(2).double()
+        norm = step.norm(dim=1, keepdim=True)
+        theta = theta - step * torch.clamp(max_step / norm.clamp(min=1e-30), max=1.0)
     return theta
 
 
@@ -423,8 +450,8 @@ def _pair_scores(Xp, pnode, theta, chunk=_PAIR_CHUNK):
     return torch.cat([(Xp[s: s + chunk] * th32[pnode[s: s + chunk]]).sum(1) for s in range(0, Xp.shape[0], chunk)])
 
 
-def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_steps: int = 8, resplit: bool = True,
-                   seed: int = 0, power_iters: int = 10, verbose: bool = False):
+def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_steps: int = 6, hessian_every: int = 3,
+                   resplit: bool = True, seed: int = 0, power_iters: int = 10, verbose: bool = False):
     """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)).
     Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "train_avg_log_p", "level_s": [...]}"""
     t0 = time.perf_counter()
@@ -446,6 +473,7 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
     Xp = torch.cat([Z[rows], torch.ones(E, 1)], 1).contiguous()  # (E, K)
     cls = torch.zeros(C, k, dtype=torch.float64).index_add_(0, labels, Xp[:, :k].double())  # class sums
     G_lab = _label_grams(Xp, labels, C)
+    label_count = torch.bincount(labels, minlength=C).clamp(min=1).double()
     labels_np = labels.numpy()
 
     wb = torch.zeros((1 << D) - 1, K, dtype=torch.float32)
@@ -463,9 +491,9 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
         right = torch.from_numpy(rank >= cnt_np[node_np] - cnt_np[node_np] // 2)
         # (3) per-node logistic regressions
         pnode = node[labels]
-        Hinv = _inverse_bound_hessians(G_lab, node, nn, K, float(l2))
         theta = torch.zeros(nn, K, dtype=torch.float64)
-        theta = _newton(Xp, pnode, right[labels].float(), theta, Hinv, float(l2), newton_steps)
+        theta = _newton(Xp, pnode, labels, right[labels].float(), theta, float(l2), newton_steps, hessian_every,
+                        G_lab, node, label_count)
         if resplit:  # (4) capacity-constrained re-split by the score sums, then refit
             delta = torch.zeros(C, dtype=torch.float64).index_add_(0, labels, _pair_scores(Xp, pnode, theta).double())
             many = (cnt_np >= 2).astype(np.int64)
@@ -477,7 +505,8 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
             new_right = torch.from_numpy(rank >= cnt_np[node_np] - n_right[node_np])
             if bool((new_right != right).any()):
                 right = new_right
-                theta = _newton(Xp, pnode, right[labels].float(), theta, Hinv, float(l2), newton_steps)
+                theta = _newton(Xp, pnode, labels, right[labels].float(), theta, float(l2), newton_steps,
+                                hessian_every, G_lab, node, label_count)
         # (5) nodes with an empty child
         n_r = torch.bincount(node[right], minlength=nn)
         n_l = cnt - n_r
@@ -505,3 +534,37 @@ def csr_pairs(Y: sp.spmatrix):
     Y = sp.csr_matrix(Y)
     rows = np.repeat(np.arange(Y.shape[0], dtype=np.int64), np.diff(Y.indptr))
     return rows, Y.indices.astype(np.int64)
+
+
+def synthetic_pairs(num_labels: int, num_points: int, avg_labels: float = 3.0, k: int = 16, seed: int = 0,
+                    zipf_a: float = 1.0, noise: float = 1.0):
+    """Clustered synthetic data in x~-space for tests and benchmarks (vectorised; 1M labels in seconds).
+    ~sqrt(C) clusters; label centres = cluster centre + N(0, 1); a point's first label by Zipf popularity,
+    1 + Poisson(avg_labels - 1) labels in all, the others uniform from the first label's cluster; the point is
+    the mean of its labels' centres + N(0, noise^2), then standardised. Returns (Z (N, k) float32, rows, labels,
+    label_cluster) with duplicate (point, label) pairs removed."""
+    rng = np.random.default_rng(seed)
+    C, N = int(num_labels), int(num_points)
+    G = max(1, int(round(math.sqrt(C))))
+    cluster = rng.integers(G, size=C)
+    centres = (rng.standard_normal((G, k)) * 2.0)[cluster] + rng.standard_normal((C, k))
+    w = np.arange(1, C + 1, dtype=np.float64) ** -zipf_a
+    cdf = np.cumsum(w[rng.permutation(C)])
+    cdf /= cdf[-1]
+    first = np.minimum(np.searchsorted(cdf, rng.random(N), side="right"), C - 1)
+    n_lab = 1 + rng.poisson(max(avg_labels - 1.0, 0.0), size=N)
+    order = np.argsort(cluster, kind="stable")
+    starts = np.searchsorted(cluster[order], np.arange(G))
+    sizes = np.bincount(cluster, minlength=G)
+    rows = np.repeat(np.arange(N), n_lab)
+    c = cluster[first][rows]
+    labels = order[starts[c] + (rng.random(len(rows)) * sizes[c]).astype(np.int64)]
+    is_first = np.concatenate([[True], rows[1:] != rows[:-1]])
+    labels[is_first] = first
+    key = np.unique(rows.astype(np.int64) * C + labels)
+    rows, labels = key // C, key % C
+    Z = np.zeros((N, k))
+    np.add.at(Z, rows, centres[labels])
+    Z = Z / np.bincount(rows, minlength=N)[:, None] + noise * rng.standard_normal((N, k))
+    Z = (Z - Z.mean(0)) / Z.std(0)
+    return torch.from_numpy(Z.astype(np.float32)), rows, labels, cluster

@@ -54,7 +54,6 @@ import logging
 import math
 import time
 
-import numpy as np
 import torch
 
 from xmcneg.errors import ConfigError
@@ -143,6 +142,7 @@ class MIPSSampler(Sampler):
         self.last_refresh_step = int(step)
         self.index_epoch = int(epoch)
         self.refresh_steps_log.append(int(step))
+        log.debug("MIPS index v%d (%s) built at step %d, epoch %d", self.index_version, self.index_kind, step, epoch)
 
     def refresh(self, step: int, epoch: int, module=None):
         now = time.perf_counter()
@@ -167,7 +167,7 @@ class MIPSSampler(Sampler):
                 "sampler/index_version": float(self.index_version)}
 
     # ------------------------------------------------------------------ sampling
-    def _hard_targets(self, n, device):
+    def _hard_targets(self, n):
         if not self.hard_active:
             return torch.zeros_like(n)
         if self.mode == "mips_only":
@@ -188,7 +188,7 @@ class MIPSSampler(Sampler):
         C = self.num_labels
         p = (pos >= 0).sum(1)                                           # (B,) positives per document
         n = torch.clamp(self.num_candidates - p, min=self.num_hard)     # valid negatives per document
-        h_target = self._hard_targets(n, device)
+        h_target = self._hard_targets(n)
         W = int(n.max()) if B > 0 else 0
 
         # --- hard negatives: first h_target[i] index neighbours that are not positives
@@ -197,7 +197,10 @@ class MIPSSampler(Sampler):
         if hard.shape[1] > 0:
             kq = min(int((h_target + p).max()), C)
             cand = self.query(doc_emb, kq)                              # (B, kq), -1 = missing
-            is_pos = (cand.unsqueeze(-1) == pos.unsqueeze(1)).any(-1) if P > 0 else torch.zeros_like(cand, dtype=torch.bool)
+            if P > 0:
+                is_pos = (cand.unsqueeze(-1) == pos.unsqueeze(1)).any(-1)
+            else:
+                is_pos = torch.zeros_like(cand, dtype=torch.bool)
             ok = (cand >= 0) & ~is_pos
             rank = ok.long().cumsum(1) - 1
             take = ok & (rank < h_target.unsqueeze(1))
@@ -216,7 +219,7 @@ class MIPSSampler(Sampler):
             excl = torch.where(dup, torch.full_like(excl, big), excl).sort(1).values
         m = (excl < big).sum(1)                                         # (B,) excluded labels per row
         free = (C - m).clamp(min=0)
-        u = torch.minimum(u, torch.where(free > 0, u, torch.zeros_like(u)))
+        u = torch.where(free > 0, u, torch.zeros_like(u))                # nothing left to draw from
         r = torch.rand((B, W), generator=self.generator, dtype=torch.float64)
         draw = (r * free.unsqueeze(1).double()).long().clamp(max=(free - 1).clamp(min=0).unsqueeze(1))
         shifted = excl - torch.arange(excl.shape[1]).unsqueeze(0)       # e_j - j: non-decreasing per row
@@ -234,6 +237,7 @@ class MIPSSampler(Sampler):
         log_q = torch.full((B, W), -math.log(max(W, 1)), dtype=torch.float32)
         lq_uni = (torch.log(u.double().clamp(min=1)) - math.log(max(W, 1)) - torch.log(free.double().clamp(min=1)))
         log_q = torch.where(is_uni, lq_uni.float().unsqueeze(1).expand(B, W), log_q)
+        log_q = log_q.masked_fill(out < 0, 0.0)  # padding (masked by the method); finite for the ns regulariser
         return out.to(device, non_blocking=True), log_q.to(device, non_blocking=True)
 
     # ------------------------------------------------------------------ resume

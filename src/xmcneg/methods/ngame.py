@@ -1,0 +1,632 @@
+"""NGAME (Dahiya et al., WSDM 2023): negative-mining-aware mini-batching; METHODS.md section (c).
+
+One LightningModule, two phases inside ONE trainer.fit (switch at the start of epoch `phase1_epochs`):
+
+* **Phase 1 -- Siamese.** The encoder embeds documents and label texts (`dm.label_inputs`), both L2-normalised
+  (cosine). Each document takes one of its positives per epoch (uniform, from a (seed, epoch) stream); the
+  batch's distinct sampled labels are encoded once; S = B x U cosine matrix, entries that are positives of the
+  row masked. Loss `triplet` (NGAME's TripletMarginLossOHNM): the `num_hard` hardest unmasked in-batch
+  negatives, hinge max(0, s_neg - s_pos + margin), the violators weighted by softmax(s_neg / temperature)
+  (weights detached; `weighted: false` = plain mean), or `infonce` (softmax cross-entropy at `temperature`,
+  other positives out of the denominator). Encoder: AdamW, linear warm-up, linear decay over phase 1.
+  Every training forward pass writes the document embeddings into a memory bank (N x d, CPU; no extra encoding
+  pass); batches come from :class:`~xmcneg.samplers.cluster_batching.ClusterBatchSampler` over balanced
+  spherical clusters of the bank, on the curriculum of `ClusterCurriculum` (size 1 = random batches).
+* **Phase 2 -- classifier.** Encoder frozen; the train documents are embedded once (they replace the bank, and
+  are clustered once at `phase2_cluster_size`); one vector per label, initialised from its label-text embedding
+  (rows of the inherited sparse `label_w` table); score cos(doc, w_y). Shortlist = the union of the batch's
+  positives (the inherited in-batch sampler) [+ `phase2_ann_negatives` per document from an HNSW index over
+  the classifiers, rebuilt every epoch]. Loss (NGAME's TripletMarginLossOHNMMulti): per document its
+  `phase2_num_pos` lowest-scoring positives x `phase2_num_neg` highest-scoring negatives, hinge with
+  `phase2_margin`, violators softmax-weighted. Sparse row-wise updates (`SparseRowOptimizer`).
+* **Inference.** kNN scores = cos(doc, label-text embedding), clf scores = cos(doc, classifier); phase 2
+  predictions rank by alpha * clf + (1 - alpha) * knn, alpha picked on the validation split from
+  `fusion_alphas` by `fusion_metric` (logged as val/alpha; kept for test; if no validation ran, picked on the
+  validation split at test time). `inference: ann`: faiss HNSW (`xmcneg.eval.ann.LabelIndex`) over the label
+  embeddings and over the classifiers, `ann_shortlist` candidates from each, union re-scored exactly;
+  `exact`: chunked exact top-k (alpha*W + (1-alpha)*Z is one matrix). Logged: val/<metric> = the fused
+  metrics (phase 1: kNN), val/knn/<metric>, val/clf/<metric>, val/alpha.
+* **Resume.** The checkpoint holds (weights_only-safe) the phase, the memory bank, cluster ids and size, the
+  epoch they were computed, alpha, the clustering log and the torch RNG states; label vectors, encoder and
+  both optimisers are in the usual state dicts. Everything random is derived from (seed, epoch) or those RNGs,
+  so a run resumed in either phase continues the same schedule.
+* **DDP.** Every rank gets disjoint whole batches (the sampler is rank-aware); the bank rows written by each
+  rank are all-reduced at epoch end; clustering runs on rank 0 and is broadcast.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from xmcneg.errors import ConfigError
+from xmcneg.eval.metrics import xc_metrics
+from xmcneg.eval.topk import exact_topk
+from xmcneg.methods.classifier import NonFiniteLossError, XMCClassifier, mask_positives
+from xmcneg.methods.sparse_optim import SparseRowOptimizer
+from xmcneg.samplers.cluster_batching import ClusterBatchSampler, ClusterCurriculum, balanced_spherical_clusters
+from xmcneg.samplers.in_batch import InBatchSampler
+
+log = logging.getLogger("xmcneg")
+
+DEFAULTS = dict(
+    phase1_epochs=4, loss="triplet", margin=0.3, num_hard=10, temperature=0.1, weighted=True,
+    phase1_lr=None, phase1_warmup_steps=100, phase1_lr_decay="linear",
+    clustering=True, cluster_size_start=1, cluster_doubling_epochs=[1, 1, 1, 2, 3], cluster_size_max=32,
+    cluster_start_epoch=1, refresh_epochs=1, cluster_iters=10,
+    phase2_cluster_size=32, phase2_lr=0.02, phase2_optimizer="rowwise_adagrad", phase2_margin=0.2,
+    phase2_num_pos=3, phase2_num_neg=5, phase2_temperature=0.1, phase2_dropout=0.0, phase2_ann_negatives=0,
+    phase2_max_shortlist=8192,
+    inference="ann", ann_M=32, ann_ef_search=128, ann_ef_construction=200, ann_shortlist=100,
+    fusion_alphas=[0.0, 0.25, 0.5, 0.75, 1.0], fusion_metric="P@1", label_batch=4096, drop_last=False,
+)
+LOSSES = ("triplet", "infonce")
+
+
+def settings(cfg) -> dict:
+    """The sampler config merged over DEFAULTS, validated (unknown keys are an error)."""
+    d = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
+    d = {k: v for k, v in d.items() if k not in ("name", "method", "_target_")}
+    unknown = sorted(set(d) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"sampler.{unknown[0]}", f"unknown NGAME option (known: {', '.join(sorted(DEFAULTS))})")
+    s = {**DEFAULTS, **d}
+    if s["loss"] not in LOSSES:
+        raise ConfigError("sampler.loss", f"unknown '{s['loss']}', expected one of {', '.join(LOSSES)}")
+    if s["inference"] not in ("ann", "exact"):
+        raise ConfigError("sampler.inference", f"unknown '{s['inference']}', expected ann or exact")
+    if s["phase1_lr_decay"] not in ("linear", "constant"):
+        raise ConfigError("sampler.phase1_lr_decay", f"unknown '{s['phase1_lr_decay']}', expected linear or constant")
+    for key in ("phase1_epochs", "phase2_ann_negatives"):
+        if int(s[key]) < 0:
+            raise ConfigError(f"sampler.{key}", f"must be >= 0, got {s[key]}")
+    for key in ("num_hard", "phase2_num_pos", "phase2_num_neg", "phase2_cluster_size", "ann_shortlist",
+                "label_batch", "cluster_iters", "phase2_max_shortlist"):
+        if int(s[key]) < 1:
+            raise ConfigError(f"sampler.{key}", f"must be >= 1, got {s[key]}")
+    for key in ("temperature", "phase2_temperature", "phase2_lr"):
+        if not float(s[key]) > 0:
+            raise ConfigError(f"sampler.{key}", f"must be > 0, got {s[key]}")
+    if not 0 <= float(s["phase2_dropout"]) < 1:
+        raise ConfigError("sampler.phase2_dropout", f"must be in [0, 1), got {s['phase2_dropout']}")
+    alphas = [float(a) for a in (s["fusion_alphas"] or [])]
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):
+        raise ConfigError("sampler.fusion_alphas", f"must be a non-empty list of values in [0, 1], got {alphas}")
+    s["fusion_alphas"] = alphas
+    return s
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def triplet_ohnm_loss(S, pos_col, neg_mask, margin=0.3, num_hard=10, temperature=0.1, weighted=True,
+                      row_mask=None):
+    """NGAME phase-1 loss. S (B, U) cosine scores; pos_col (B,) column of each row's positive; neg_mask (B, U)
+    True where the column may serve as a negative (False for every positive of the row); row_mask (B,) rows
+    that count. Per row: the `num_hard` highest-scoring negatives n, hinge max(0, S[n] - S[pos] + margin),
+    weighted by softmax(S[n] / temperature) over the violators (weights detached) or averaged."""
+    B, U = S.shape
+    if row_mask is None:
+        row_mask = torch.ones(B, dtype=torch.bool, device=S.device)
+    s_pos = S.gather(1, pos_col.view(-1, 1))
+    k = min(int(num_hard), U)
+    s_neg, _ = S.masked_fill(~neg_mask, float("-inf")).topk(k, dim=1)
+    valid = torch.isfinite(s_neg)
+    s_neg = torch.where(valid, s_neg, torch.zeros_like(s_neg))
+    hinge = F.relu(s_neg - s_pos + margin) * valid
+    if weighted:
+        viol = hinge > 0
+        logits = (s_neg.detach() / temperature).masked_fill(~viol, float("-inf"))
+        w = torch.softmax(logits, dim=1).nan_to_num(0.0)
+        per_row = (hinge * w).sum(1)
+    else:
+        per_row = hinge.sum(1) / valid.sum(1).clamp(min=1)
+    m = row_mask.float()
+    return (per_row * m).sum() / m.sum().clamp(min=1)
+
+
+def infonce_loss(S, pos_col, neg_mask, temperature=0.1, row_mask=None):
+    """Softmax cross-entropy over the row at `temperature`; the row's other positives leave the denominator."""
+    B, U = S.shape
+    if row_mask is None:
+        row_mask = torch.ones(B, dtype=torch.bool, device=S.device)
+    keep = neg_mask.clone()
+    keep[torch.arange(B, device=S.device), pos_col] = True
+    logits = (S / temperature).masked_fill(~keep, float("-inf"))
+    ce = F.cross_entropy(logits, pos_col, reduction="none")
+    m = row_mask.float()
+    return (ce * m).sum() / m.sum().clamp(min=1)
+
+
+def triplet_multi_loss(S, is_pos, margin=0.2, num_pos=3, num_neg=5, temperature=0.1):
+    """NGAME phase-2 loss. S (B, U) scores over a shared shortlist, is_pos (B, U). Per row: the `num_pos`
+    lowest-scoring positives x the `num_neg` highest-scoring negatives, hinge max(0, s_n - s_p + margin),
+    weighted by a softmax over the violating hinge values (temperature; weights detached). Rows without a
+    positive in the shortlist do not count."""
+    B, U = S.shape
+    kp, kn = min(int(num_pos), U), min(int(num_neg), U)
+    s_p, _ = S.masked_fill(~is_pos, float("inf")).topk(kp, dim=1, largest=False)
+    s_n, _ = S.masked_fill(is_pos, float("-inf")).topk(kn, dim=1)
+    vp, vn = torch.isfinite(s_p), torch.isfinite(s_n)
+    s_p = torch.where(vp, s_p, torch.zeros_like(s_p))
+    s_n = torch.where(vn, s_n, torch.zeros_like(s_n))
+    valid = vp.unsqueeze(2) & vn.unsqueeze(1)  # (B, kp, kn)
+    hinge = (F.relu(s_n.unsqueeze(1) - s_p.unsqueeze(2) + margin) * valid).reshape(B, -1)
+    viol = hinge > 0
+    w = torch.softmax((hinge.detach() / temperature).masked_fill(~viol, float("-inf")), dim=1).nan_to_num(0.0)
+    per_row = (hinge * w).sum(1)
+    rows = vp.any(1).float()
+    return (per_row * rows).sum() / rows.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def _to(x, device):
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+# ------------------------------------------------------------------------------------------------------ module
+class NGAME(XMCClassifier):
+    def __init__(self, encoder, num_labels, num_train, ngame_cfg=None, optim_cfg=None, eval_cfg=None,
+                 inv_prop=None, batch_sampler=None, seed=0, datamodule=None):
+        s = settings(ngame_cfg)
+        super().__init__(encoder, num_labels, sampler=InBatchSampler(int(s["phase2_max_shortlist"]), seed),
+                         loss_cfg=OmegaConf.create({"name": "bce"}), optim_cfg=optim_cfg, eval_cfg=eval_cfg,
+                         inv_prop=inv_prop)
+        self.s = s
+        self.seed = int(seed)
+        self.num_train = int(num_train)
+        self.batch_sampler = batch_sampler
+        self._dm = datamodule
+        self.curriculum = ClusterCurriculum(s["cluster_size_start"], s["cluster_doubling_epochs"],
+                                            s["cluster_size_max"], s["cluster_start_epoch"], s["refresh_epochs"])
+        self.phase = 1
+        self.bank = torch.zeros(self.num_train, encoder.dim)
+        self.bank_written = torch.zeros(self.num_train, dtype=torch.bool)
+        self.cluster_ids = None  # int64 numpy (num_train,) or None
+        self.cluster_size = 1
+        self.last_cluster_epoch = -1
+        self.alpha = None
+        self.cluster_log = []  # [epoch, phase, size, num_clusters, seconds]
+        self.epoch_log = []  # [epoch, phase, seconds]
+        self._pick_u = None
+        self._label_emb = None  # cached label-text embeddings (phase 2: the encoder is frozen)
+        self._knn_index = None
+        self._clf_index = None
+        self._t_epoch = None
+        self._cluster_s = 0.0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dm(self):
+        if self._trainer is not None and getattr(self.trainer, "datamodule", None) is not None:
+            return self.trainer.datamodule
+        return self._dm
+
+    def _active_samplers(self):
+        """The batch sampler(s) in use: ours, and the one in the train dataloader if Lightning re-created it."""
+        out = [self.batch_sampler] if self.batch_sampler is not None else []
+        if self._trainer is not None:
+            try:
+                dl = self.trainer.train_dataloader
+            except Exception:  # noqa: BLE001
+                dl = None
+            bs = getattr(dl, "batch_sampler", None)
+            if isinstance(bs, ClusterBatchSampler) and all(bs is not o for o in out):
+                out.append(bs)
+        return out
+
+    def _push_sampler_state(self, epoch):
+        for bs in self._active_samplers():
+            bs.set_epoch(epoch)
+            bs.set_clusters(self.cluster_ids if self.s["clustering"] else None)
+
+    def _normalize(self, h):
+        return F.normalize(h.float(), dim=-1)
+
+    def _encode(self, x):
+        return self._normalize(self.encoder(_to(x, self.device)))
+
+    @torch.no_grad()
+    def _label_embeddings(self, refresh=False):
+        """(C, d) normalised label-text embeddings (eval mode, no grad); cached in phase 2."""
+        if self._label_emb is not None and not refresh:
+            return self._label_emb
+        was = self.encoder.training
+        self.encoder.eval()
+        ids = np.arange(self.num_labels)
+        out = [self._encode(self.dm.label_inputs(ids[i: i + int(self.s["label_batch"])]))
+               for i in range(0, len(ids), int(self.s["label_batch"]))]
+        self.encoder.train(was)
+        Z = torch.cat(out)
+        self._label_emb = Z
+        return Z
+
+    @torch.no_grad()
+    def _encode_split(self, split, chunk=2048):
+        was = self.encoder.training
+        self.encoder.eval()
+        dm = self.dm
+        n = dm.split(split)[1].shape[0]
+        fn = dm.collate(split)
+        out = [self._encode(fn(np.arange(i, min(n, i + chunk)))["x"]) for i in range(0, n, chunk)]
+        self.encoder.train(was)
+        return torch.cat(out) if out else torch.zeros(0, self.encoder.dim, device=self.device)
+
+    def _make_index(self):
+        from xmcneg.eval.ann import LabelIndex
+        return LabelIndex(kind="hnsw", M=int(self.s["ann_M"]), ef_search=int(self.s["ann_ef_search"]),
+                          ef_construction=int(self.s["ann_ef_construction"]), mips="ip", seed=self.seed)
+
+    def _recluster(self, size, epoch):
+        t0 = time.perf_counter()
+        ids = None
+        if self.global_rank == 0:
+            ids = balanced_spherical_clusters(self.bank, size, seed=self.seed * 1_000_003 + epoch,
+                                              max_iter=int(self.s["cluster_iters"]))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            ids = self.trainer.strategy.broadcast(ids, src=0)
+        dt = time.perf_counter() - t0
+        self.cluster_ids = ids
+        self.cluster_size = int(size)
+        self.last_cluster_epoch = int(epoch)
+        k = int(ids.max()) + 1 if len(ids) else 0
+        self.cluster_log.append([int(epoch), int(self.phase), int(size), k, round(dt, 4)])
+        self._cluster_s += dt
+        log.info("ngame: epoch %d phase %d: %d clusters of ~%d documents in %.2f s", epoch, self.phase, k, size, dt)
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, stage=None):
+        if self._trainer is not None and self.batch_sampler is not None:
+            self.batch_sampler.set_distributed(self.trainer.global_rank, self.trainer.world_size)
+
+    def on_fit_start(self):
+        super().on_fit_start()  # the in-batch shortlist sampler (state restored on resume)
+        if self.phase == 2:
+            self.encoder.requires_grad_(False)
+        self._push_sampler_state(self.current_epoch)
+
+    def _phase_of(self, epoch):
+        return 1 if epoch < int(self.s["phase1_epochs"]) else 2
+
+    def on_train_epoch_start(self):
+        e = int(self.current_epoch)
+        self._t_epoch = time.perf_counter()
+        self._cluster_s = 0.0
+        if self.phase == 1 and self._phase_of(e) == 2:
+            self._enter_phase2(e)
+        elif self.phase == 1 and self.s["clustering"]:
+            if self.curriculum.should_recluster(e, self.last_cluster_epoch, self.cluster_size):
+                self._recluster(self.curriculum.size(e), e)
+            elif not self.curriculum.active(e):
+                self.cluster_ids, self.cluster_size = None, 1
+        if self.phase == 2 and int(self.s["phase2_ann_negatives"]) > 0:
+            self._clf_index = self._make_index()
+            self._clf_index.build(F.normalize(self.label_w.weight.detach().float(), dim=-1))
+        self._pick_u = np.random.default_rng([self.seed, e, 0x5EED]).random(self.num_train)
+        self._push_sampler_state(e)
+
+    @torch.no_grad()
+    def _enter_phase2(self, epoch):
+        t0 = time.perf_counter()
+        self.phase = 2
+        self.encoder.requires_grad_(False)
+        emb = self._encode_split("train")
+        Z = self._label_embeddings(refresh=True)
+        self.label_w.weight.data.copy_(Z.to(self.label_w.weight.device, self.label_w.weight.dtype))
+        self.label_b.weight.data.zero_()
+        self.bank = emb.cpu()
+        self.bank_written.zero_()
+        self._knn_index = None
+        log.info("ngame: epoch %d: phase 2 (classifier on the frozen encoder); embedded %d documents and %d "
+                 "labels in %.2f s", epoch, emb.shape[0], Z.shape[0], time.perf_counter() - t0)
+        size = int(self.s["phase2_cluster_size"])
+        if self.s["clustering"] and size > 1:
+            self._recluster(size, epoch)
+        else:
+            self.cluster_ids, self.cluster_size = None, 1
+
+    def on_train_epoch_end(self):
+        if self.phase == 1:
+            self._sync_bank()
+        dt = time.perf_counter() - self._t_epoch if self._t_epoch is not None else 0.0
+        e = int(self.current_epoch)
+        self.epoch_log.append([e, int(self.phase), round(dt, 3)])
+        log.info("ngame: epoch %d phase %d: %.1f s (clustering %.2f s = %.1f%%), cluster size %d", e, self.phase,
+                 dt, self._cluster_s, 100.0 * self._cluster_s / max(dt, 1e-9), self.cluster_size)
+        self.log("ngame/phase", float(self.phase), on_epoch=True)
+        self.log("ngame/cluster_size", float(self.cluster_size), on_epoch=True)
+        self.log("ngame/cluster_time_s", float(self._cluster_s), on_epoch=True)
+
+    def _sync_bank(self):
+        dist = _dist()
+        if dist is None:
+            self.bank_written.zero_()
+            return
+        dev = self.device if dist.get_backend() != "gloo" else torch.device("cpu")
+        w = self.bank_written.to(dev, torch.float32)
+        b = (self.bank * self.bank_written.unsqueeze(1)).to(dev)
+        dist.all_reduce(w)
+        dist.all_reduce(b)
+        rows = (w > 0).cpu()
+        self.bank[rows] = F.normalize((b[w > 0] / w[w > 0].unsqueeze(1)).cpu(), dim=-1)
+        self.bank_written.zero_()
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        state = {
+            "phase": int(self.phase), "bank": self.bank.clone(),
+            "cluster_ids": None if self.cluster_ids is None else torch.from_numpy(np.asarray(self.cluster_ids)),
+            "cluster_size": int(self.cluster_size), "last_cluster_epoch": int(self.last_cluster_epoch),
+            "alpha": None if self.alpha is None else float(self.alpha),
+            "cluster_log": [list(r) for r in self.cluster_log], "epoch_log": [list(r) for r in self.epoch_log],
+            "torch_rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = list(torch.cuda.get_rng_state_all())
+        checkpoint["ngame"] = state
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        st = checkpoint.get("ngame")
+        if st is None:
+            return
+        self.phase = int(st["phase"])
+        self.bank = st["bank"].float().cpu().clone()
+        self.bank_written = torch.zeros(self.bank.shape[0], dtype=torch.bool)
+        c = st.get("cluster_ids")
+        self.cluster_ids = None if c is None else c.cpu().numpy().astype(np.int64)
+        self.cluster_size = int(st.get("cluster_size", 1))
+        self.last_cluster_epoch = int(st.get("last_cluster_epoch", -1))
+        self.alpha = st.get("alpha")
+        self.cluster_log = [list(r) for r in st.get("cluster_log", [])]
+        self.epoch_log = [list(r) for r in st.get("epoch_log", [])]
+        self._label_emb = None
+        self._knn_index = None
+        if self.phase == 2:
+            self.encoder.requires_grad_(False)
+        if st.get("torch_rng") is not None:
+            torch.set_rng_state(st["torch_rng"].cpu())
+        if st.get("cuda_rng") is not None and torch.cuda.is_available():
+            try:
+                torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda_rng"]])
+            except Exception:  # noqa: BLE001  (different number of devices)
+                pass
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        lr1 = float(self.s["phase1_lr"] if self.s["phase1_lr"] is not None else o.encoder_lr)
+        if lr1 <= 0:
+            raise ConfigError("sampler.phase1_lr", f"must be > 0, got {lr1}")
+        enc = torch.optim.AdamW(self.encoder.parameters(), lr=lr1, weight_decay=float(o.get("weight_decay", 0.0)))
+        for g in enc.param_groups:
+            g["base_lr"] = lr1
+        clf = SparseRowOptimizer([self.label_w.weight, self.label_b.weight], lr=float(self.s["phase2_lr"]),
+                                 kind=self.s["phase2_optimizer"])
+        return [enc, clf]
+
+    def _phase1_lr(self):
+        t = self.train_steps
+        f = 1.0
+        warm = int(self.s["phase1_warmup_steps"])
+        if warm > 0:
+            f = min(f, (t + 1) / warm)
+        if self.s["phase1_lr_decay"] == "linear" and self._trainer is not None:
+            nb = self.trainer.num_training_batches
+            if isinstance(nb, (int, float)) and math.isfinite(nb) and nb > 0:
+                total = int(self.s["phase1_epochs"]) * nb
+                f = min(f, max(0.0, 1.0 - t / max(total, 1)) + 1e-3)
+        return f
+
+    def training_step(self, batch, batch_idx):
+        enc_opt, clf_opt = self.optimizers()
+        if self.phase == 1:
+            enc_opt.zero_grad(set_to_none=True)
+            f = self._phase1_lr()
+            for g in enc_opt.optimizer.param_groups:
+                g["lr"] = g.get("base_lr", g["lr"]) * f
+            loss, B = self._phase1_loss(batch)
+            opt = enc_opt
+        else:
+            clf_opt.zero_grad(set_to_none=True)
+            loss, B = self._phase2_loss(batch)
+            opt = clf_opt
+        if self.check_finite and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite NGAME loss ({loss.item()}) at step {self.train_steps} (epoch {self.current_epoch}, "
+                f"phase {self.phase}); lower the learning rate")
+        if loss.requires_grad:
+            self.manual_backward(loss)
+            if self.phase == 1 and self.optim_cfg.get("grad_clip") and self.optim_cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), float(self.optim_cfg.grad_clip))
+            opt.step()
+        self.train_steps += 1
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=B)
+        return loss.detach()
+
+    def _phase1_loss(self, batch):
+        pos, idx = batch["pos"], batch["idx"]
+        B = pos.shape[0]
+        npos = (pos >= 0).sum(1)
+        has = npos > 0
+        u = torch.from_numpy(self._pick_u[idx.cpu().numpy()]).to(pos.device)
+        col = torch.minimum((u * npos.clamp(min=1)).long(), (npos - 1).clamp(min=0))
+        picked = pos.gather(1, col.view(-1, 1)).squeeze(1)
+        h = self._encode(batch["x"])
+        self.bank[idx.cpu()] = h.detach().float().cpu()
+        self.bank_written[idx.cpu()] = True
+        if not bool(has.any()):
+            return h.sum() * 0.0, B
+        lab_u, inv = torch.unique(picked[has], return_inverse=True)
+        z = self._encode(self.dm.label_inputs(lab_u.cpu().numpy()))
+        S = h @ z.T  # (B, U)
+        pos_col = torch.zeros(B, dtype=torch.long, device=S.device)
+        pos_col[has] = inv.to(S.device)
+        lab_u = lab_u.to(S.device)
+        neg_mask = ~(pos.unsqueeze(2) == lab_u.view(1, 1, -1)).any(1)
+        if self.s["loss"] == "triplet":
+            loss = triplet_ohnm_loss(S, pos_col, neg_mask, float(self.s["margin"]), int(self.s["num_hard"]),
+                                     float(self.s["temperature"]), bool(self.s["weighted"]), row_mask=has)
+        else:
+            loss = infonce_loss(S, pos_col, neg_mask, float(self.s["temperature"]), row_mask=has)
+        return loss, B
+
+    def _phase2_loss(self, batch):
+        pos, idx = batch["pos"], batch["idx"]
+        h = self.bank[idx.cpu()].to(self.device)
+        p = float(self.s["phase2_dropout"])
+        if p > 0:
+            h = F.normalize(F.dropout(h, p, training=True), dim=-1)
+        short, _ = self.sampler.sample(batch, h)
+        if self._clf_index is not None and int(self.s["phase2_ann_negatives"]) > 0:
+            _, cand = self._clf_index.search(h, int(self.s["phase2_ann_negatives"]))
+            cand = torch.from_numpy(cand[cand >= 0]).to(short.device)
+            short = torch.unique(torch.cat([short, cand]))
+        if short.numel() == 0:
+            return self.label_w.weight.sum() * 0.0, pos.shape[0]
+        w = F.normalize(self.label_w(short.to(self.label_w.weight.device)), dim=-1)
+        S = h @ w.T
+        is_pos = ~mask_positives(short.to(pos.device), pos)
+        loss = triplet_multi_loss(S, is_pos.to(S.device), float(self.s["phase2_margin"]), int(self.s["phase2_num_pos"]),
+                                  int(self.s["phase2_num_neg"]), float(self.s["phase2_temperature"]))
+        return loss, pos.shape[0]
+
+    # ------------------------------------------------------------------ inference
+    def use_correction(self):
+        return False
+
+    def _clf_matrix(self):
+        return F.normalize(self.label_w.weight.detach().float(), dim=-1)
+
+    def _knn_matrix(self):
+        return self._label_embeddings(refresh=self.phase == 1)
+
+    def _ann_candidates(self, emb, mats):
+        """Union of the HNSW top-`ann_shortlist` of each matrix, per document; duplicates/missing = -1."""
+        S = min(max(int(self.s["ann_shortlist"]), int(self.eval_cfg.k)), self.num_labels)
+        parts = []
+        for key, M in mats:
+            if key == "knn" and self.phase == 2 and self._knn_index is not None:
+                index = self._knn_index  # label-text embeddings are frozen in phase 2
+            else:
+                index = self._make_index()
+                index.build(M)
+            if key == "knn" and self.phase == 2:
+                self._knn_index = index
+            parts.append(index.search(emb, S)[1])
+        cand = np.sort(np.concatenate(parts, axis=1), axis=1)
+        dup = np.zeros_like(cand, dtype=bool)
+        dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+        cand[dup] = -1
+        return torch.from_numpy(cand)
+
+    @staticmethod
+    def _cand_scores(emb, M, cand, chunk=512):
+        out = torch.empty(cand.shape, dtype=torch.float32)
+        for i in range(0, emb.shape[0], chunk):
+            c = cand[i: i + chunk]
+            w = M[c.clamp(min=0).to(M.device)]  # (n, m, d)
+            out[i: i + chunk] = torch.bmm(w, emb[i: i + chunk].unsqueeze(-1).to(M.device)).squeeze(-1).float().cpu()
+        return out.masked_fill(cand < 0, float("-inf"))
+
+    def _ranked(self, emb, alphas):
+        """{alpha: top-k ids (numpy)} for alpha*clf + (1-alpha)*knn (phase 1: {0.0: knn})."""
+        k = min(int(self.eval_cfg.k), self.num_labels)
+        Z = self._knn_matrix()
+        if self.phase == 1:
+            alphas = [0.0]
+        W = self._clf_matrix() if self.phase == 2 else None
+        out = {}
+        if self.s["inference"] == "exact":
+            for a in alphas:
+                M = Z if a == 0 else (W if a == 1 else a * W + (1 - a) * Z)
+                _, ids = exact_topk(emb, M, None, k=k, doc_chunk=int(self.eval_cfg.doc_chunk),
+                                    label_chunk=int(self.eval_cfg.label_chunk))
+                out[a] = ids.cpu().numpy()
+            return out
+        mats = [("knn", Z)] + ([("clf", W)] if W is not None else [])
+        cand = self._ann_candidates(emb, mats)
+        s_knn = self._cand_scores(emb, Z, cand)
+        s_clf = self._cand_scores(emb, W, cand) if W is not None else None
+        for a in alphas:
+            sc = s_knn if s_clf is None or a == 0 else (s_clf if a == 1 else a * s_clf + (1 - a) * s_knn)
+            kk = min(k, sc.shape[1])
+            top_s, pos = sc.topk(kk, dim=1)
+            ids = cand.gather(1, pos).masked_fill(torch.isinf(top_s), -1)
+            out[a] = ids.numpy()
+        return out
+
+    def _select_alpha(self, ranked, Y):
+        metric = self.s["fusion_metric"]
+        best, best_v = None, -1.0
+        scores = {}
+        for a, ids in ranked.items():
+            v = xc_metrics(ids, Y, None).get(metric)
+            if v is None:
+                raise ConfigError("sampler.fusion_metric", f"unknown metric '{metric}' (e.g. P@1, P@5, nDCG@5)")
+            scores[a] = v
+            if v > best_v + 1e-12:
+                best, best_v = a, v
+        return best, scores
+
+    def _eval_end(self, split):
+        buf = self._eval
+        emb = self._normalize(torch.cat(buf["emb"]))
+        idx = torch.cat(buf["idx"]).cpu().numpy()
+        Y = self.dm.split(split)[1][idx]
+        self._eval = None
+        if self.phase == 1:
+            ids = self._ranked(emb, [0.0])[0.0]
+            metrics = xc_metrics(ids, Y, self.inv_prop)
+            metrics.update({f"knn/{k}": v for k, v in metrics.items() if k in ("P@1", "P@3", "P@5", "nDCG@5")})
+            metrics["alpha"] = 0.0
+            return metrics
+        alphas = sorted(set(self.s["fusion_alphas"]) | {0.0, 1.0})
+        if split == "val":
+            ranked = self._ranked(emb, alphas)
+            self.alpha, _ = self._select_alpha({a: ranked[a] for a in self.s["fusion_alphas"]}, Y)
+        else:
+            if self.alpha is None:  # no validation in phase 2: pick alpha on the validation split now
+                val_emb = self._encode_split("val")
+                if val_emb.shape[0] > 0:
+                    self.alpha, _ = self._select_alpha(self._ranked(val_emb, self.s["fusion_alphas"]),
+                                                       self.dm.split("val")[1])
+                else:
+                    self.alpha = 0.5
+            ranked = self._ranked(emb, sorted(set(alphas) | {self.alpha}))
+        metrics = xc_metrics(ranked[self.alpha], Y, self.inv_prop)
+        for name, a in (("knn", 0.0), ("clf", 1.0)):
+            m = xc_metrics(ranked[a], Y, None)
+            metrics.update({f"{name}/{k}": m[k] for k in ("P@1", "P@3", "P@5", "nDCG@5")})
+        metrics["alpha"] = float(self.alpha)
+        return metrics
+
+
+# ------------------------------------------------------------------------------------------------------ build
+def build(cfg, dm):
+    """The NGAME LightningModule for cfg (train.build_module calls this for `sampler.method: ngame`); installs
+    the clustered batch sampler as the datamodule's train batch sampler."""
+    from xmcneg.eval.metrics import propensities
+    from xmcneg.train import build_encoder
+
+    s = settings(cfg.sampler)
+    dm.label_inputs(np.arange(min(1, dm.num_labels)))  # label texts present? (one-line error otherwise)
+    num_train = int(dm.split("train")[1].shape[0])
+    sampler = ClusterBatchSampler(num_train, int(cfg.data.batch_size), seed=int(cfg.seed),
+                                  drop_last=bool(s["drop_last"]))
+    dm.train_batch_sampler = sampler
+    inv_prop = 1.0 / propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
+    encoder = build_encoder(cfg, dm)
+    return NGAME(encoder, dm.num_labels, num_train, ngame_cfg=cfg.sampler, optim_cfg=cfg.optim,
+                 eval_cfg=cfg.eval, inv_prop=inv_prop, batch_sampler=sampler, seed=int(cfg.seed), datamodule=dm)

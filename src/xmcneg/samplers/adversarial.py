@@ -1,0 +1,226 @@
+"""Adversarial negatives (Bamler & Mandt, ICLR 2020): k negatives per document drawn from an auxiliary model
+p_n(y|x) that mimics the data -- a balanced binary tree of logistic regressions on a whitened k-dim SVD
+projection x~ of the features (`label_tree.py`). Sampling is ancestral, O(k log C) per negative; log p_n of the
+draws comes exactly from the path. At prediction the method adds log p_n(y|x) to every label's score (their
+Theorem 1: ranking by s(x,y) + log p_n(y|x) recovers the softmax ranking); `correction_query` returns x~ per
+document and `score_correction` the exact log p_n of a label range (see `LabelTree.label_log_probs`).
+
+Beyond the paper (off by default):
+* `refit_every_epochs: N` -- at the start of every N-th epoch the projection and the tree are refitted on the
+  current encoder's embeddings of the train split (eval mode, batched): x~ becomes the whitened PCA of the
+  embedding, so from then on x~ is computed from the encoder output (doc_emb) instead of the raw features.
+* `uniform_mix: m` -- each negative is a uniform label with probability m, else a tree draw; log_q (and log_prob,
+  and the prediction-time correction) is then the mixture log((1 - m) p_n(y|x) + m / C) for both kinds of draws
+  (computing p_n of uniform draws costs one path evaluation each, i.e. about doubles the sampling cost).
+
+The state (tree, projection, refit epoch, generator) goes into the checkpoint, so resuming skips the fit. The fit
+is deterministic given the data and the seed, and under DDP rank 0's tree is broadcast to all ranks anyway
+(bit-identical trees even if BLAS differs across machines).
+"""
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from xmcneg.errors import ConfigError
+from xmcneg.samplers.base import Sampler
+from xmcneg.samplers.label_tree import (LabelTree, Projection, csr_pairs, fit_label_tree, fit_projection_dense,
+                                        fit_projection_sparse)
+
+log = logging.getLogger("xmcneg")
+
+
+def _to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
+class AdversarialSampler(Sampler):
+    name = "adversarial"
+
+    def __init__(self, num_negatives: int = 64, k: int = 16, node_l2: float = 0.1, newton_steps: int = 6,
+                 hessian_every: int = 3, resplit: bool = True, refit_every_epochs: int = 0,
+                 uniform_mix: float = 0.0, svd_iters: int = 4, encode_batch_size: int = 4096, seed: int = 0):
+        super().__init__(num_negatives, seed)
+        checks = [("k", int(k) >= 1, k), ("node_l2", float(node_l2) > 0, node_l2),
+                  ("newton_steps", int(newton_steps) >= 0, newton_steps),
+                  ("hessian_every", int(hessian_every) >= 0, hessian_every),
+                  ("refit_every_epochs", int(refit_every_epochs) >= 0, refit_every_epochs),
+                  ("uniform_mix", 0.0 <= float(uniform_mix) <= 1.0, uniform_mix),
+                  ("svd_iters", int(svd_iters) >= 0, svd_iters),
+                  ("encode_batch_size", int(encode_batch_size) >= 1, encode_batch_size)]
+        for key, ok, val in checks:
+            if not ok:
+                raise ConfigError(f"sampler.{key}", f"invalid value {val!r}")
+        self.k, self.node_l2 = int(k), float(node_l2)
+        self.newton_steps, self.hessian_every, self.resplit = int(newton_steps), int(hessian_every), bool(resplit)
+        self.refit_every_epochs, self.uniform_mix = int(refit_every_epochs), float(uniform_mix)
+        self.svd_iters, self.encode_batch_size = int(svd_iters), int(encode_batch_size)
+        self.tree = None
+        self.proj = None
+        self.last_refit_epoch = 0
+        self.fit_info = {}
+        self._dm = None
+        self._cache = {}
+
+    # ------------------------------------------------------------------------------------------ life cycle
+    def setup(self, datamodule, module=None, state=None):
+        self._dm = datamodule
+        super().setup(datamodule, module, state)
+
+    def _fit_kwargs(self):
+        return dict(l2=self.node_l2, newton_steps=self.newton_steps, hessian_every=self.hessian_every,
+                    resplit=self.resplit, seed=self.seed)
+
+    def fit(self, datamodule, module=None):
+        X, Y = datamodule.split("train")
+        t0 = time.perf_counter()
+        proj = fit_projection_sparse(X, self.k, seed=self.seed, n_iter=self.svd_iters)
+        Z = proj.csr(X)
+        t1 = time.perf_counter()
+        rows, labels = csr_pairs(Y)
+        tree, info = fit_label_tree(Z, rows, labels, datamodule.num_labels, **self._fit_kwargs())
+        self._set(tree, proj)
+        self.fit_info = {"svd_s": t1 - t0, "tree_fit_s": info["fit_s"], "fit_s": time.perf_counter() - t0,
+                         "pairs": info["pairs"], "depth": info["depth"], "train_avg_log_p": info["train_avg_log_p"]}
+        log.info("adversarial sampler: tree over %d labels (depth %d) fitted on %d pairs in %.1fs "
+                 "(svd %.1fs); train avg log p_n = %.3f (uniform: %.3f)", tree.num_labels, tree.depth,
+                 info["pairs"], self.fit_info["fit_s"], self.fit_info["svd_s"], info["train_avg_log_p"],
+                 -math.log(tree.num_labels))
+        self._sync_ranks()
+
+    def refresh(self, step: int, epoch: int, module=None):
+        n = self.refit_every_epochs
+        if n <= 0 or module is None or epoch <= 0 or epoch % n != 0 or epoch == self.last_refit_epoch:
+            return
+        self.refit_on_encoder(module, epoch)
+
+    @torch.no_grad()
+    def refit_on_encoder(self, module, epoch: int):
+        """Refit projection + tree on the encoder's current embeddings of the train split."""
+        dm = self._dm
+        X, Y = dm.split("train")
+        enc = module.encoder
+        device = next(enc.parameters()).device
+        collate = dm.collate("train")
+        t0 = time.perf_counter()
+        was_training = enc.training
+        enc.eval()
+        try:
+            hs = []
+            for s in range(0, X.shape[0], self.encode_batch_size):
+                batch = collate(np.arange(s, min(X.shape[0], s + self.encode_batch_size)))
+                hs.append(enc(_to_device(batch["x"], device)).float().cpu())
+        finally:
+            enc.train(was_training)
+        H = torch.cat(hs)
+        proj = fit_projection_dense(H, self.k)
+        rows, labels = csr_pairs(Y)
+        tree, info = fit_label_tree(proj.dense(H), rows, labels, dm.num_labels, **self._fit_kwargs())
+        self._set(tree, proj)
+        self.last_refit_epoch = int(epoch)
+        self.fit_info = {**self.fit_info, "refit_s": time.perf_counter() - t0, "refit_epoch": int(epoch),
+                         "refit_train_avg_log_p": info["train_avg_log_p"]}
+        log.info("adversarial sampler: refitted on encoder embeddings at epoch %d in %.1fs (train avg log p_n %.3f)",
+                 epoch, self.fit_info["refit_s"], info["train_avg_log_p"])
+        self._sync_ranks()
+
+    def _set(self, tree, proj):
+        if self.num_labels is not None and tree.num_labels != self.num_labels:
+            raise ConfigError("sampler", f"the adversarial tree covers {tree.num_labels} labels, the data has "
+                                         f"{self.num_labels} (checkpoint from another dataset?)")
+        self.tree, self.proj = tree, proj
+        self._cache = {}
+
+    def _sync_ranks(self):
+        """Under DDP, broadcast rank 0's tree and projection (fits are deterministic; this makes them identical
+        even across machines whose floating-point libraries differ)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        obj = [self._model_state() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(obj, src=0)
+        if dist.get_rank() != 0:
+            self._load_model_state(obj[0])
+
+    def _on(self, device):
+        key = str(device)
+        if key not in self._cache:
+            if self.tree is None:
+                raise RuntimeError("AdversarialSampler used before setup()")
+            self._cache[key] = (self.tree.to(device), self.proj.to(device))
+        return self._cache[key]
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def project(self, batch, doc_emb):
+        """x~ (B, k) on doc_emb's device: from the sparse features, or from doc_emb after an encoder refit."""
+        tree, proj = self._on(doc_emb.device)
+        if proj.kind == "dense":
+            return proj.dense(doc_emb.detach())
+        x = batch.get("x") if isinstance(batch, dict) else None
+        if not isinstance(x, dict) or "indices" not in x:
+            raise ConfigError("sampler", "the adversarial sampler needs bag-of-words inputs (batch['x'] with "
+                                         "indices/offsets/weights)")
+        return proj.bag(x)
+
+    def _mix(self, logp):
+        m = self.uniform_mix
+        if m <= 0:
+            return logp
+        if m >= 1:
+            return torch.full_like(logp, -math.log(self.num_labels))
+        return torch.logaddexp(logp + math.log1p(-m), torch.full_like(logp, math.log(m / self.num_labels)))
+
+    def sample(self, batch, doc_emb):
+        tree, _ = self._on(doc_emb.device)
+        xt = self.project(batch, doc_emb)
+        ids, logp = tree.sample(xt, self.num_negatives, self.generator)
+        if self.uniform_mix > 0:
+            shape = ids.shape
+            mix = (torch.rand(shape, generator=self.generator) < self.uniform_mix).to(ids.device)
+            uni = self.uniform(shape, ids.device)
+            ids = torch.where(mix, uni, ids)
+            logp = self._mix(torch.where(mix, tree.log_prob(xt, uni), logp))
+        return ids, logp
+
+    def log_prob(self, batch, doc_emb, label_ids):
+        tree, _ = self._on(doc_emb.device)
+        return self._mix(tree.log_prob(self.project(batch, doc_emb), label_ids.clamp(min=0)))
+
+    # ------------------------------------------------------------------------------------------ correction
+    def correction_query(self, batch, doc_emb):
+        return self.project(batch, doc_emb)
+
+    def score_correction(self, query, start, end):
+        tree, _ = self._on(query.device)
+        return self._mix(tree.label_log_probs(query, int(start), int(end)))
+
+    # ------------------------------------------------------------------------------------------ resume
+    def _model_state(self):
+        return {"tree": self.tree.state_dict(), "projection": self.proj.state_dict(),
+                "last_refit_epoch": int(self.last_refit_epoch),
+                "fit_info": {k: v for k, v in self.fit_info.items() if isinstance(v, (int, float))}}
+
+    def _load_model_state(self, st):
+        self._set(LabelTree.from_state_dict(st["tree"]), Projection.from_state_dict(st["projection"]))
+        self.last_refit_epoch = int(st.get("last_refit_epoch", 0))
+        self.fit_info = dict(st.get("fit_info", {}))
+
+    def state_dict(self):
+        return {**super().state_dict(), **self._model_state()}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._load_model_state(state)
+        if self.proj.kind == "bag" and self._dm is not None and hasattr(self._dm, "num_features") \
+                and self.proj.weight.shape[0] != self._dm.num_features:
+            raise ConfigError("sampler", f"the adversarial projection expects {self.proj.weight.shape[0]} features, "
+                                         f"the data has {self._dm.num_features}")

@@ -1,0 +1,111 @@
+"""End to end through train.py / eval.py on tiny synthetic data (subprocesses, as a user runs them)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["dataset.num_labels=200", "dataset.num_train=1500", "dataset.num_test=300", "dataset.num_features=800",
+        "logger=none", "trainer.enable_progress_bar=false", "data.batch_size=128"]
+RESULT_KEYS = {"sampler", "dataset", "encoder", "test", "train_time_s", "eval_time_s", "samples_per_s",
+               "peak_rss_mb", "time_to_target_s", "epochs", "status"}
+
+
+def run(script, args, tmp_path, timeout=240):
+    env = dict(os.environ, XMC_CACHE_DIR=str(tmp_path / "cache"), WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def uniform_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uni")
+    out = tmp / "run"
+    p = run("train.py", [*TINY, "trainer.max_epochs=3", "eval.target_p1=0.05", f"hydra.run.dir={out}"], tmp)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return tmp, out
+
+
+def test_run_records_follow_the_contract(uniform_run):
+    _, out = uniform_run
+    res = json.loads((out / "results.json").read_text())
+    assert RESULT_KEYS <= set(res)
+    assert res["status"] == "completed" and res["sampler"] == "uniform" and res["epochs"] == 3
+    assert {"P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5"} <= set(res["test"])
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,step,train_time_s,val/P@1")
+    assert len(rows) == 1 + 3
+    times = [float(r.split(",")[2]) for r in rows[1:]]
+    assert times == sorted(times) and times[-1] <= res["train_time_s"] + 1e-6
+    assert res["time_to_target_s"] == times[0]  # target 0.05 is reached at the first validation
+    assert (out / "checkpoints" / "last.ckpt").exists()
+
+
+def test_learns_far_above_the_most_popular_label(uniform_run):
+    import numpy as np
+
+    from xmcneg.data import formats
+    tmp, out = uniform_run
+    res = json.loads((out / "results.json").read_text())
+    data_dir = next((tmp / "cache" / "synthetic").glob("synthetic-*"))
+    _, ytr = formats.read_xc_bow(data_dir / "train.txt")
+    _, yte = formats.read_xc_bow(data_dir / "test.txt")
+    top = int(np.argmax(np.bincount(ytr.indices, minlength=ytr.shape[1])))
+    popular_p1 = float(yte[:, top].toarray().mean())
+    assert res["test"]["P@1"] > popular_p1 + 0.2
+
+
+def test_eval_reproduces_test_metrics_and_predicts(uniform_run, tmp_path):
+    tmp, out = uniform_run
+    ckpt = out / "checkpoints" / "last.ckpt"
+    p = run("eval.py", [*TINY, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'ev'}"], tmp)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ev = json.loads((tmp_path / "ev" / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text())
+    assert ev["test"]["P@1"] == pytest.approx(res["test"]["P@1"], abs=1e-6)
+    data_dir = next((tmp / "cache" / "synthetic").glob("synthetic-*"))
+    pred = tmp_path / "pred.txt"
+    p = run("eval.py", [*TINY, "mode=predict", f"ckpt_path={ckpt}", f"input={data_dir / 'test.txt'}",
+                        f"output={pred}", "k=4", f"hydra.run.dir={tmp_path / 'pr'}"], tmp)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = pred.read_text().splitlines()
+    assert len(lines) == 300 and all(len(line.split()) == 4 for line in lines)
+
+
+def test_full_softmax_runs(tmp_path):
+    p = run("train.py", [*TINY, "sampler=full", "loss=softmax", "trainer.max_epochs=1",
+                         f"hydra.run.dir={tmp_path / 'r'}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["test"]["P@1"] > 0.3
+
+
+def test_malformed_file_gives_one_line_error(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "train.txt").write_text("3 5 4\n0,1 0:1.0 2:0.5\n1 1:x\n2 3:1\n")
+    (d / "test.txt").write_text("1 5 4\n0 0:1\n")
+    p = run("train.py", ["dataset=xc", f"dataset.dir={d}", "logger=none", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path)
+    assert p.returncode == 2
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert err[-1].startswith(f"error: {d / 'train.txt'}:3:"), p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "failed"
+
+
+def test_nan_loss_stops_run_and_marks_failed(tmp_path):
+    out = tmp_path / "r"
+    p = run("train.py", [*TINY, "trainer.max_epochs=3", "debug.nan_at_step=15", f"hydra.run.dir={out}"], tmp_path)
+    assert p.returncode == 2
+    assert "non-finite training loss" in p.stderr and "at step 15" in p.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "failed" and "step 15" in res["reason"]
+    assert (out / "checkpoints" / "last.ckpt").exists()  # 12 steps per epoch: epoch 0's checkpoint survives
+
+
+def test_help_lists_config_groups(tmp_path):
+    p = run("train.py", ["--help"], tmp_path, timeout=60)
+    for group in ("dataset:", "encoder:", "sampler:", "hardware:", "logger:", "loss:"):
+        assert group in p.stdout

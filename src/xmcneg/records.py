@@ -58,6 +58,10 @@ def read_metrics_csv(path):
 
 def _num(v):
     try:
+        return int(v)
+    except (TypeError, ValueError):
+        pass
+    try:
         return float(v)
     except (TypeError, ValueError):
         return v

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class
+from pytorch_lightning.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from xmcneg.errors import ConfigError, MissingFileError, XMCError
@@ -168,7 +169,8 @@ def run(cfg: DictConfig):
         })
         if trainer.interrupted:
             results["status"] = "interrupted"
-        write_json(out_dir / "results.json", results)
+        if trainer.is_global_zero:
+            write_json(out_dir / "results.json", results)
         log.info("results: %s", out_dir / "results.json")
         return results.get("test", {}).get("P@1")
     except BaseException as e:
@@ -176,7 +178,8 @@ def run(cfg: DictConfig):
                         "peak_rss_mb": round(peak_rss_mb(), 1)})
         if recorder is not None:
             results.update({"train_time_s": round(recorder.elapsed(), 3), "epochs_logged": len(recorder.rows)})
-        write_json(out_dir / "results.json", results)
+        if rank_zero_only.rank == 0:
+            write_json(out_dir / "results.json", results)
         raise
 
 

@@ -48,6 +48,7 @@ __all__ = ["LabelIndex", "ann_topk", "recall_against_exact"]
 log = logging.getLogger(__name__)
 _GPU_WARNED = False
 _KINDS = ("hnsw", "ivf", "flat")
+_STORAGE = {"flat": None, "sq8": "QT_8bit", "fp16": "QT_fp16"}
 
 
 def _faiss():
@@ -78,6 +79,9 @@ class LabelIndex:
     ``max(ef_search, k)``).  nlist (IVF lists, default round(sqrt(C))), nprobe: IVF parameters.
     use_gpu: "auto" | True | False.  mips: "l2" (Bachrach et al. reduction, default) | "ip".
     seed: IVF k-means / training-sample seed.  deterministic: single-threaded HNSW build.
+    storage: how ivf/hnsw store the vectors: "flat" (float32, exact scores), "sq8" (8-bit scalar
+    quantizer: 4x less memory and memory traffic; scores approximate, which ann_topk's exact re-scoring
+    of the shortlist corrects) or "fp16".  max_train_points_per_list, kmeans_iters: IVF training cost.
     """
 
     def __init__(
@@ -94,11 +98,14 @@ class LabelIndex:
         deterministic: bool = True,
         max_train_points_per_list: int = 64,
         kmeans_iters: int = 10,
+        storage: str = "flat",
     ):
         if kind not in _KINDS:
             raise ConfigError("index.kind", f"must be one of {_KINDS}, got {kind!r}")
         if mips not in ("l2", "ip"):
             raise ConfigError("index.mips", f"must be 'l2' or 'ip', got {mips!r}")
+        if storage not in _STORAGE:
+            raise ConfigError("index.storage", f"must be one of {tuple(_STORAGE)}, got {storage!r}")
         if use_gpu not in ("auto", True, False):
             raise ConfigError("index.use_gpu", f"must be 'auto', true or false, got {use_gpu!r}")
         for key, val in (("M", M), ("ef_search", ef_search), ("ef_construction", ef_construction),
@@ -119,6 +126,7 @@ class LabelIndex:
         self.deterministic = bool(deterministic)
         self.max_train_points_per_list = int(max_train_points_per_list)
         self.kmeans_iters = int(kmeans_iters)
+        self.storage = storage
         self.version = 0
         self.index = None
         self.num_labels = 0
@@ -159,7 +167,11 @@ class LabelIndex:
             index = faiss.IndexFlatIP(D)
             index.add(X)
         elif self.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(D, self.M, metric)
+            if self.storage == "flat":
+                index = faiss.IndexHNSWFlat(D, self.M, metric)
+            else:
+                index = faiss.IndexHNSWSQ(D, getattr(faiss.ScalarQuantizer, _STORAGE[self.storage]), self.M, metric)
+                index.train(self._train_sample(X, min(C, 65536)))
             index.hnsw.efConstruction = self.ef_construction
             index.hnsw.efSearch = self.ef_search
             prev = faiss.omp_get_max_threads()
@@ -174,18 +186,15 @@ class LabelIndex:
             nlist = max(1, min(nlist, C // 39 if C >= 39 else 1))
             self.nlist_used = nlist
             quantizer = faiss.IndexFlatL2(D) if self._aug_l2 else faiss.IndexFlatIP(D)
-            index = faiss.IndexIVFFlat(quantizer, D, nlist, metric)
+            if self.storage == "flat":
+                index = faiss.IndexIVFFlat(quantizer, D, nlist, metric)
+            else:
+                qt = getattr(faiss.ScalarQuantizer, _STORAGE[self.storage])
+                index = faiss.IndexIVFScalarQuantizer(quantizer, D, nlist, qt, metric)
             index.cp.seed = self.seed
             index.cp.niter = self.kmeans_iters
             index.cp.max_points_per_centroid = max(self.max_train_points_per_list, 39)
-            n_train = min(C, nlist * max(self.max_train_points_per_list, 39))
-            if n_train < C:
-                rng = np.random.default_rng(self.seed)
-                sample = np.sort(rng.choice(C, size=n_train, replace=False))
-                train_x = np.ascontiguousarray(X[sample])
-            else:
-                train_x = X
-            index.train(train_x)
+            index.train(self._train_sample(X, nlist * max(self.max_train_points_per_list, 39)))
             index.add(X)
             index.nprobe = min(self.nprobe, nlist)
 
@@ -207,6 +216,13 @@ class LabelIndex:
         self.num_labels, self.dim = C, d
         self.version += 1
         return self
+
+    def _train_sample(self, X: np.ndarray, n: int) -> np.ndarray:
+        """A seeded subsample of n rows of X (all rows when n >= len(X)), in index order."""
+        if n >= X.shape[0]:
+            return X
+        rng = np.random.default_rng(self.seed)
+        return np.ascontiguousarray(X[np.sort(rng.choice(X.shape[0], size=n, replace=False))])
 
     # ----------------------------------------------------------------- search
     def _query_matrix(self, queries) -> np.ndarray:
@@ -250,7 +266,7 @@ class LabelIndex:
     def __repr__(self) -> str:
         return (f"LabelIndex(kind={self.kind!r}, M={self.M}, ef_search={self.ef_search}, "
                 f"ef_construction={self.ef_construction}, nlist={self.nlist}, nprobe={self.nprobe}, "
-                f"mips={self.mips!r}, version={self.version})")
+                f"mips={self.mips!r}, storage={self.storage!r}, version={self.version})")
 
 
 @torch.no_grad()

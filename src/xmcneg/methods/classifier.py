@@ -10,6 +10,7 @@ labels exactly in chunks (`eval.topk.exact_topk`), adds the sampler's prediction
 of the adversarial tree, Bamler & Mandt Theorem 1) when the loss is not logQ-corrected, and logs both the
 corrected metrics and the raw ones (`raw/...`).
 """
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -327,12 +328,27 @@ class XMCClassifier(pl.LightningModule):
             out_i.append(ti)
         return torch.cat(out_s), torch.cat(out_i)
 
-    def _eval_end(self, split):
+    def gather_eval(self):
+        """Concatenate this rank's evaluation buffers; under DDP gather all ranks' and drop the duplicates the
+        distributed sampler adds as padding, so metrics are computed once on the whole split."""
         buf = self._eval
         emb = torch.cat(buf["emb"])
-        idx = torch.cat(buf["idx"]).cpu().numpy()
-        Y = self.trainer.datamodule.split(split)[1][idx]
+        idx = torch.cat(buf["idx"])
         query = torch.cat(buf["query"]) if buf["query"] else None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            emb = self.all_gather(emb).flatten(0, 1)
+            idx = self.all_gather(idx).flatten(0, 1)
+            if query is not None:
+                query = self.all_gather(query).flatten(0, 1)
+            _, first = np.unique(idx.cpu().numpy(), return_index=True)
+            keep = torch.from_numpy(first).to(idx.device)
+            emb, idx = emb[keep], idx[keep]
+            query = query[keep] if query is not None else None
+        return emb, idx.cpu().numpy(), query
+
+    def _eval_end(self, split):
+        emb, idx, query = self.gather_eval()
+        Y = self.trainer.datamodule.split(split)[1][idx]
         _, ids = self.predict_topk(emb, query)
         metrics = xc_metrics(ids.cpu().numpy(), Y, self.inv_prop)
         if query is not None:
@@ -350,7 +366,7 @@ class XMCClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         for k, v in self._eval_end("val").items():
-            self.log(f"val/{k}", float(v), sync_dist=False)
+            self.log(f"val/{k}", float(v), sync_dist=True)  # identical on every rank: the mean is the value
 
     def on_test_epoch_start(self):
         self._eval_start()
@@ -361,4 +377,4 @@ class XMCClassifier(pl.LightningModule):
     def on_test_epoch_end(self):
         self.test_metrics = {k: float(v) for k, v in self._eval_end("test").items()}
         for k, v in self.test_metrics.items():
-            self.log(f"test/{k}", v)
+            self.log(f"test/{k}", v, sync_dist=True)

@@ -225,6 +225,17 @@ def test_tiny_two_phase_fit(full_run):
     assert not any(p.requires_grad for p in m.encoder.parameters())
     ck = torch.load(full_run.tmp / "ckpt" / "epoch=0.ckpt", weights_only=True)  # loads with weights_only
     assert ck["ngame"]["phase"] == 1 and ck["ngame"]["bank"].shape == (600, 16)
+    # eval.py path: a fresh module + load_state_dict knows the phase and alpha, and predicts the fused top-k
+    from xmcneg.methods import ngame
+
+    fresh = ngame.build(full_run.cfg, full_run.trainer.datamodule)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.phase == 2 and fresh.alpha == m.alpha
+    batch = full_run.trainer.datamodule.collate("test")(np.arange(8))
+    with torch.no_grad():
+        s1, i1 = fresh.predict_topk(fresh.encoder(batch["x"]), k=5)
+        s2, i2 = m.predict_topk(m.encoder(batch["x"]), k=5)
+    assert i1.shape == (8, 5) and torch.equal(i1, i2) and torch.allclose(s1, s2)
 
 
 @pytest.mark.parametrize("epoch,phase", [(0, 1), (2, 2)])

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import resource
+import signal
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def write_json(path, obj):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints written to a temp file, fsynced, then renamed: a kill never leaves a corrupt checkpoint."""
 
+    kill_before_rename = False  # test hook (debug.kill_in=ckpt): die between writing and renaming
+
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +45,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
+        if self.kill_before_rename:
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
+
+
+class KillSwitch(pl.Callback):
+    """Test hook (debug.kill_in / debug.kill_epoch): SIGKILL this process in the middle of a training epoch
+    (`train`), at the start of a validation (`val`), or while a checkpoint is being saved (`ckpt`)."""
+
+    POINTS = ("train", "val", "ckpt")
+
+    def __init__(self, point, epoch):
+        self.point, self.epoch = point, int(epoch)
+
+    def _die(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.point == "train" and trainer.current_epoch == self.epoch and batch_idx == 2:
+            self._die()
+
+    def on_validation_start(self, trainer, pl_module):
+        if self.point == "val" and trainer.current_epoch == self.epoch:
+            self._die()
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.point == "ckpt" and trainer.current_epoch == self.epoch:
+            trainer.strategy.checkpoint_io.kill_before_rename = True
 
 
 def peak_rss_mb():

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xmcneg.errors import ConfigError, MissingFileError, XMCError
 from xmcneg.records import peak_rss_mb, time_to_target, write_json
+from xmcneg.sweep_guard import check_multirun
 
 log = logging.getLogger("xmcneg")
 
@@ -113,7 +114,7 @@ def run(cfg: DictConfig):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.records import AtomicCheckpointIO, RunRecorder
+    from xmcneg.records import AtomicCheckpointIO, KillSwitch, RunRecorder
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,7 @@ def run(cfg: DictConfig):
     recorder = None
     t_start = time.perf_counter()
     try:
+        check_multirun(cfg)
         if cfg.hardware.get("num_threads"):
             torch.set_num_threads(int(cfg.hardware.num_threads))
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -138,6 +140,12 @@ def run(cfg: DictConfig):
         # one rolling checkpoint, checkpoints/last.ckpt, replaced atomically at every epoch end
         ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="last", save_top_k=1, monitor=None,
                                enable_version_counter=False, every_n_epochs=1, save_on_train_epoch_end=True)
+        callbacks = [recorder, ckpt]
+        kill_in = cfg.get("debug", {}).get("kill_in")
+        if kill_in is not None:
+            if kill_in not in KillSwitch.POINTS:
+                raise ConfigError("debug.kill_in", f"expected one of {', '.join(KillSwitch.POINTS)}, got {kill_in}")
+            callbacks.append(KillSwitch(kill_in, cfg.debug.kill_epoch))
         t = cfg.trainer
         trainer = pl.Trainer(
             accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
@@ -146,7 +154,7 @@ def run(cfg: DictConfig):
             check_val_every_n_epoch=t.check_val_every_n_epoch, val_check_interval=t.val_check_interval,
             log_every_n_steps=int(t.log_every_n_steps), enable_progress_bar=bool(t.enable_progress_bar),
             limit_train_batches=t.limit_train_batches, num_sanity_val_steps=0,
-            logger=build_loggers(cfg, out_dir) or False, callbacks=[recorder, ckpt],
+            logger=build_loggers(cfg, out_dir) or False, callbacks=callbacks,
             default_root_dir=str(out_dir), deterministic=False, enable_model_summary=False,
             plugins=[AtomicCheckpointIO()],
         )

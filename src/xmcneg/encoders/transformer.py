@@ -120,8 +120,11 @@ class TransformerEncoder(_TokenEncoder):
     ``max_len`` is the tokenizer's truncation length (applied by the datamodule)."""
 
     def __init__(self, name_or_path=None, pooling: str = "mean", max_len: int = 128, dim=None,
-                 normalize: bool = False, freeze: bool = False, bf16: bool = False):
+                 normalize: bool = False, freeze: bool = False, bf16: bool = False, lr=None):
         super().__init__()
+        # learning rate this encoder wants (a pretrained model needs ~5e-5, not optim.encoder_lr's 1e-3);
+        # None = optim.encoder_lr. Read by the method's configure_optimizers.
+        self.lr = None if lr is None else float(lr)
         path = resolve_model_dir(name_or_path)
         tf = _transformers()
         self.name_or_path, self.max_len = str(path), int(max_len)

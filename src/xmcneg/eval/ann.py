@@ -134,6 +134,7 @@ class LabelIndex:
         self.on_gpu = False
         self._has_bias = False
         self._aug_l2 = False
+        self._index_dim = 0
         self._R2 = 0.0
         self._gpu_res = None
         self.nlist_used = None
@@ -159,8 +160,13 @@ class LabelIndex:
             sq = np.einsum("ij,ij->i", Wb, Wb, dtype=np.float64)
             self._R2 = float(sq.max())
             parts.append(np.sqrt(np.maximum(self._R2 - sq, 0.0)).astype(np.float32)[:, None])
+        width = sum(p.shape[1] for p in parts)
+        if self.kind != "flat" and self.storage != "flat" and width % 16:
+            # faiss' SIMD scalar-quantizer kernels need d % 16 == 0 (else a slow scalar path): zero-pad
+            parts.append(np.zeros((C, 16 - width % 16), dtype=np.float32))
         X = np.ascontiguousarray(np.hstack(parts)) if len(parts) > 1 else W
         D = X.shape[1]
+        self._index_dim = D
         metric = faiss.METRIC_L2 if self._aug_l2 else faiss.METRIC_INNER_PRODUCT
 
         if self.kind == "flat":
@@ -229,9 +235,9 @@ class LabelIndex:
         Q = _np32(queries)
         if Q.ndim != 2 or Q.shape[1] != self.dim:
             raise ValueError(f"queries must be (n, {self.dim}), got shape {Q.shape}")
-        extra = int(self._has_bias) + int(self._aug_l2)
-        if extra:
-            Qa = np.zeros((Q.shape[0], self.dim + extra), dtype=np.float32)
+        if self._index_dim != self.dim:
+            # [q, 1 (bias), 0 (L2 reduction), 0... (padding)]
+            Qa = np.zeros((Q.shape[0], self._index_dim), dtype=np.float32)
             Qa[:, : self.dim] = Q
             if self._has_bias:
                 Qa[:, self.dim] = 1.0

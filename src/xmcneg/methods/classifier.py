@@ -27,6 +27,26 @@ class NonFiniteLossError(XMCError):
     pass
 
 
+def get_rng_state():
+    """Global RNG states as tensors/lists only (checkpoints are loaded weights-only)."""
+    import random
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": [py[0], list(py[1]), py[2]],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def set_rng_state(state):
+    import random
+
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+
+
 def mask_positives(neg, pos):
     """Boolean mask, True where a negative is NOT one of the document's positives.
     neg (B,k) per document or (U,) sorted & shared; pos (B,P) padded with -1."""
@@ -77,9 +97,15 @@ class XMCClassifier(pl.LightningModule):
         if self.sampler is not None:
             self.sampler.setup(self.trainer.datamodule, self, state=self._sampler_state)
             self._sampler_state = None
+        # resume: the global RNG (data order, dropout) continues where the checkpointed run was (the resumed
+        # epoch's data iterator is created right after this hook)
+        if getattr(self, "_rng_state", None) is not None:
+            set_rng_state(self._rng_state)
+            self._rng_state = None
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["train_steps"] = self.train_steps
+        checkpoint["rng_state"] = get_rng_state()
         if getattr(self, "run_config", None) is not None:
             checkpoint["xmcneg_config"] = self.run_config  # plain dict: lets eval.py rebuild the model
         if self.sampler is not None:
@@ -88,6 +114,8 @@ class XMCClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         self.train_steps = int(checkpoint.get("train_steps", 0))
         self._sampler_state = checkpoint.get("sampler_state")
+        self._rng_state = checkpoint.get("rng_state")
+
 
     # ------------------------------------------------------------------ scoring
     def score_candidates(self, h, ids):

@@ -60,7 +60,7 @@ DEFAULTS = dict(
     clustering=True, cluster_size_start=1, cluster_doubling_epochs=[1, 1, 1, 2, 3], cluster_size_max=32,
     cluster_start_epoch=1, refresh_epochs=1, cluster_iters=10,
     phase2_cluster_size=32, phase2_lr=0.02, phase2_optimizer="rowwise_adagrad", phase2_margin=0.2,
-    phase2_num_pos=3, phase2_num_neg=5, phase2_temperature=0.1, phase2_dropout=0.0, phase2_ann_negatives=0,
+    phase2_num_pos=3, phase2_num_neg=5, phase2_temperature=0.1, phase2_dropout=0.5, phase2_ann_negatives=0,
     phase2_max_shortlist=8192,
     inference="ann", ann_M=32, ann_ef_search=128, ann_ef_construction=200, ann_shortlist=100,
     fusion_alphas=[0.0, 0.25, 0.5, 0.75, 1.0], fusion_metric="P@1", label_batch=4096, drop_last=False,
@@ -189,23 +189,41 @@ class NGAME(XMCClassifier):
         self._dm = datamodule
         self.curriculum = ClusterCurriculum(s["cluster_size_start"], s["cluster_doubling_epochs"],
                                             s["cluster_size_max"], s["cluster_start_epoch"], s["refresh_epochs"])
-        self.phase = 1
+        # phase and alpha live in a buffer, so a plain load_state_dict (eval.py) restores them too
+        # [phase, alpha (-1 = not picked)]
+        self.register_buffer("ngame_state", torch.tensor([1.0, -1.0], dtype=torch.float64))
         self.bank = torch.zeros(self.num_train, encoder.dim)
         self.bank_written = torch.zeros(self.num_train, dtype=torch.bool)
         self.cluster_ids = None  # int64 numpy (num_train,) or None
         self.cluster_size = 1
         self.last_cluster_epoch = -1
-        self.alpha = None
         self.cluster_log = []  # [epoch, phase, size, num_clusters, seconds]
         self.epoch_log = []  # [epoch, phase, seconds]
         self._pick_u = None
         self._label_emb = None  # cached label-text embeddings (phase 2: the encoder is frozen)
-        self._knn_index = None
-        self._clf_index = None
+        self._index_cache = {}  # HNSW indexes for inference, by "knn" / "clf"
+        self._clf_index = None  # phase-2 training shortlist index (phase2_ann_negatives)
         self._t_epoch = None
         self._cluster_s = 0.0
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def phase(self):
+        return int(self.ngame_state[0].item())
+
+    @phase.setter
+    def phase(self, value):
+        self.ngame_state[0] = float(value)
+
+    @property
+    def alpha(self):
+        a = float(self.ngame_state[1].item())
+        return None if a < 0 else a
+
+    @alpha.setter
+    def alpha(self, value):
+        self.ngame_state[1] = -1.0 if value is None else float(value)
+
     @property
     def dm(self):
         if self._trainer is not None and getattr(self.trainer, "datamodule", None) is not None:
@@ -292,8 +310,34 @@ class NGAME(XMCClassifier):
     def on_fit_start(self):
         super().on_fit_start()  # the in-batch shortlist sampler (state restored on resume)
         if self.phase == 2:
-            self.encoder.requires_grad_(False)
+            self._freeze_encoder()
+        me = self.trainer.max_epochs
+        if me is not None and me >= 0 and int(self.s["phase1_epochs"]) >= me:
+            log.warning("ngame: sampler.phase1_epochs=%d >= trainer.max_epochs=%d: phase 2 (classifiers) will not "
+                        "run; predictions use the label-text embeddings only", int(self.s["phase1_epochs"]), me)
         self._push_sampler_state(self.current_epoch)
+
+    def _world_size(self):
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _freeze_encoder(self):
+        """Phase 2 never steps the encoder. Single process: requires_grad off. Under DDP the flags stay (the
+        reducer was built with them) and `_ddp_keepalive` feeds zero gradients instead."""
+        if self._world_size() == 1:
+            self.encoder.requires_grad_(False)
+
+    def _ddp_keepalive(self, loss):
+        """Under DDP every parameter must get a gradient each step (plain `ddp`, find_unused_parameters off):
+        add zero-valued terms for the part the phase does not train (label tables / encoder)."""
+        if self._world_size() == 1:
+            return loss
+        z = torch.zeros(1, dtype=torch.long, device=self.label_w.weight.device)
+        extra = self.label_b(z).sum()  # the bias is never trained (cosine scores)
+        if self.phase == 1:
+            extra = extra + self.label_w(z).sum()
+        else:
+            extra = extra + sum(p.sum() for p in self.encoder.parameters() if p.requires_grad)
+        return loss + extra * 0.0
 
     def _phase_of(self, epoch):
         return 1 if epoch < int(self.s["phase1_epochs"]) else 2
@@ -319,14 +363,19 @@ class NGAME(XMCClassifier):
     def _enter_phase2(self, epoch):
         t0 = time.perf_counter()
         self.phase = 2
-        self.encoder.requires_grad_(False)
+        self._freeze_encoder()
         emb = self._encode_split("train")
         Z = self._label_embeddings(refresh=True)
         self.label_w.weight.data.copy_(Z.to(self.label_w.weight.device, self.label_w.weight.dtype))
         self.label_b.weight.data.zero_()
+        if self._trainer is not None:  # fresh classifier optimiser (state and lr from the config)
+            clf_opt = self.optimizers()[1].optimizer
+            clf_opt.state.clear()
+            for g in clf_opt.param_groups:
+                g["lr"] = float(self.s["phase2_lr"])
         self.bank = emb.cpu()
         self.bank_written.zero_()
-        self._knn_index = None
+        self._index_cache = {}
         log.info("ngame: epoch %d: phase 2 (classifier on the frozen encoder); embedded %d documents and %d "
                  "labels in %.2f s", epoch, emb.shape[0], Z.shape[0], time.perf_counter() - t0)
         size = int(self.s["phase2_cluster_size"])
@@ -343,9 +392,9 @@ class NGAME(XMCClassifier):
         self.epoch_log.append([e, int(self.phase), round(dt, 3)])
         log.info("ngame: epoch %d phase %d: %.1f s (clustering %.2f s = %.1f%%), cluster size %d", e, self.phase,
                  dt, self._cluster_s, 100.0 * self._cluster_s / max(dt, 1e-9), self.cluster_size)
-        self.log("ngame/phase", float(self.phase), on_epoch=True)
-        self.log("ngame/cluster_size", float(self.cluster_size), on_epoch=True)
-        self.log("ngame/cluster_time_s", float(self._cluster_s), on_epoch=True)
+        self.log("ngame/phase", float(self.phase), on_epoch=True, rank_zero_only=True)
+        self.log("ngame/cluster_size", float(self.cluster_size), on_epoch=True, rank_zero_only=True)
+        self.log("ngame/cluster_time_s", float(self._cluster_s), on_epoch=True, rank_zero_only=True)
 
     def _sync_bank(self):
         dist = _dist()
@@ -392,9 +441,9 @@ class NGAME(XMCClassifier):
         self.cluster_log = [list(r) for r in st.get("cluster_log", [])]
         self.epoch_log = [list(r) for r in st.get("epoch_log", [])]
         self._label_emb = None
-        self._knn_index = None
+        self._index_cache = {}
         if self.phase == 2:
-            self.encoder.requires_grad_(False)
+            self._freeze_encoder()
         if st.get("torch_rng") is not None:
             torch.set_rng_state(st["torch_rng"].cpu())
         if st.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -446,6 +495,7 @@ class NGAME(XMCClassifier):
             raise NonFiniteLossError(
                 f"non-finite NGAME loss ({loss.item()}) at step {self.train_steps} (epoch {self.current_epoch}, "
                 f"phase {self.phase}); lower the learning rate")
+        loss = self._ddp_keepalive(loss)
         if loss.requires_grad:
             self.manual_backward(loss)
             if self.phase == 1 and self.optim_cfg.get("grad_clip") and self.optim_cfg.grad_clip > 0:
@@ -509,21 +559,17 @@ class NGAME(XMCClassifier):
     def _clf_matrix(self):
         return F.normalize(self.label_w.weight.detach().float(), dim=-1)
 
-    def _knn_matrix(self):
-        return self._label_embeddings(refresh=self.phase == 1)
-
-    def _ann_candidates(self, emb, mats):
-        """Union of the HNSW top-`ann_shortlist` of each matrix, per document; duplicates/missing = -1."""
+    def _ann_candidates(self, emb, mats, reuse):
+        """Union of the HNSW top-`ann_shortlist` of each matrix, per document; duplicates/missing = -1.
+        reuse: keys whose cached index may be used (built from the same matrix before)."""
         S = min(max(int(self.s["ann_shortlist"]), int(self.eval_cfg.k)), self.num_labels)
         parts = []
         for key, M in mats:
-            if key == "knn" and self.phase == 2 and self._knn_index is not None:
-                index = self._knn_index  # label-text embeddings are frozen in phase 2
-            else:
+            index = self._index_cache.get(key) if key in reuse else None
+            if index is None:
                 index = self._make_index()
                 index.build(M)
-            if key == "knn" and self.phase == 2:
-                self._knn_index = index
+                self._index_cache[key] = index
             parts.append(index.search(emb, S)[1])
         cand = np.sort(np.concatenate(parts, axis=1), axis=1)
         dup = np.zeros_like(cand, dtype=bool)
@@ -540,10 +586,12 @@ class NGAME(XMCClassifier):
             out[i: i + chunk] = torch.bmm(w, emb[i: i + chunk].unsqueeze(-1).to(M.device)).squeeze(-1).float().cpu()
         return out.masked_fill(cand < 0, float("-inf"))
 
-    def _ranked(self, emb, alphas):
-        """{alpha: top-k ids (numpy)} for alpha*clf + (1-alpha)*knn (phase 1: {0.0: knn})."""
-        k = min(int(self.eval_cfg.k), self.num_labels)
-        Z = self._knn_matrix()
+    def _ranked(self, emb, alphas, k=None, fresh=True):
+        """{alpha: (scores, ids)} top-k of alpha*clf + (1-alpha)*knn for normalised `emb` (phase 1: {0.0: knn}).
+        fresh: recompute the label embeddings / indexes that may have changed (evaluation); False reuses the
+        cached ones (prediction in batches)."""
+        k = min(int(k or self.eval_cfg.k), self.num_labels)
+        Z = self._label_embeddings(refresh=fresh and self.phase == 1)
         if self.phase == 1:
             alphas = [0.0]
         W = self._clf_matrix() if self.phase == 2 else None
@@ -551,12 +599,12 @@ class NGAME(XMCClassifier):
         if self.s["inference"] == "exact":
             for a in alphas:
                 M = Z if a == 0 else (W if a == 1 else a * W + (1 - a) * Z)
-                _, ids = exact_topk(emb, M, None, k=k, doc_chunk=int(self.eval_cfg.doc_chunk),
+                out[a] = exact_topk(emb, M, None, k=k, doc_chunk=int(self.eval_cfg.doc_chunk),
                                     label_chunk=int(self.eval_cfg.label_chunk))
-                out[a] = ids.cpu().numpy()
             return out
+        reuse = ({"knn"} if self.phase == 2 else set()) if fresh else {"knn", "clf"}
         mats = [("knn", Z)] + ([("clf", W)] if W is not None else [])
-        cand = self._ann_candidates(emb, mats)
+        cand = self._ann_candidates(emb, mats, reuse)
         s_knn = self._cand_scores(emb, Z, cand)
         s_clf = self._cand_scores(emb, W, cand) if W is not None else None
         for a in alphas:
@@ -564,15 +612,25 @@ class NGAME(XMCClassifier):
             kk = min(k, sc.shape[1])
             top_s, pos = sc.topk(kk, dim=1)
             ids = cand.gather(1, pos).masked_fill(torch.isinf(top_s), -1)
-            out[a] = ids.numpy()
+            if kk < k:  # fewer candidates than k: pad
+                top_s = torch.cat([top_s, torch.full((len(ids), k - kk), float("-inf"))], 1)
+                ids = torch.cat([ids, torch.full((len(ids), k - kk), -1, dtype=ids.dtype)], 1)
+            out[a] = (top_s.to(emb.device), ids.to(emb.device))
         return out
+
+    @torch.no_grad()
+    def predict_topk(self, emb, query=None, k=None):
+        """Top-k (scores, ids) for encoder outputs `emb` with the trained model (eval.py predict): fused scores
+        in phase 2 (alpha from validation, 0.5 if none was picked), label-text kNN in phase 1."""
+        a = 0.0 if self.phase == 1 else (self.alpha if self.alpha is not None else 0.5)
+        return self._ranked(self._normalize(emb), [a], k=k, fresh=False)[a]
 
     def _select_alpha(self, ranked, Y):
         metric = self.s["fusion_metric"]
         best, best_v = None, -1.0
         scores = {}
-        for a, ids in ranked.items():
-            v = xc_metrics(ids, Y, None).get(metric)
+        for a, (_, ids) in ranked.items():
+            v = xc_metrics(ids.cpu().numpy(), Y, None).get(metric)
             if v is None:
                 raise ConfigError("sampler.fusion_metric", f"unknown metric '{metric}' (e.g. P@1, P@5, nDCG@5)")
             scores[a] = v
@@ -587,8 +645,8 @@ class NGAME(XMCClassifier):
         Y = self.dm.split(split)[1][idx]
         self._eval = None
         if self.phase == 1:
-            ids = self._ranked(emb, [0.0])[0.0]
-            metrics = xc_metrics(ids, Y, self.inv_prop)
+            ids = self._ranked(emb, [0.0])[0.0][1]
+            metrics = xc_metrics(ids.cpu().numpy(), Y, self.inv_prop)
             metrics.update({f"knn/{k}": v for k, v in metrics.items() if k in ("P@1", "P@3", "P@5", "nDCG@5")})
             metrics["alpha"] = 0.0
             return metrics
@@ -605,9 +663,9 @@ class NGAME(XMCClassifier):
                 else:
                     self.alpha = 0.5
             ranked = self._ranked(emb, sorted(set(alphas) | {self.alpha}))
-        metrics = xc_metrics(ranked[self.alpha], Y, self.inv_prop)
+        metrics = xc_metrics(ranked[self.alpha][1].cpu().numpy(), Y, self.inv_prop)
         for name, a in (("knn", 0.0), ("clf", 1.0)):
-            m = xc_metrics(ranked[a], Y, None)
+            m = xc_metrics(ranked[a][1].cpu().numpy(), Y, None)
             metrics.update({f"{name}/{k}": m[k] for k in ("P@1", "P@3", "P@5", "nDCG@5")})
         metrics["alpha"] = float(self.alpha)
         return metrics

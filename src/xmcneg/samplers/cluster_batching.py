@@ -21,8 +21,9 @@ of clusters of similar training documents, so the other documents' positives are
   world size W, so every rank gets the same number of batches, the ranks' batches are disjoint and every
   document is used exactly once per epoch. Padding only when N < M (fewer documents than batches): the
   single-document batches are then repeated from the start (wrapping) until there are M.
-  ``drop_last=True``: M = floor(N / batch_size) rounded down to a multiple of W, batches of batch_size cut from
-  the start of the order (snapped to cluster boundaries) and the rest of the order is left out of the epoch.
+  ``drop_last=True``: M = floor(N / batch_size) rounded down to a multiple of W, batches of exactly batch_size
+  cut from the start of the order (clusters may then straddle two batches) and the rest of the order is left
+  out of the epoch.
   Lightning's DDP sampler injection (``ClusterBatchSampler(DistributedSampler, batch_size=, drop_last=)``) is
   accepted: the size, rank, world size and seed are taken from the distributed sampler.
 
@@ -245,10 +246,9 @@ class ClusterBatchSampler(Sampler):
             ideal = np.round(np.arange(1, M + 1) * (N / M)).astype(np.int64)
             ideal[-1] = N
         cuts = ideal
-        if bounds is not None:
+        if bounds is not None and not self.drop_last:
             snapped = self._snap(ideal, bounds)
-            if not self.drop_last:
-                snapped[-1] = N
+            snapped[-1] = N
             if np.all(np.diff(np.concatenate([[0], snapped])) > 0):
                 cuts = snapped
         starts = np.concatenate([[0], cuts[:-1]])

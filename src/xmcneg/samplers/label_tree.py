@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -267,10 +268,9 @@ class LabelTree:
             labels = labels.unsqueeze(1)
         B, P = labels.shape
         nodes, bits = self.path(labels)  # (B, P, D)
-        xt = xt.to(self.wb.dtype)
+        x1 = torch.cat([xt.to(self.wb.dtype), torch.ones_like(xt[:, :1], dtype=self.wb.dtype)], 1)
         prm = self.wb.index_select(0, nodes.reshape(-1)).view(B, P * self.depth, -1)
-        s = (prm[..., :-1] * xt.unsqueeze(1)).sum(-1) + prm[..., -1]  # (B, P*D)
-        s = s.view(B, P, self.depth)
+        s = torch.bmm(prm, x1.unsqueeze(2)).view(B, P, self.depth)  # w . x~ + b for every path node
         out = F.logsigmoid(torch.where(bits, s, -s)).sum(-1)
         return out.squeeze(1) if squeeze else out
 
@@ -283,12 +283,13 @@ class LabelTree:
         if u is None:
             u = torch.rand((B, num, D), generator=generator)
         u = u.to(dev, non_blocking=True)
-        xt = xt.to(dev, self.wb.dtype).unsqueeze(1)  # (B, 1, k)
+        xt = xt.to(dev, self.wb.dtype)
+        x1 = torch.cat([xt, torch.ones_like(xt[:, :1])], 1).unsqueeze(2)  # (B, k+1, 1)
         node = torch.zeros((B, num), dtype=torch.long, device=dev)
         signed = torch.empty((B, num, D), dtype=self.wb.dtype, device=dev)
         for l in range(D):
-            prm = self.wb.index_select(0, node.view(-1)).view(B, num, -1)
-            s = (prm[..., :-1] * xt).sum(-1) + prm[..., -1]
+            prm = self.wb.index_select(0, node.view(-1)).view(B, num, -1)  # (B, num, k+1) node rows
+            s = torch.bmm(prm, x1).view(B, num)
             right = u[..., l] < torch.sigmoid(s)
             signed[..., l] = torch.where(right, s, -s)
             node = 2 * node + 1 + right
@@ -358,31 +359,59 @@ def _rank_within(node: np.ndarray, key: np.ndarray, num_nodes: int):
     return rank
 
 
-def _directions(cls: torch.Tensor, node: torch.Tensor, nn: int, cnt: torch.Tensor, gen, iters: int):
-    """Per node, the dominant eigenvector of the covariance of its classes' embeddings (batched power
-    iteration); returns each class's centred projection on its node's direction."""
-    k = cls.shape[1]
-    mean = torch.zeros(nn, k, dtype=cls.dtype).index_add_(0, node, cls) / cnt.clamp(min=1).unsqueeze(1)
+class _Segments:
+    """Items grouped by a segment id in [0, nn); weighted segment sums sum_{i in v} w_i data_i as one sparse
+    (nn x n) CSR matmul (several times faster than index_add_ on CPU). `presorted`: the ids are non-decreasing."""
+
+    def __init__(self, seg: torch.Tensor, nn: int, presorted: bool = False):
+        self.seg, self.nn, self.n = seg, nn, seg.numel()
+        self.counts = torch.bincount(seg, minlength=nn)
+        self.crow = torch.zeros(nn + 1, dtype=torch.long)
+        torch.cumsum(self.counts, 0, out=self.crow[1:])
+        self.order = None if presorted else torch.argsort(seg, stable=True)
+
+    def sum(self, data: torch.Tensor, weights: torch.Tensor = None) -> torch.Tensor:
+        if self.n == 0:
+            return torch.zeros((self.nn,) + tuple(data.shape[1:]), dtype=data.dtype)
+        if weights is None:
+            vals = torch.ones(self.n, dtype=data.dtype)
+        else:
+            vals = (weights if self.order is None else weights[self.order]).to(data.dtype)
+        cols = torch.arange(self.n) if self.order is None else self.order
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            S = torch.sparse_csr_tensor(self.crow, cols, vals, (self.nn, self.n))
+        return S @ data.contiguous()
+
+
+def _directions(cls: torch.Tensor, node: torch.Tensor, lseg: _Segments, gen, iters: int):
+    """Per node, the dominant eigenvector of the covariance of its classes' embeddings (power iteration batched
+    over the nodes); returns each class's centred projection on its node's direction."""
+    nn, k = lseg.nn, cls.shape[1]
+    mean = lseg.sum(cls) / lseg.counts.clamp(min=1).unsqueeze(1).to(cls.dtype)
     ec = cls - mean[node]
     v = torch.randn(nn, k, generator=gen, dtype=cls.dtype)
     v /= v.norm(dim=1, keepdim=True)
     for _ in range(iters):
-        proj = (ec * v[node]).sum(1, keepdim=True)
-        vn = torch.zeros(nn, k, dtype=cls.dtype).index_add_(0, node, ec * proj)
+        vn = lseg.sum(ec, _rowdot(ec, v[node]))
         norm = vn.norm(dim=1, keepdim=True)
         v = torch.where(norm > 1e-12, vn / norm.clamp(min=1e-30), v)
-    return (ec * v[node]).sum(1)
+    return _rowdot(ec, v[node])
+
+
+def _rowdot(a, b):
+    """Row-wise dot products (n, d) x (n, d) -> (n,) as a batched matmul (faster than (a * b).sum(1) on CPU)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _label_grams(Xp: torch.Tensor, labels: torch.Tensor, C: int, chunk: int = 1 << 16):
-    """Upper triangles of per-label Gram matrices sum_{pairs of y} x x^T: (C, K(K+1)/2) float32."""
+    """Upper triangles of per-label Gram matrices sum_{pairs of y} x x^T: (C, K(K+1)/2) float32 (computed once)."""
     K = Xp.shape[1]
     iu = torch.triu_indices(K, K)
-    flat = iu[0] * K + iu[1]
-    G = torch.zeros(C, flat.numel(), dtype=torch.float32)
+    G = torch.zeros(C, iu.shape[1], dtype=torch.float32)
     for s in range(0, Xp.shape[0], chunk):
         x = Xp[s: s + chunk]
-        G.index_add_(0, labels[s: s + chunk], (x.unsqueeze(2) * x.unsqueeze(1)).reshape(-1, K * K)[:, flat])
+        G.index_add_(0, labels[s: s + chunk], x[:, iu[0]] * x[:, iu[1]])
     return G
 
 
@@ -395,17 +424,16 @@ def _sym_index(K):
     return sym.reshape(-1)
 
 
-def _inverse_hessians(G_lab, curv, node, nn, K, lam, chunk=1 << 17, node_chunk=1 << 16):
-    """(nn, K, K) float32 inverses of H_v = sum_{y in v} curv_y G_y + lam I (float64 batched Cholesky). With curv the
-    per-label mean of p(1-p) over the label's pairs, this is the Newton Hessian with each pair's curvature
+def _inverse_hessians(G_lab, curv, lseg: _Segments, K, lam, node_chunk=1 << 16):
+    """(nn, K, K) float32 inverses of H_v = sum_{y in v} curv_y G_y + lam I (float64 batched Cholesky). With curv
+    the per-label mean of p(1-p) over the label's pairs this is the Newton Hessian with each pair's curvature
     replaced by its label's mean (exact at theta = 0, where every curvature is 1/4)."""
-    Hn = torch.zeros(nn, G_lab.shape[1], dtype=torch.float64)
-    for s in range(0, G_lab.shape[0], chunk):
-        Hn.index_add_(0, node[s: s + chunk], G_lab[s: s + chunk].double() * curv[s: s + chunk].unsqueeze(1))
+    nn = lseg.nn
+    Hn = lseg.sum(G_lab, curv)
     sym = _sym_index(K)
     Hinv = torch.empty(nn, K, K, dtype=torch.float32)
     for a in range(0, nn, node_chunk):  # float64 factorisation, node-chunked; inverses kept in float32
-        H = Hn[a: a + node_chunk][:, sym].view(-1, K, K)
+        H = Hn[a: a + node_chunk].double()[:, sym].view(-1, K, K)
         H.diagonal(dim1=1, dim2=2).add_(lam)
         L, info = torch.linalg.cholesky_ex(H)
         if bool((info != 0).any()):  # float32 round-off made a Gram slightly indefinite: add jitter there
@@ -417,109 +445,110 @@ def _inverse_hessians(G_lab, curv, node, nn, K, lam, chunk=1 << 17, node_chunk=1
     return Hinv
 
 
-def _newton(Xp, pnode, labels, target, theta, lam, steps, hessian_every, G_lab, node, label_count,
-            max_step=_MAX_STEP, chunk=_PAIR_CHUNK):
+def _pair_scores(Xp, pnode, theta, chunk=_PAIR_CHUNK):
+    th32 = theta.float()
+    out = torch.empty(Xp.shape[0], dtype=torch.float32)
+    for s in range(0, Xp.shape[0], chunk):
+        x = Xp[s: s + chunk]  # row-wise dot products as a batched (1 x K) @ (K x 1) matmul: ~2x faster than mul+sum
+        out[s: s + chunk] = torch.bmm(x.unsqueeze(1), th32.index_select(0, pnode[s: s + chunk]).unsqueeze(2)).view(-1)
+    return out
+
+
+def _newton(Xp, pseg, plabels, target, theta, lam, steps, hessian_every, G_lab, lseg, label_count,
+            max_step=_MAX_STEP):
     """`steps` Newton steps of every node's L2-regularised logistic regression at once (step norm clipped at
-    `max_step`). Xp (E, K) float32 pair inputs [x~, 1]; pnode (E,) node of each pair; target (E,) float32 in
-    {0, 1}. The Hessian (label-mean curvature, see `_inverse_hessians`) is rebuilt at step 0 and every
-    `hessian_every` steps (0: only at step 0); in between the last inverse is reused."""
-    nn, K = theta.shape
+    `max_step`). Xp (E, K) float32 pair inputs [x~, 1], sorted by node (pseg); target (E,) float32 in {0, 1}.
+    The Hessian (label-mean curvature, `_inverse_hessians`) is rebuilt at step 0 and every `hessian_every`
+    steps (0: only at step 0); in between its inverse is reused."""
     C = G_lab.shape[0]
     Hinv = None
     for it in range(steps):
         need_h = Hinv is None or (hessian_every > 0 and it % hessian_every == 0)
-        th32 = theta.float()
-        g = torch.zeros(nn, K, dtype=torch.float32)
-        curv = torch.zeros(C, dtype=torch.float32) if need_h else None
-        for s in range(0, Xp.shape[0], chunk):
-            x, pn = Xp[s: s + chunk], pnode[s: s + chunk]
-            p = torch.sigmoid((x * th32[pn]).sum(1))
-            g.index_add_(0, pn, x * (p - target[s: s + chunk]).unsqueeze(1))
-            if need_h:
-                curv.index_add_(0, labels[s: s + chunk], p * (1 - p))
+        p = torch.sigmoid(_pair_scores(Xp, pseg.seg, theta))
+        g = pseg.sum(Xp, p - target)
         if need_h:
-            Hinv = _inverse_hessians(G_lab, curv.double() / label_count, node, nn, K, lam)
+            curv = torch.bincount(plabels, weights=p * (1 - p), minlength=C).float() / label_count
+            Hinv = _inverse_hessians(G_lab, curv, lseg, Xp.shape[1], lam)
         step = torch.bmm(Hinv, (g.double() + lam * theta).float().unsqueeze(2)).squeeze(2).double()
         norm = step.norm(dim=1, keepdim=True)
         theta = theta - step * torch.clamp(max_step / norm.clamp(min=1e-30), max=1.0)
     return theta
 
 
-def _pair_scores(Xp, pnode, theta, chunk=_PAIR_CHUNK):
-    th32 = theta.float()
-    return torch.cat([(Xp[s: s + chunk] * th32[pnode[s: s + chunk]]).sum(1) for s in range(0, Xp.shape[0], chunk)])
-
-
 def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_steps: int = 6, hessian_every: int = 3,
                    resplit: bool = True, seed: int = 0, power_iters: int = 10, verbose: bool = False):
     """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)).
-    Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "train_avg_log_p", "level_s": [...]}"""
+    Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "num_labels", "train_avg_log_p" (mean over
+    the pairs of log p_n(label | point)), "level_s" (seconds per level)}."""
     t0 = time.perf_counter()
     C = int(num_labels)
     D = tree_depth(C)
-    Z = torch.as_tensor(np.asarray(Z) if not isinstance(Z, torch.Tensor) else Z).float()
-    rows = torch.as_tensor(np.asarray(rows, dtype=np.int64) if not isinstance(rows, torch.Tensor) else rows).long()
-    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64)
-                             if not isinstance(labels, torch.Tensor) else labels).long()
-    if rows.shape != labels.shape:
-        raise ValueError("rows and labels must have the same length")
+    Z = (Z if isinstance(Z, torch.Tensor) else torch.from_numpy(np.asarray(Z))).float()
+    rows = (rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.asarray(rows, dtype=np.int64))).long()
+    labels = (labels if isinstance(labels, torch.Tensor)
+              else torch.from_numpy(np.asarray(labels, dtype=np.int64))).long()
+    if rows.shape != labels.shape or rows.dim() != 1:
+        raise ValueError("rows and labels must be 1-d and of the same length")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
         raise ValueError(f"label ids must be in [0, {C})")
     k = Z.shape[1]
     K = k + 1
     E = labels.numel()
+    lam = float(l2)
     gen = torch.Generator().manual_seed(int(seed) * 7_919 + 1)
 
-    Xp = torch.cat([Z[rows], torch.ones(E, 1)], 1).contiguous()  # (E, K)
-    cls = torch.zeros(C, k, dtype=torch.float64).index_add_(0, labels, Xp[:, :k].double())  # class sums
+    # pairs sorted by label; from then on kept sorted by node (stable refinement, level by level)
+    order = torch.argsort(labels, stable=True)
+    labels = labels[order]
+    Xp = torch.cat([Z[rows[order]], torch.ones(E, 1)], 1).contiguous()  # (E, K)
+    del order
+    by_label = _Segments(labels, C, presorted=True)
+    cls = by_label.sum(Xp[:, :k].double())  # class embeddings e_y = sum of the class's x~
+    label_count = by_label.counts.clamp(min=1).float()
     G_lab = _label_grams(Xp, labels, C)
-    label_count = torch.bincount(labels, minlength=C).clamp(min=1).double()
-    labels_np = labels.numpy()
 
     wb = torch.zeros((1 << D) - 1, K, dtype=torch.float32)
-    node = torch.zeros(C, dtype=torch.long)  # each label's node (relative index) at the current level
+    node = torch.zeros(C, dtype=torch.long)  # each label's node (index within the level)
     total_ll = 0.0
     level_s = []
     for l in range(D):
         tl = time.perf_counter()
         nn, cap = 1 << l, 1 << (D - l - 1)
-        cnt = torch.bincount(node, minlength=nn)
-        node_np, cnt_np = node.numpy(), cnt.numpy()
+        lseg = _Segments(node, nn)
+        pseg = _Segments(node[labels], nn, presorted=True)
+        cnt_np, node_np = lseg.counts.numpy(), node.numpy()
         # (2) balanced initial split along the dominant direction of the class embeddings
-        proj = _directions(cls, node, nn, cnt, gen, power_iters)
-        rank = _rank_within(node_np, proj.numpy(), nn)
+        rank = _rank_within(node_np, _directions(cls, node, lseg, gen, power_iters).numpy(), nn)
         right = torch.from_numpy(rank >= cnt_np[node_np] - cnt_np[node_np] // 2)
-        # (3) per-node logistic regressions
-        pnode = node[labels]
-        theta = torch.zeros(nn, K, dtype=torch.float64)
-        theta = _newton(Xp, pnode, labels, right[labels].float(), theta, float(l2), newton_steps, hessian_every,
-                        G_lab, node, label_count)
-        if resplit:  # (4) capacity-constrained re-split by the score sums, then refit
-            delta = torch.zeros(C, dtype=torch.float64).index_add_(0, labels, _pair_scores(Xp, pnode, theta).double())
+        # (3) all nodes' logistic regressions at once
+        fit = dict(lam=lam, steps=newton_steps, hessian_every=hessian_every, G_lab=G_lab, lseg=lseg,
+                   label_count=label_count)
+        theta = _newton(Xp, pseg, labels, right[labels].float(), torch.zeros(nn, K, dtype=torch.float64), **fit)
+        if resplit:  # (4) capacity-constrained re-split by the score sums, then refit (warm start)
+            delta = torch.bincount(labels, weights=_pair_scores(Xp, pseg.seg, theta), minlength=C).numpy()
             many = (cnt_np >= 2).astype(np.int64)
-            lo = np.maximum(cnt_np - cap, many)
-            hi = np.minimum(cap, cnt_np - many)
-            n_pos = np.bincount(node_np, weights=(delta.numpy() > 0), minlength=nn).astype(np.int64)
-            n_right = np.clip(n_pos, lo, hi)
-            rank = _rank_within(node_np, delta.numpy(), nn)
+            n_pos = np.bincount(node_np, weights=(delta > 0), minlength=nn).astype(np.int64)
+            n_right = np.clip(n_pos, np.maximum(cnt_np - cap, many), np.minimum(cap, cnt_np - many))
+            rank = _rank_within(node_np, delta, nn)
             new_right = torch.from_numpy(rank >= cnt_np[node_np] - n_right[node_np])
             if bool((new_right != right).any()):
                 right = new_right
-                theta = _newton(Xp, pnode, labels, right[labels].float(), theta, float(l2), newton_steps,
-                                hessian_every, G_lab, node, label_count)
+                theta = _newton(Xp, pseg, labels, right[labels].float(), theta, **fit)
         # (5) nodes with an empty child
         n_r = torch.bincount(node[right], minlength=nn)
-        n_l = cnt - n_r
-        one_sided = (n_r == 0) | (n_l == 0)
-        theta[one_sided] = 0.0
+        n_l = lseg.counts - n_r
+        theta[(n_r == 0) | (n_l == 0)] = 0.0
         theta[(n_r == 0) & (n_l > 0), k] = -PAD_LOGIT
         theta[(n_l == 0) & (n_r > 0), k] = PAD_LOGIT
         base = (1 << l) - 1
         wb[base: base + nn] = theta.float()
         if E:
-            s = _pair_scores(Xp, pnode, theta)
+            s = _pair_scores(Xp, pseg.seg, theta)
             total_ll += float(F.logsigmoid(torch.where(right[labels], s, -s)).double().sum())
         node = 2 * node + right.long()
+        if l + 1 < D:  # keep the pairs sorted by their node at the next level
+            perm = torch.argsort(node[labels], stable=True)
+            Xp, labels = Xp[perm], labels[perm]
         level_s.append(time.perf_counter() - tl)
         if verbose:
             log.info("label tree level %d/%d: %d nodes, %.2fs", l + 1, D, nn, level_s[-1])

@@ -15,6 +15,15 @@ from xmcneg.samplers.adversarial import AdversarialSampler
 from xmcneg.samplers.label_tree import LabelTree, PAD_LOGIT, fit_label_tree, synthetic_pairs, tree_depth
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation cost (severe on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def brute_log_p(tree, x, label):
     """Independent path product in float64: walk from the root along the label's leaf bits."""

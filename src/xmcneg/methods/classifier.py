@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmcneg.errors import ConfigError, XMCError
-from xmcneg.eval.metrics import xc_metrics
+from xmcneg.eval.metrics import filter_predictions, xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.losses import check_loss, compute_loss, sampled_softmax_loss
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
@@ -194,7 +194,8 @@ class XMCClassifier(pl.LightningModule):
         o = self.optim_cfg
         if float(o.encoder_lr) <= 0:
             raise ConfigError("optim.encoder_lr", f"must be > 0, got {o.encoder_lr}")
-        enc = torch.optim.AdamW(self.encoder.parameters(), lr=float(o.encoder_lr), weight_decay=float(o.weight_decay))
+        lr = getattr(self.encoder, "lr", None) or float(o.encoder_lr)  # an encoder may carry its own (transformers)
+        enc = torch.optim.AdamW(self.encoder.parameters(), lr=float(lr), weight_decay=float(o.weight_decay))
         warm = int(o.get("warmup_steps", 0))
         scheds = []
         if warm > 0:
@@ -377,11 +378,19 @@ class XMCClassifier(pl.LightningModule):
     def _eval_end(self, split):
         emb, idx, query = self.gather_eval()
         Y = self.trainer.datamodule.split(split)[1][idx]
+        dm = self.trainer.datamodule
+        pairs = dm.filter_pairs(split, idx=idx) if hasattr(dm, "filter_pairs") else None  # LF benchmarks
         _, ids = self.predict_topk(emb, query)
-        metrics = xc_metrics(ids.cpu().numpy(), Y, self.inv_prop)
+        ids = ids.cpu().numpy()
+        if pairs is not None:
+            ids, _ = filter_predictions(ids, None, pairs)
+        metrics = xc_metrics(ids, Y, self.inv_prop)
         if query is not None:
             _, raw_ids = self.predict_topk(emb, None)
-            raw = xc_metrics(raw_ids.cpu().numpy(), Y, self.inv_prop)
+            raw_ids = raw_ids.cpu().numpy()
+            if pairs is not None:
+                raw_ids, _ = filter_predictions(raw_ids, None, pairs)
+            raw = xc_metrics(raw_ids, Y, self.inv_prop)
             metrics.update({f"raw/{k}": v for k, v in raw.items()})
         self._eval = None
         return metrics

@@ -386,11 +386,14 @@ class _Segments:
 
 def _directions(cls: torch.Tensor, node: torch.Tensor, lseg: _Segments, gen, iters: int):
     """Per node, the dominant eigenvector of the covariance of its classes' embeddings (power iteration batched
-    over the nodes); returns each class's centred projection on its node's direction."""
+    over the nodes); returns each class's centred projection on its node's direction. When no node holds more
+    than two classes any direction splits them the same way (one each side): zeros, no work."""
     nn, k = lseg.nn, cls.shape[1]
+    v = torch.randn(nn, k, generator=gen, dtype=cls.dtype)  # drawn in all cases: the stream stays aligned
+    if int(lseg.counts.max()) <= 2:
+        return torch.zeros(cls.shape[0], dtype=cls.dtype)
     mean = lseg.sum(cls) / lseg.counts.clamp(min=1).unsqueeze(1).to(cls.dtype)
     ec = cls - mean[node]
-    v = torch.randn(nn, k, generator=gen, dtype=cls.dtype)
     v /= v.norm(dim=1, keepdim=True)
     for _ in range(iters):
         vn = lseg.sum(ec, _rowdot(ec, v[node]))
@@ -455,15 +458,16 @@ def _pair_scores(Xp, pnode, theta, chunk=_PAIR_CHUNK):
 
 
 def _newton(Xp, pseg, plabels, target, theta, lam, steps, hessian_every, G_lab, lseg, label_count,
-            max_step=_MAX_STEP):
+            max_step=_MAX_STEP, Hinv=None):
     """`steps` Newton steps of every node's L2-regularised logistic regression at once (step norm clipped at
     `max_step`). Xp (E, K) float32 pair inputs [x~, 1], sorted by node (pseg); target (E,) float32 in {0, 1}.
     The Hessian (label-mean curvature, `_inverse_hessians`) is rebuilt at step 0 and every `hessian_every`
-    steps (0: only at step 0); in between its inverse is reused."""
+    steps (0: only at step 0); in between its inverse is reused. A given `Hinv` (the last one of a previous fit
+    at the same theta, e.g. before a re-split: the pairs under each node are the same) replaces the one at step 0.
+    Returns (theta, Hinv)."""
     C = G_lab.shape[0]
-    Hinv = None
     for it in range(steps):
-        need_h = Hinv is None or (hessian_every > 0 and it % hessian_every == 0)
+        need_h = Hinv is None or (hessian_every > 0 and it > 0 and it % hessian_every == 0)
         p = torch.sigmoid(_pair_scores(Xp, pseg.seg, theta))
         g = pseg.sum(Xp, p - target)
         if need_h:
@@ -472,11 +476,11 @@ def _newton(Xp, pseg, plabels, target, theta, lam, steps, hessian_every, G_lab, 
         step = torch.bmm(Hinv, (g.double() + lam * theta).float().unsqueeze(2)).squeeze(2).double()
         norm = step.norm(dim=1, keepdim=True)
         theta = theta - step * torch.clamp(max_step / norm.clamp(min=1e-30), max=1.0)
-    return theta
+    return theta, Hinv
 
 
 def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_steps: int = 6, hessian_every: int = 3,
-                   resplit: bool = True, seed: int = 0, power_iters: int = 10, verbose: bool = False):
+                   resplit: bool = True, seed: int = 0, power_iters: int = 8, verbose: bool = False):
     """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)).
     Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "num_labels", "train_avg_log_p" (mean over
     the pairs of log p_n(label | point)), "level_s" (seconds per level)}."""
@@ -503,7 +507,7 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
     Xp = torch.cat([Z[rows[order]], torch.ones(E, 1)], 1).contiguous()  # (E, K)
     del order
     by_label = _Segments(labels, C, presorted=True)
-    cls = by_label.sum(Xp[:, :k].double())  # class embeddings e_y = sum of the class's x~
+    cls = by_label.sum(Xp[:, :k])  # class embeddings e_y = sum of the class's x~ (float32)
     label_count = by_label.counts.clamp(min=1).float()
     G_lab = _label_grams(Xp, labels, C)
 
@@ -523,7 +527,8 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
         # (3) all nodes' logistic regressions at once
         fit = dict(lam=lam, steps=newton_steps, hessian_every=hessian_every, G_lab=G_lab, lseg=lseg,
                    label_count=label_count)
-        theta = _newton(Xp, pseg, labels, right[labels].float(), torch.zeros(nn, K, dtype=torch.float64), **fit)
+        theta, Hinv = _newton(Xp, pseg, labels, right[labels].float(), torch.zeros(nn, K, dtype=torch.float64),
+                              **fit)
         if resplit:  # (4) capacity-constrained re-split by the score sums, then refit (warm start)
             delta = torch.bincount(labels, weights=_pair_scores(Xp, pseg.seg, theta), minlength=C).numpy()
             many = (cnt_np >= 2).astype(np.int64)
@@ -533,7 +538,7 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
             new_right = torch.from_numpy(rank >= cnt_np[node_np] - n_right[node_np])
             if bool((new_right != right).any()):
                 right = new_right
-                theta = _newton(Xp, pseg, labels, right[labels].float(), theta, **fit)
+                theta, _ = _newton(Xp, pseg, labels, right[labels].float(), theta, Hinv=Hinv, **fit)
         # (5) nodes with an empty child
         n_r = torch.bincount(node[right], minlength=nn)
         n_l = lseg.counts - n_r

@@ -1,0 +1,177 @@
+"""Sampler cost vs. number of labels: time per negative of `sampler.sample(batch, doc_emb)`.
+
+    python benchmarks/sampler_cost.py --labels 1024 1048576 [--samplers uniform frequency adversarial]
+                                      [--batch 256 --negatives 64 --k 16] [--fit-labels N | --no-fit]
+
+For every C in --labels and every sampler, a batch of --batch documents (sparse rows with --nnz features out of
+--features, in EmbeddingBag form, as the datamodule builds them) is sampled --repeats times after --warmup calls;
+the median wall time per call gives ``us_per_negative`` = median / (batch x negatives). The adversarial sampler
+is timed on a tree of depth ceil(log2 C) with random node parameters of the right shape (labels at random leaves,
+padding included) and a random (F, k) projection: its sampling cost does not depend on the fitted values.
+
+Separately (unless --no-fit), a real tree is fitted on synthetic clustered (point, label) pairs in x~-space
+(--fit-labels labels, default the largest C; --fit-points points with ~--avg-labels labels each), timed, and the
+fitted tree's sampling cost is measured too: one JSON line with "fit": true.
+
+Output: one JSON line per (sampler, C) {"sampler", "labels", "us_per_negative", "ms_per_call", ...}, then the fit
+line, then {"summary": true, "<sampler>": {"ratio": cost(C_max) / cost(C_min), ...}, "acceptance": {...}}.
+Acceptance: adversarial ratio <= 3 (O(log C) per negative).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+
+from xmcneg.samplers.adversarial import AdversarialSampler  # noqa: E402
+from xmcneg.samplers.frequency import FrequencySampler  # noqa: E402
+from xmcneg.samplers.label_tree import LabelTree, Projection, fit_label_tree, synthetic_pairs  # noqa: E402
+from xmcneg.samplers.uniform import UniformSampler  # noqa: E402
+
+SAMPLERS = ("uniform", "frequency", "adversarial")
+
+
+class _DM:
+    """The little a sampler's setup reads from a datamodule."""
+
+    def __init__(self, num_labels, num_features, seed):
+        rng = np.random.default_rng(seed)
+        self.num_labels, self.num_features = num_labels, num_features
+        ranks = rng.permutation(num_labels) + 1.0
+        self.train_label_counts = rng.poisson(1000.0 / ranks)  # Zipf-like counts
+
+
+def make_batch(B, F, nnz, C, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    x = {"indices": torch.randint(0, F, (B * nnz,), generator=g),
+         "offsets": torch.arange(0, B * nnz, nnz),
+         "weights": torch.rand(B * nnz, generator=g) / math.sqrt(nnz)}
+    batch = {"x": {k: v.to(device) for k, v in x.items()},
+             "pos": torch.randint(0, C, (B, 3), generator=g).to(device),
+             "idx": torch.arange(B, device=device)}
+    return batch, torch.randn(B, 64, generator=g).to(device)
+
+
+def build(name, C, args):
+    dm = _DM(C, args.features, args.seed)
+    if name == "uniform":
+        s = UniformSampler(num_negatives=args.negatives, seed=args.seed)
+    elif name == "frequency":
+        s = FrequencySampler(num_negatives=args.negatives, seed=args.seed)
+    elif name == "adversarial":
+        s = AdversarialSampler(num_negatives=args.negatives, k=args.k, seed=args.seed)
+        s.setup = lambda dm, module=None, state=None: None  # no fit: a random tree of the right shape below
+        g = torch.Generator().manual_seed(args.seed + 1)
+        proj = Projection(torch.randn(args.features, args.k, generator=g), torch.zeros(args.k), "bag")
+        s.set_model(LabelTree.random(C, k=args.k, seed=args.seed), proj)
+        s.generator.manual_seed(args.seed)
+        return s
+    else:
+        raise SystemExit(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
+    s.setup(dm, None)
+    return s
+
+
+def time_sample(sampler, batch, emb, warmup, repeats, device):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        for _ in range(warmup):
+            sampler.sample(batch, emb)
+        sync()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            ids, logq = sampler.sample(batch, emb)
+            sync()
+            times.append(time.perf_counter() - t)
+    assert ids.shape == (emb.shape[0], sampler.num_negatives) and bool(torch.isfinite(logq).all())
+    return statistics.median(times)
+
+
+def fit_line(args, device):
+    C, N = args.fit_labels, args.fit_points or args.fit_labels
+    t0 = time.perf_counter()
+    Z, rows, labels, _ = synthetic_pairs(C, N, avg_labels=args.avg_labels, k=args.k, seed=args.seed)
+    gen_s = time.perf_counter() - t0
+    tree, info = fit_label_tree(Z, rows, labels, C, seed=args.seed)
+    s = AdversarialSampler(num_negatives=args.negatives, k=args.k, seed=args.seed)
+    # x~ = Z rows: a "dense" identity projection, so the batch below samples at real fitted inputs
+    s.set_model(tree, Projection(torch.eye(args.k), torch.zeros(args.k), "dense"))
+    emb = Z[: args.batch].to(device)
+    med = time_sample(s, {}, emb, args.warmup, args.repeats, device)
+    return {"fit": True, "sampler": "adversarial", "labels": C, "points": N, "pairs": info["pairs"], "k": args.k,
+            "depth": info["depth"], "fit_s": round(info["fit_s"], 2), "data_gen_s": round(gen_s, 2),
+            "train_avg_log_p": round(info["train_avg_log_p"], 4), "uniform_log_p": round(-math.log(C), 4),
+            "fitted_tree_us_per_negative": round(med / (args.batch * args.negatives) * 1e6, 4),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "threads": torch.get_num_threads()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", type=int, nargs="+", default=[1024, 1048576])
+    ap.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--negatives", type=int, default=64)
+    ap.add_argument("--k", type=int, default=16, help="projection dims of the adversarial tree")
+    ap.add_argument("--features", type=int, default=100_000)
+    ap.add_argument("--nnz", type=int, default=32, help="features per document")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=30, help="timed calls (median), >= 20")
+    ap.add_argument("--fit-labels", type=int, default=None, help="labels of the timed real fit (default: max C)")
+    ap.add_argument("--fit-points", type=int, default=None, help="points of the real fit (default: = labels)")
+    ap.add_argument("--avg-labels", type=float, default=3.0)
+    ap.add_argument("--no-fit", action="store_true", help="skip the real fit")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.repeats < 20:
+        ap.error("--repeats must be >= 20")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    labels = sorted(set(args.labels))
+    cost = {}
+    for name in args.samplers:
+        for C in labels:
+            s = build(name, C, args)
+            batch, emb = make_batch(args.batch, args.features, args.nnz, C, args.seed, device)
+            med = time_sample(s, batch, emb, args.warmup, args.repeats, device)
+            us = med / (args.batch * args.negatives) * 1e6
+            cost[(name, C)] = us
+            row = {"sampler": name, "labels": C, "us_per_negative": round(us, 4), "ms_per_call": round(med * 1e3, 3),
+                   "batch": args.batch, "negatives": args.negatives, "repeats": args.repeats,
+                   "threads": torch.get_num_threads(), "device": str(device)}
+            if name == "adversarial":
+                row.update({"k": args.k, "depth": s.tree.depth, "tree": "random"})
+            print(json.dumps(row), flush=True)
+            del s
+    if not args.no_fit:
+        args.fit_labels = args.fit_labels or labels[-1]
+        print(json.dumps(fit_line(args, device)), flush=True)
+    summary = {"summary": True, "labels": [labels[0], labels[-1]]}
+    for name in args.samplers:
+        lo, hi = cost[(name, labels[0])], cost[(name, labels[-1])]
+        summary[name] = {"ratio": round(hi / lo, 3), "us_per_negative_min_C": round(lo, 4),
+                         "us_per_negative_max_C": round(hi, 4)}
+    if "adversarial" in args.samplers:
+        summary["acceptance"] = {"adversarial_ratio_le_3": summary["adversarial"]["ratio"] <= 3.0}
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

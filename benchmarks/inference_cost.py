@@ -69,7 +69,9 @@ def main(argv=None):
     ap.add_argument("--M", type=int, default=None)
     ap.add_argument("--ef-search", type=int, default=None)
     ap.add_argument("--ef-construction", type=int, default=None)
-    ap.add_argument("--mips", choices=["l2", "ip"], default="l2")
+    ap.add_argument("--mips", choices=["l2", "ip"], default="ip")
+    ap.add_argument("--norm-spread", type=float, default=0.0,
+                    help="scale label vectors by exp(spread * N(0,1)) (unequal norms, like trained classifiers)")
     ap.add_argument("--storage", choices=["flat", "sq8", "fp16"], default=None)
     ap.add_argument("--nondeterministic", action="store_true", help="multi-threaded HNSW build")
     ap.add_argument("--label-noise", type=float, default=1.5)
@@ -82,6 +84,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     W, b, Q = make_data(C, d, n, seed=args.seed, label_noise=args.label_noise, query_noise=args.query_noise)
+    if args.norm_spread > 0:
+        g = torch.Generator().manual_seed(args.seed + 1)
+        W.mul_(torch.exp(args.norm_spread * torch.randn(C, 1, generator=g)))
     gen_s = time.perf_counter() - t0
 
     n_exact = max(1, min(args.exact_queries, n))
@@ -129,6 +134,7 @@ def main(argv=None):
     params = dict(kw)
     if args.index == "ivf":
         params["nlist"] = index.nlist_used
+    params["storage"] = index.storage
     params["shortlist"] = shortlist
     params["mips"] = args.mips
     print(json.dumps({"mode": f"ann_{args.index}", "labels": C, "dim": d, "queries": n, "timed_queries": n,

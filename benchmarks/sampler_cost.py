@@ -4,7 +4,9 @@
                                       [--batch 256 --negatives 64 --k 16] [--fit-labels N | --no-fit]
 
 For every C in --labels and every sampler, a batch of --batch documents (sparse rows with --nnz features out of
---features, in EmbeddingBag form, as the datamodule builds them) is sampled --repeats times after --warmup calls;
+--features, in EmbeddingBag form, as the datamodule builds them) is sampled --repeats times after --warmup calls,
+each sampler's C values in turn (round robin, so that load changes on a shared machine hit them alike;
+--flush-mb evicts the caches before every call, as a training step's forward/backward pass would);
 the median wall time per call gives ``us_per_negative`` = median / (batch x negatives). The adversarial sampler
 is timed on a tree of depth ceil(log2 C) with random node parameters of the right shape (labels at random leaves,
 padding included) and a random (F, k) projection: its sampling cost does not depend on the fitted values.
@@ -82,23 +84,33 @@ def build(name, C, args):
     return s
 
 
-def time_sample(sampler, batch, emb, warmup, repeats, device):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
+
+def time_round_robin(configs, warmup, repeats, device, flush_mb=0):
+    """Median seconds per `sample` call of each (sampler, batch, emb) config. The configs are timed in turn,
+    one call each per round, so a change of machine load hits all of them alike (shared machines). With
+    `flush_mb`, a buffer of that size is rewritten before every timed call (cold caches, as after a training
+    step's forward/backward pass)."""
+    junk = torch.zeros(flush_mb << 18) if flush_mb else None
+    times = [[] for _ in configs]
     with torch.no_grad():
-        for _ in range(warmup):
-            sampler.sample(batch, emb)
-        sync()
-        times = []
+        for s, batch, emb in configs:
+            for _ in range(warmup):
+                s.sample(batch, emb)
+        _sync(device)
         for _ in range(repeats):
-            t = time.perf_counter()
-            ids, logq = sampler.sample(batch, emb)
-            sync()
-            times.append(time.perf_counter() - t)
-    assert ids.shape == (emb.shape[0], sampler.num_negatives) and bool(torch.isfinite(logq).all())
-    return statistics.median(times)
+            for i, (s, batch, emb) in enumerate(configs):
+                if junk is not None:
+                    junk.add_(1.0)
+                t = time.perf_counter()
+                ids, logq = s.sample(batch, emb)
+                _sync(device)
+                times[i].append(time.perf_counter() - t)
+                assert ids.shape == (emb.shape[0], s.num_negatives) and bool(torch.isfinite(logq).all())
+    return [statistics.median(t) for t in times]
 
 
 def fit_line(args, device):
@@ -111,7 +123,7 @@ def fit_line(args, device):
     # x~ = Z rows: a "dense" identity projection, so the batch below samples at real fitted inputs
     s.set_model(tree, Projection(torch.eye(args.k), torch.zeros(args.k), "dense"))
     emb = Z[: args.batch].to(device)
-    med = time_sample(s, {}, emb, args.warmup, args.repeats, device)
+    (med,) = time_round_robin([(s, {}, emb)], args.warmup, args.repeats, device)
     return {"fit": True, "sampler": "adversarial", "labels": C, "points": N, "pairs": info["pairs"], "k": args.k,
             "depth": info["depth"], "fit_s": round(info["fit_s"], 2), "data_gen_s": round(gen_s, 2),
             "train_avg_log_p": round(info["train_avg_log_p"], 4), "uniform_log_p": round(-math.log(C), 4),
@@ -136,6 +148,8 @@ def main(argv=None):
     ap.add_argument("--avg-labels", type=float, default=3.0)
     ap.add_argument("--no-fit", action="store_true", help="skip the real fit")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--flush-mb", type=int, default=0,
+                    help="rewrite a buffer of this many MB before each timed call (cold caches); 0: off")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -146,20 +160,20 @@ def main(argv=None):
     device = torch.device(args.device)
     labels = sorted(set(args.labels))
     cost = {}
-    for name in args.samplers:
-        for C in labels:
-            s = build(name, C, args)
-            batch, emb = make_batch(args.batch, args.features, args.nnz, C, args.seed, device)
-            med = time_sample(s, batch, emb, args.warmup, args.repeats, device)
+    for name in args.samplers:  # per sampler, its C values in round robin
+        configs = [(build(name, C, args), *make_batch(args.batch, args.features, args.nnz, C, args.seed, device))
+                   for C in labels]
+        meds = time_round_robin(configs, args.warmup, args.repeats, device, args.flush_mb)
+        for C, (s, _, _), med in zip(labels, configs, meds):
             us = med / (args.batch * args.negatives) * 1e6
             cost[(name, C)] = us
             row = {"sampler": name, "labels": C, "us_per_negative": round(us, 4), "ms_per_call": round(med * 1e3, 3),
                    "batch": args.batch, "negatives": args.negatives, "repeats": args.repeats,
-                   "threads": torch.get_num_threads(), "device": str(device)}
+                   "threads": torch.get_num_threads(), "device": str(device), "flush_mb": args.flush_mb}
             if name == "adversarial":
                 row.update({"k": args.k, "depth": s.tree.depth, "tree": "random"})
             print(json.dumps(row), flush=True)
-            del s
+        del configs
     if not args.no_fit:
         args.fit_labels = args.fit_labels or labels[-1]
         print(json.dumps(fit_line(args, device)), flush=True)

@@ -131,7 +131,7 @@ def main(argv=None):
             p.error(f"unknown sampler {name}")
         for C in sorted(args.labels):
             if name == "full" and C > args.full_max_labels:
-                print(json.dumps({"sampler": name, "labels": C, "skipped": f"C > --full-max-labels"}), flush=True)
+                print(json.dumps({"sampler": name, "labels": C, "skipped": "C > --full-max-labels"}), flush=True)
                 continue
             r = measure(name, C, args)
             res.setdefault(name, {})[C] = r

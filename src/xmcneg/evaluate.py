@@ -1,7 +1,5 @@
 """eval.py: rebuild a trained model from its checkpoint (weights-only load) and test it or predict top-k."""
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from xmcneg.errors import ConfigError, MissingFileError, XMCError
+from xmcneg.errors import ConfigError, MissingFileError
 from xmcneg.records import peak_rss_mb, write_json
 
 log = logging.getLogger("xmcneg")
@@ -107,11 +105,7 @@ def run(cfg):
 
 
 def main(cfg):
-    logging.getLogger("xmcneg").setLevel(logging.INFO)
-    try:
-        return run(cfg)
-    except XMCError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """Entry point of eval.py."""
+    from xmcneg.train import cli
+
+    return cli(run, cfg)

@@ -191,13 +191,14 @@ def run(cfg: DictConfig):
         raise
 
 
-def main(cfg: DictConfig):
-    """Entry point used by train.py: one-line errors and a non-zero exit for bad input; in a multirun a failing
-    job is recorded (results.json status failed) and the sweep goes on."""
+def cli(fn, cfg):
+    """Run an entry point: bad input gives one `error: ...` line on stderr and exit code 2 (the traceback only with
+    HYDRA_FULL_ERROR=1); in a multirun a failing job is recorded (results.json status failed) and the sweep goes
+    on to the next job."""
     logging.getLogger("xmcneg").setLevel(logging.INFO)
     multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
     try:
-        return run(cfg)
+        return fn(cfg)
     except XMCError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -210,3 +211,8 @@ def main(cfg: DictConfig):
             raise
         log.exception("job failed: %s", e)
         return None
+
+
+def main(cfg: DictConfig):
+    """Entry point of train.py."""
+    return cli(run, cfg)

@@ -19,7 +19,7 @@ from torch import nn
 from xmcneg.errors import ConfigError, XMCError
 from xmcneg.eval.metrics import filter_predictions, xc_metrics
 from xmcneg.eval.topk import exact_topk
-from xmcneg.methods.losses import check_loss, compute_loss, sampled_softmax_loss
+from xmcneg.methods.losses import check_loss, compute_loss
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 
 

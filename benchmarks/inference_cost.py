@@ -13,6 +13,14 @@ Exact search over C = 1M labels costs ~C*d flops per query, so it is timed on a 
 the ANN path is timed on all queries. Each timing is repeated ``--repeats`` times (default 3) and the best
 is reported as ms_per_query (the median too), because a shared 2-core machine is noisy. ANN ms_per_query
 includes the faiss search and the exact torch re-scoring of the shortlist; build_s is the index build.
+
+Measured on the 2-core dev machine (AMD EPYC, torch 2.13 CPU, faiss-cpu 1.15.1, load ~1.5), C = 1M, d = 256,
+10k queries, k = 5 (default LabelIndex IVF settings: nlist = 1000, nprobe = 16, sq8, shortlist 32):
+  exact 4.45 ms/query, ANN 0.188 ms/query, build 8.0 s -> speed-up 23.7x, recall@5 0.994 (32 s wall,
+  2.7 GB peak RSS).  Same with --storage flat: 0.345 ms/query (12.7x), recall@5 0.994.
+  --index hnsw --M 16 --ef-construction 64 --ef-search 256 --nondeterministic: build 154 s, 0.276 ms/query
+  (15.8x) but recall@5 only 0.64 on this data (queries sit far from every label: top-5 scores ~0.35-0.7).
+  Unequal label norms (--norm-spread 0.3): IVF defaults drop to recall@5 0.85 (nprobe 64: 0.92, 6x).
 """
 
 from __future__ import annotations

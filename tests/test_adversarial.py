@@ -129,9 +129,22 @@ def test_label_log_probs_sum_to_one_and_match_brute_force(budget):
     brute = torch.tensor([[brute_log_p(tree, x[i], y) for y in range(13)] for i in range(6)], dtype=torch.float64)
     assert torch.allclose(full.double(), brute, atol=1e-5)
     assert torch.allclose(full.exp().sum(1), torch.ones(6), atol=1e-5)
-    parts = torch.cat([tree.label_log_probs(x, a, min(a + 2, 13), budget_bytes=budget) for a in range(0, 13, 2)], 1)
-    assert torch.allclose(parts, full, atol=1e-5)  # small ranges use the per-level ancestor strategy
+    for width in (1, 2):  # single labels use the per-level ancestor strategy
+        parts = [tree.label_log_probs(x, a, min(a + width, 13), budget_bytes=budget) for a in range(0, 13, width)]
+        assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
     assert torch.allclose(tree.log_prob(x, torch.arange(13).expand(6, 13)), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_blocked_table_matches_paths_on_a_deep_tree(shuffle):
+    C = 9000  # depth 14: 16 subtrees of height 10 in 2 groups
+    tree = LabelTree.random(C, k=3, seed=4, shuffle=shuffle)
+    x = torch.randn(5, 3)
+    ref = tree.log_prob(x, torch.arange(C).expand(5, C))  # per-label path gathers
+    full = tree.label_log_probs(x, 0, C, budget_bytes=1 << 20)  # forces row chunks
+    assert torch.allclose(full, ref, atol=1e-4)
+    assert torch.allclose(full.exp().sum(1), torch.ones(5), atol=1e-4)
+    assert torch.allclose(tree.label_log_probs(x, 100, 2500), ref[:, 100:2500], atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ the sampler
@@ -162,7 +175,8 @@ def test_correction_is_the_path_log_probability(fitted, data):
     C = dm.num_labels
     batch = dm.batch(np.arange(10))
     q = fitted.correction_query(batch, doc_emb(10))
-    brute = torch.tensor([[brute_log_p(fitted.tree, q[i], y) for y in range(C)] for i in range(10)], dtype=torch.float64)
+    brute = torch.tensor([[brute_log_p(fitted.tree, q[i], y) for y in range(C)] for i in range(10)],
+                         dtype=torch.float64)
     for a, b in [(0, C), (0, 7), (7, 30), (30, C)]:
         assert torch.allclose(fitted.score_correction(q, a, b).double(), brute[:, a:b], atol=1e-4)
     g = torch.Generator().manual_seed(0)

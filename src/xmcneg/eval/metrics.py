@@ -189,21 +189,26 @@ def filter_predictions(topk, scores, filter_pairs):
     sc = None if scores is None else _to_numpy(scores).copy()
     pairs = _to_numpy(filter_pairs).astype(np.int64).reshape(-1, 2)
     if pairs.size and ids.size:
-        width = int(max(ids.max(), pairs[:, 1].max(), 0)) + 1
         N = ids.shape[0]
         keep = (pairs[:, 0] >= 0) & (pairs[:, 0] < N) & (pairs[:, 1] >= 0)
-        fkeys = np.unique(pairs[keep, 0] * width + pairs[keep, 1])
-        pkeys = np.arange(N, dtype=np.int64)[:, None] * width + np.where(ids >= 0, ids, 0)
-        pos = np.minimum(np.searchsorted(fkeys, pkeys), max(fkeys.size - 1, 0))
-        drop = (ids >= 0) & (fkeys.size > 0) & (fkeys[pos] == pkeys) if fkeys.size else np.zeros_like(ids, bool)
-        if drop.any():
-            ids[drop] = -1
-            order = np.argsort(drop, axis=1, kind="stable")  # kept first, in their original order
-            ids = np.take_along_axis(ids, order, axis=1)
-            if sc is not None:
-                if np.issubdtype(sc.dtype, np.floating):
-                    sc[drop] = -np.inf
-                sc = np.take_along_axis(sc, order, axis=1)
+        pairs = pairs[keep]
+        rows = np.unique(pairs[:, 0])  # only rows named by some pair can change
+        if rows.size:
+            width = int(max(ids.max(), pairs[:, 1].max(), 0)) + 1
+            fkeys = np.unique(pairs[:, 0] * width + pairs[:, 1])
+            sub = ids[rows]
+            pkeys = rows[:, None] * width + np.where(sub >= 0, sub, 0)
+            pos = np.minimum(np.searchsorted(fkeys, pkeys), fkeys.size - 1)
+            drop = (sub >= 0) & (fkeys[pos] == pkeys)
+            if drop.any():
+                sub[drop] = -1
+                order = np.argsort(drop, axis=1, kind="stable")  # kept first, in their original order
+                ids[rows] = np.take_along_axis(sub, order, axis=1)
+                if sc is not None:
+                    ssub = sc[rows]
+                    if np.issubdtype(ssub.dtype, np.floating):
+                        ssub[drop] = -np.inf
+                    sc[rows] = np.take_along_axis(ssub, order, axis=1)
     if is_torch:
         import torch
 

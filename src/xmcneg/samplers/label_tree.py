@@ -67,6 +67,7 @@ PAD_LOGIT = 1000.0
 _PAIR_CHUNK = 1 << 19
 _CORRECTION_BUDGET_BYTES = 256 << 20
 _MAX_STEP = 4.0
+_LEAF_BLOCK = 8192  # leaves per subtree group in label_log_probs (cache-sized working set)
 
 
 def tree_depth(num_labels: int) -> int:
@@ -311,42 +312,71 @@ class LabelTree:
         return self.leaf_to_label[leaves].view(B, num), logp.view(B, num)
 
     # ---------------------------------------------------------------------------------------------- all labels
-    def leaf_log_probs(self, xt: torch.Tensor) -> torch.Tensor:
-        """log p_n of every leaf (n, 2^D) (padding leaves <= -PAD_LOGIT): node logits once per input, then
-        one top-down pass (per level: child = parent + log sigmoid(+-s))."""
-        x1 = torch.cat([xt.to(self.wb.dtype), torch.ones_like(xt[:, :1], dtype=self.wb.dtype)], 1)
-        S = x1 @ self.wb.T  # (n, M)
-        right = F.logsigmoid(S)
-        left = right - S  # log sigmoid(-s) = log sigmoid(s) - s
-        lp = torch.zeros((xt.shape[0], 1), dtype=S.dtype, device=S.device)
-        for l in range(self.depth):
-            a, b = (1 << l) - 1, (1 << (l + 1)) - 1
-            lp = torch.stack((lp + left[:, a:b], lp + right[:, a:b]), dim=2).reshape(xt.shape[0], -1)
+    def _descend(self, x1, lp, level, first, count, levels):
+        """Top-down pass over `levels` levels from nodes [first, first + count) of `level` whose log-probs are
+        lp (R, count): per level, the node logits of that contiguous slice (one GEMM), then
+        child = parent + log sigmoid(+-s). Returns the log-probs (R, count * 2^levels) of the descendants."""
+        R = x1.shape[0]
+        for d in range(levels):
+            lo = (1 << (level + d)) - 1 + (first << d)
+            S = x1 @ self.wb[lo: lo + (count << d)].T  # (R, count * 2^d)
+            right = F.logsigmoid(S)
+            left = right - S  # log sigmoid(-s) = log sigmoid(s) - s
+            lp = torch.stack((lp + left, lp + right), dim=2).reshape(R, -1)
         return lp
+
+    def leaf_log_probs(self, xt: torch.Tensor) -> torch.Tensor:
+        """log p_n of every leaf (n, 2^D) (padding leaves <= -PAD_LOGIT)."""
+        x1 = torch.cat([xt.to(self.wb.dtype), torch.ones_like(xt[:, :1], dtype=self.wb.dtype)], 1)
+        lp = torch.zeros((xt.shape[0], 1), dtype=x1.dtype, device=x1.device)
+        return self._descend(x1, lp, 0, 0, 1, self.depth)
 
     def label_log_probs(self, xt: torch.Tensor, start: int = 0, end: int = None,
                         budget_bytes: int = _CORRECTION_BUDGET_BYTES) -> torch.Tensor:
-        """log p_n(y|x) for labels [start, end) and every row of xt (n, k) -> (n, end-start), memory bounded
-        by about `budget_bytes` of temporaries (chunked over rows and labels). Two exact strategies:
-        many labels -> all leaves per row (`leaf_log_probs`) then a gather; few labels -> per level, logits
-        of the distinct ancestors only, gathered by each label's ancestor id and branch bit (D terms)."""
+        """log p_n(y|x) for labels [start, end) and every row of xt (n, k) -> (n, end-start). Exact; memory
+        bounded by about `budget_bytes` of temporaries beyond the output. Two strategies:
+        * many labels (blocked table): rows in blocks of <= 256; the top T = D - h levels (h = min(D, 10)) once,
+          then the subtrees rooted at level T in groups of ~8192 leaves: per level one GEMM for the group's
+          contiguous node slice, log sigmoid, and child = parent + log sigmoid(+-s), then the group's labels are
+          gathered from its leaves. Each node's logit is computed once per row, every parameter row is read once
+          per row block, and the working set stays cache-sized; groups holding none of the labels are skipped.
+        * few labels (L * 2D < 2^D): per level, logits of the distinct ancestors only, gathered by each label's
+          ancestor id and branch bit (D terms per label)."""
         end = self.num_labels if end is None else int(end)
-        L, n, D = end - int(start), xt.shape[0], self.depth
+        start = int(start)
+        L, n, D = end - start, xt.shape[0], self.depth
         dev = self.wb.device
         xt = xt.to(dev, self.wb.dtype)
         out = torch.empty((n, L), dtype=self.wb.dtype, device=dev)
         if L == 0 or n == 0:
             return out
-        labels = torch.arange(int(start), end, device=dev)
-        if L * D >= 2 * (1 << D):  # table strategy
-            per_row = 4 * 6 * (1 << D)  # S, right, left, lp and the stacked temporaries, float32
-            rows = max(1, min(n, budget_bytes // per_row))
+        labels = torch.arange(start, end, device=dev)
+        x1 = torch.cat([xt, torch.ones_like(xt[:, :1])], 1)
+        if L * 2 * D >= (1 << D):
+            h = min(D, 10)
+            T = D - h
+            g = max(1, _LEAF_BLOCK >> h)  # subtrees per group
+            rows = max(1, min(n, 256, budget_bytes // (4 * (L + 6 * (g << h)))))
             leaves = self.label_to_leaf[labels]
+            order = torch.argsort(leaves)
+            sleaves = leaves[order]
+            bounds = torch.searchsorted(sleaves >> h, torch.arange(0, (1 << T) + g, g, device=dev)).tolist()
             for i in range(0, n, rows):
-                out[i: i + rows] = self.leaf_log_probs(xt[i: i + rows]).index_select(1, leaves)
+                xi = x1[i: i + rows]
+                # labels x rows buffer: each label's values land as one contiguous row (a random row write
+                # instead of rows-many scattered element writes), then one tiled transpose into `out`
+                buf_t = torch.empty((L, xi.shape[0]), dtype=xt.dtype, device=dev)
+                top = self._descend(xi, torch.zeros((xi.shape[0], 1), dtype=xi.dtype, device=dev), 0, 0, 1, T)
+                for j, a in enumerate(range(0, 1 << T, g)):
+                    p, q = bounds[j], bounds[j + 1]
+                    if p == q:
+                        continue
+                    cnt = min(g, (1 << T) - a)
+                    lp = self._descend(xi, top[:, a: a + cnt], T, a, cnt, h)  # leaves [a 2^h, (a + cnt) 2^h)
+                    buf_t.index_copy_(0, order[p:q], lp.T.contiguous().index_select(0, sleaves[p:q] - (a << h)))
+                out[i: i + rows] = buf_t.T
             return out
         nodes, bits = self.path(labels)  # (L, D)
-        x1 = torch.cat([xt, torch.ones_like(xt[:, :1])], 1)
         per_level = []
         for l in range(D):
             uniq, inv = torch.unique(nodes[:, l], return_inverse=True)

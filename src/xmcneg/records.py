@@ -79,6 +79,14 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def read_results(path):
+    """results.json as a dict ({} when missing or unreadable)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def read_metrics_csv(path):
     if not Path(path).exists():
         return []

@@ -12,7 +12,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from xmcneg.errors import ConfigError, MissingFileError, XMCError
-from xmcneg.records import peak_rss_mb, time_to_target, write_json
+from xmcneg.records import peak_rss_mb, read_results, time_to_target, write_json
 from xmcneg.sweep_guard import check_multirun
 
 log = logging.getLogger("xmcneg")
@@ -123,6 +123,11 @@ def run(cfg: DictConfig):
                "status": "running"}
     recorder = None
     t_start = time.perf_counter()
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN" and not cfg.get("ckpt_path"):
+        done = read_results(out_dir / "results.json")
+        if done.get("status") == "completed":  # re-running a sweep only runs the jobs not yet completed
+            log.info("skipping %s: results.json says completed", out_dir)
+            return done.get("test", {}).get("P@1")
     try:
         check_multirun(cfg)
         if cfg.hardware.get("num_threads"):
@@ -140,7 +145,9 @@ def run(cfg: DictConfig):
         # one rolling checkpoint, checkpoints/last.ckpt, replaced atomically at every epoch end
         ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="last", save_top_k=1, monitor=None,
                                enable_version_counter=False, every_n_epochs=1, save_on_train_epoch_end=True)
-        callbacks = [recorder, ckpt]
+        best = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="best", monitor="val/P@1", mode="max",
+                               save_top_k=1, enable_version_counter=False)
+        callbacks = [recorder, ckpt, best]
         kill_in = cfg.get("debug", {}).get("kill_in")
         if kill_in is not None:
             if kill_in not in KillSwitch.POINTS:
@@ -161,7 +168,12 @@ def run(cfg: DictConfig):
         trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt(cfg, out_dir), weights_only=True)
         fit_wall = time.perf_counter() - t_start
         t_test = time.perf_counter()
-        trainer.test(module, datamodule=dm, verbose=True)
+        test_ckpt = cfg.eval.get("test_ckpt", "best")
+        if test_ckpt not in ("best", "last"):
+            raise ConfigError("eval.test_ckpt", f"expected best or last, got {test_ckpt}")
+        use_best = test_ckpt == "best" and best.best_model_path and Path(best.best_model_path).exists()
+        trainer.test(module, datamodule=dm, verbose=True, ckpt_path=best.best_model_path if use_best else None,
+                     weights_only=True)
         test_s = time.perf_counter() - t_test
         train_time = recorder.train_time
         results.update({
@@ -172,6 +184,7 @@ def run(cfg: DictConfig):
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "time_to_target_s": time_to_target(recorder.rows, cfg.eval.target_p1),
             "epochs": int(trainer.current_epoch),
+            "tested": "best" if use_best else "last",
             "global_step": int(trainer.global_step),
             "status": "completed",
         })

@@ -33,7 +33,7 @@ def build_from_target(cfg, key, skip=("name",), **extra):
     kwargs.update(extra)
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(key, f"bad arguments for {cls.__name__}: {e}") from None
 
 

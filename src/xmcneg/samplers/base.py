@@ -20,7 +20,10 @@ class Sampler:
     fixed_k = True  # draws exactly num_negatives per document (so it must be < C)
 
     def __init__(self, num_negatives: int = 64, seed: int = 0):
-        self.num_negatives = int(num_negatives)
+        try:
+            self.num_negatives = int(num_negatives)
+        except (TypeError, ValueError):
+            raise ConfigError("sampler.num_negatives", f"must be an integer, got {num_negatives!r}") from None
         self.seed = int(seed)
         self.num_labels = None
         self.generator = torch.Generator()

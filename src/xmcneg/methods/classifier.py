@@ -116,7 +116,6 @@ class XMCClassifier(pl.LightningModule):
         self._sampler_state = checkpoint.get("sampler_state")
         self._rng_state = checkpoint.get("rng_state")
 
-
     # ------------------------------------------------------------------ scoring
     def score_candidates(self, h, ids):
         """Scores of label ids for each document: ids (B,n) per document -> (B,n); ids (n,) shared -> (B,n)."""

@@ -193,7 +193,9 @@ def run(cfg: DictConfig):
         if trainer.is_global_zero:
             write_json(out_dir / "results.json", results)
         log.info("results: %s", out_dir / "results.json")
-        return results.get("test", {}).get("P@1")
+        # the value a sweeper (Optuna) maximises: the best validation P@1, never a test metric
+        vals = [r["val/P@1"] for r in recorder.rows if isinstance(r.get("val/P@1"), float)]
+        return max(vals) if vals else None
     except BaseException as e:
         results.update({"status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0],
                         "peak_rss_mb": round(peak_rss_mb(), 1)})

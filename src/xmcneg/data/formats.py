@@ -1,0 +1,615 @@
+"""Readers and writers for the extreme-classification (XC) file formats, with strict validation.
+
+Formats (``.gz`` accepted everywhere, chosen by the file-name suffix):
+
+* **XC BoW** (``train.txt``, ``test.txt``): header ``num_points num_features num_labels``, then one line per
+  point ``l1,l2,... f:v f:v ...`` (0-based ids). A point without labels starts with a space; a point may have
+  labels and no features.
+* **XY** (``trn_X_Y.txt``, ``tst_X_Y.txt``): header ``num_points num_labels``, then one line per point
+  ``label:value label:value ...``; a missing ``:value`` means 1.0.
+* **Lines** (``trn_X.txt``, ``lbl_X.txt``): one text per line (a document, or label i's text on line i).
+
+Validation: every problem raises :class:`~xmcneg.errors.DataFormatError` naming the file and the 1-based line
+number (the header is line 1, point i is on line i + 2): a header that is not the right number of integers
+(num_points >= 0, num_features and num_labels >= 1); a label id that is not a non-negative integer or is
+>= num_labels; a feature token without ``:`` or without a value; a non-integer feature index or non-numeric
+value; a feature index >= num_features; a non-finite value (nan/inf, or beyond float32 range); a feature
+index repeated on a line; fewer data lines than the header says (truncated file: the message gives the line
+where the data ended and how many points were expected) or more non-blank lines than it says.
+
+Documented leniencies (not errors):
+
+* a label repeated on a line is kept once (deduplicated; in XY files the largest value is kept);
+* an empty document (no features) is kept, as an all-zero row of X;
+* a document without labels is kept, as an all-zero row of Y;
+* an empty line among the first ``num_points`` data lines is a point with no labels and no features;
+* blank (whitespace-only) lines after the last data line are ignored;
+* Windows ``\\r\\n`` line endings are accepted (a trailing ``\\r`` is stripped from every line), as is a UTF-8
+  byte-order mark before the header.
+
+Speed: the BoW/XY readers work on 16 MB blocks of lines and parse each block with a handful of vectorised
+numpy passes (the whole block joined into one string); only when a block fails a check is it re-parsed line by
+line, to find and report the first bad line with a precise message.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from xmcneg.errors import DataFormatError, MissingFileError, XMCError  # noqa: F401  (re-exported)
+
+__all__ = [
+    "open_text", "resolve_path", "read_xc_bow", "read_xy", "read_lines", "write_xc_bow", "write_xy",
+    "write_lines", "load_bow_cached", "DataFormatError", "MissingFileError",
+]
+
+_BLOCK_BYTES = 1 << 24
+_INT_RE = re.compile(r"[0-9]+\Z")
+
+
+class _BlockError(Exception):
+    """Internal: the vectorised parse of a block failed; re-parse it line by line."""
+
+
+# ----------------------------------------------------------------------------------------------- opening files
+def _is_gz(path) -> bool:
+    return str(path).endswith(".gz")
+
+
+def open_text(path, mode="rt"):
+    """Open a plain or gzip (``.gz`` suffix) file. Text modes use UTF-8; reading uses universal newlines
+    (``\\r\\n`` reads as ``\\n``), writing always writes ``\\n``. Gzip files are written without a name or time
+    stamp in the header, so identical content gives identical bytes."""
+    binary = "b" in mode
+    writing = any(c in mode for c in "wax")
+    if _is_gz(path):
+        if writing:
+            raw = open(path, mode.replace("t", "").replace("b", "") + "b")
+            gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
+            gz.myfileobj = raw  # closed together with the gzip stream
+            return gz if binary else io.TextIOWrapper(gz, encoding="utf-8", newline="\n")
+        if binary:
+            return gzip.open(path, "rb")
+        return gzip.open(path, "rt", encoding="utf-8", newline=None)
+    if binary:
+        return open(path, mode)
+    return open(path, mode, encoding="utf-8", newline="\n" if writing else None)
+
+
+def resolve_path(path) -> Path:
+    """``path`` if it exists, else ``path.gz`` if that exists, else :class:`MissingFileError`."""
+    p = Path(path)
+    if p.exists():
+        return p
+    gz = Path(str(path) + ".gz")
+    if gz.exists():
+        return gz
+    raise MissingFileError(f"{path}: file not found (put it there, or set XMC_DATA_DIR / dataset.dir)")
+
+
+def _iter_blocks(path):
+    """Yield lists of raw lines (bytes, without ``\\n``, trailing ``\\r`` stripped), ~16 MB at a time."""
+    with open_text(path, "rb") as f:
+        carry = b""
+        while True:
+            block = f.read(_BLOCK_BYTES)
+            if not block:
+                break
+            block = carry + block if carry else block
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                carry = block
+                continue
+            carry = block[cut + 1:]
+            lines = block[:cut].split(b"\n")
+            if b"\r" in block:
+                lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+            yield lines
+        if carry:
+            yield [carry[:-1] if carry.endswith(b"\r") else carry]
+
+
+def _txt(b: bytes, limit=60) -> str:
+    s = b.decode("utf-8", errors="replace") if isinstance(b, bytes) else str(b)
+    return repr(s if len(s) <= limit else s[:limit] + "...")
+
+
+def _read_header(path, blocks, names):
+    """Parse the header line: ``len(names)`` integers. Returns (values, first block's remaining lines)."""
+    first = []
+    for first in blocks:
+        if first:
+            break
+    if not first:
+        raise DataFormatError(path, 1, f"empty file: expected a header '{' '.join(names)}'")
+    line = first[0]
+    if line.startswith(b"\xef\xbb\xbf"):
+        line = line[3:]
+    toks = line.split()
+    want = f"expected '{' '.join(names)}' ({len(names)} integers)"
+    if len(toks) != len(names) or not all(_INT_RE.match(t.decode("latin-1")) for t in toks):
+        raise DataFormatError(path, 1, f"bad header {_txt(line)}: {want}")
+    vals = [int(t) for t in toks]
+    for name, v in zip(names, vals):
+        if v < 1 and name != "num_points":
+            raise DataFormatError(path, 1, f"bad header {_txt(line)}: {name} must be >= 1, got {v}")
+    return vals, first[1:]
+
+
+def _check_given(path, name, given, header):
+    if given is not None and int(given) != header:
+        raise DataFormatError(path, 1, f"header says {name}={header} but {int(given)} was expected "
+                                       f"(it must match the training split / config)")
+
+
+def _iter_data(path, blocks, rest, n_points):
+    """Yield (first_lineno, lines) for the ``n_points`` data lines; checks the line count."""
+    seen = 0
+    lineno = 2  # line number of the next data line
+
+    def gen():
+        yield rest
+        yield from blocks
+
+    for lines in gen():
+        if not lines:
+            continue
+        take = lines
+        if seen + len(lines) > n_points:
+            keep = n_points - seen
+            take = lines[:keep]
+            for j, extra in enumerate(lines[keep:]):
+                if extra.strip():
+                    raise DataFormatError(
+                        path, lineno + keep + j,
+                        f"more data lines than the header's num_points={n_points} (line is {_txt(extra)})")
+        if take:
+            yield lineno, take
+            seen += len(take)
+        lineno += len(lines)
+    if seen < n_points:
+        last = seen + 1  # the header plus the data lines present
+        raise DataFormatError(path, last, f"file ends after {seen} data lines, but the header says "
+                                          f"num_points={n_points} (truncated file?)")
+
+
+# ------------------------------------------------------------------------------------------- vectorised helpers
+def _fast_ints(joined: bytes, count: int, sep: bytes) -> np.ndarray:
+    """Parse ``count`` non-negative ints separated by single ``sep`` bytes; _BlockError if not exactly that."""
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    b = np.frombuffer(joined, dtype=np.uint8)
+    if not np.all(((b >= 48) & (b <= 57)) | (b == sep[0])):
+        raise _BlockError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = np.fromstring(joined, dtype=np.int64, sep=sep.decode())
+    except (ValueError, DeprecationWarning):
+        raise _BlockError from None
+    if len(out) != count:
+        raise _BlockError
+    return out
+
+
+def _fast_pairs(s: bytes, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """``s`` = ``T`` tokens ``b'i:v'`` separated by runs of spaces -> (int64 indices, float32 values).
+    _BlockError unless every token is exactly a non-negative decimal integer, one ``:``, and a number that is
+    finite in float32."""
+    s = s.strip(b" ")
+    if T == 0:
+        if s:
+            raise _BlockError
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    b = np.frombuffer(s, dtype=np.uint8)
+    spc = b == 32
+    sepm = b == 58
+    sepm[1:] |= spc[1:] & ~spc[:-1]  # first space of each run of spaces
+    seps = b[sepm]
+    if len(seps) != 2 * T - 1 or not (np.all(seps[0::2] == 58) and np.all(seps[1::2] == 32)):
+        raise _BlockError
+    seg = np.cumsum(sepm, dtype=np.int32)
+    ib = b[~sepm & ~spc & ((seg & 1) == 0)]
+    if not np.all((ib >= 48) & (ib <= 57)):
+        raise _BlockError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            nums = np.fromstring(s.replace(b":", b" "), dtype=np.float64, sep=" ")
+    except (ValueError, DeprecationWarning):
+        raise _BlockError from None
+    if len(nums) != 2 * T:
+        raise _BlockError
+    idx = nums[0::2]
+    if np.any(idx > 2 ** 53):
+        raise _BlockError
+    with np.errstate(over="ignore", invalid="ignore"):
+        vals = nums[1::2].astype(np.float32)
+    if not np.all(np.isfinite(vals)):
+        raise _BlockError
+    return idx.astype(np.int64), vals
+
+
+def _csr(counts, indices, data, ncols) -> sp.csr_matrix:
+    indptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    itype = np.int32 if max(indptr[-1], ncols) < 2 ** 31 else np.int64
+    M = sp.csr_matrix((np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=itype),
+                       indptr.astype(itype)), shape=(len(counts), ncols))
+    M.has_sorted_indices = False
+    M.sort_indices()
+    return M
+
+
+def _dup_rows(M: sp.csr_matrix) -> np.ndarray:
+    """Rows (sorted indices assumed) holding a repeated column index."""
+    ind, ptr = M.indices, M.indptr
+    if len(ind) < 2:
+        return np.zeros(0, dtype=np.int64)
+    same = ind[1:] == ind[:-1]
+    if not same.any():
+        return np.zeros(0, dtype=np.int64)
+    starts = np.zeros(len(ind), dtype=bool)
+    nonempty = ptr[:-1] < ptr[1:]
+    starts[ptr[:-1][nonempty]] = True
+    pos = np.flatnonzero(same & ~starts[1:]) + 1
+    return np.unique(np.searchsorted(ptr, pos, side="right") - 1)
+
+
+def _dedupe(M: sp.csr_matrix, binary: bool) -> sp.csr_matrix:
+    """Drop repeated column indices within rows (sorted); keeps the max value (or 1.0 when binary)."""
+    if len(_dup_rows(M)) == 0:
+        if binary:
+            M.data[:] = 1.0
+        return M
+    C = sp.coo_matrix(M)
+    key = C.row.astype(np.int64) * M.shape[1] + C.col
+    order = np.lexsort((-C.data, key))  # by key, largest value first
+    key_s = key[order]
+    first = np.ones(len(key_s), dtype=bool)
+    first[1:] = key_s[1:] != key_s[:-1]
+    keep = order[first]
+    data = np.ones(len(keep), np.float32) if binary else C.data[keep]
+    out = sp.csr_matrix((data, (C.row[keep], C.col[keep])), shape=M.shape, dtype=np.float32)
+    out.sort_indices()
+    return out
+
+
+def _stack(parts, ncols) -> sp.csr_matrix:
+    if not parts:
+        return sp.csr_matrix((0, ncols), dtype=np.float32)
+    if len(parts) == 1:
+        return parts[0]
+    M = sp.vstack(parts, format="csr", dtype=np.float32)
+    M.sort_indices()
+    return M
+
+
+# ------------------------------------------------------------------------------------------------- XC BoW
+def _bow_block_fast(lines, F, C):
+    parts = [ln.partition(b" ") for ln in lines]
+    labs = [p[0] for p in parts]
+    feats = [p[2] for p in parts]
+    n = len(lines)
+    # labels
+    lab_counts = np.fromiter((a.count(b",") + 1 if a else 0 for a in labs), dtype=np.int64, count=n)
+    lab = _fast_ints(b",".join([a for a in labs if a]), int(lab_counts.sum()), b",")
+    if len(lab) and lab.max() >= C:
+        raise _BlockError
+    # features
+    f_counts = np.fromiter((f.count(b":") for f in feats), dtype=np.int64, count=n)
+    idx, vals = _fast_pairs(b" ".join(feats), int(f_counts.sum()))
+    if len(idx) and idx.max() >= F:
+        raise _BlockError
+    X = _csr(f_counts, idx, vals, F)
+    if len(_dup_rows(X)):
+        raise _BlockError
+    Y = _dedupe(_csr(lab_counts, lab, np.ones(len(lab), np.float32), C), binary=True)
+    return X, Y
+
+
+def _parse_int(tok: str):
+    return int(tok) if _INT_RE.match(tok) else None
+
+
+def _parse_value(tok_val: str):
+    try:
+        v = float(tok_val)
+    except ValueError:
+        return None
+    return v
+
+
+def _parse_pair_slow(path, lineno, tok: str, n_index: int, what: str, value_optional=False):
+    """One ``index:value`` token, checked; returns (index, float32 value)."""
+    if ":" not in tok:
+        if value_optional:
+            idx_s, val_s = tok, None
+        else:
+            raise DataFormatError(path, lineno, f"{what} token {tok!r} has no ':' (expected index:value)")
+    else:
+        idx_s, _, val_s = tok.partition(":")
+    if idx_s == "":
+        raise DataFormatError(path, lineno, f"{what} token {tok!r} has no index before ':'")
+    i = _parse_int(idx_s)
+    if i is None:
+        if idx_s.lstrip("+-").isdigit() and idx_s.startswith("-"):
+            raise DataFormatError(path, lineno, f"negative {what} index {idx_s} in token {tok!r}")
+        raise DataFormatError(path, lineno, f"{what} index {idx_s!r} in token {tok!r} is not a non-negative integer")
+    if i >= n_index:
+        raise DataFormatError(path, lineno, f"{what} index {i} out of range (num_{what}s={n_index}) in token {tok!r}")
+    if val_s is None:
+        return i, np.float32(1.0)
+    if val_s == "":
+        raise DataFormatError(path, lineno, f"{what} token {tok!r} has no value after ':'")
+    v = _parse_value(val_s)
+    if v is None:
+        raise DataFormatError(path, lineno, f"{what} value {val_s!r} in token {tok!r} is not a number")
+    with np.errstate(over="ignore"):
+        v32 = np.float32(v)
+    if not np.isfinite(v32):
+        raise DataFormatError(path, lineno, f"non-finite {what} value in token {tok!r}"
+                                            f"{' (beyond float32 range)' if np.isfinite(v) else ''}")
+    return i, v32
+
+
+def _bow_line_slow(path, lineno, line: bytes, F, C):
+    try:
+        s = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, lineno, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    lab_s, _, feat_s = s.partition(" ")
+    labels = []
+    if lab_s:
+        for t in lab_s.split(","):
+            if t == "":
+                raise DataFormatError(path, lineno, f"empty label id in {lab_s!r} (stray comma?)")
+            i = _parse_int(t)
+            if i is None:
+                if t.startswith("-") and t[1:].isdigit():
+                    raise DataFormatError(path, lineno, f"negative label id {t} (label ids are 0-based)")
+                raise DataFormatError(path, lineno, f"label id {t!r} is not a non-negative integer"
+                                      + (" (a line without labels must start with a space)" if ":" in t else ""))
+            if i >= C:
+                raise DataFormatError(path, lineno, f"label id {i} out of range (num_labels={C})")
+            labels.append(i)
+    idx, vals, seen = [], [], set()
+    for tok in feat_s.split():
+        i, v = _parse_pair_slow(path, lineno, tok, F, "feature")
+        if i in seen:
+            raise DataFormatError(path, lineno, f"duplicate feature index {i} on the line")
+        seen.add(i)
+        idx.append(i)
+        vals.append(v)
+    return labels, idx, vals
+
+
+def _bow_block(path, first_lineno, lines, F, C):
+    try:
+        return _bow_block_fast(lines, F, C)
+    except _BlockError:
+        pass
+    lab_c, labs, f_c, fi, fv = [], [], [], [], []
+    for k, line in enumerate(lines):
+        a, i, v = _bow_line_slow(path, first_lineno + k, line, F, C)
+        lab_c.append(len(a)); labs += a
+        f_c.append(len(i)); fi += i; fv += v
+    X = _csr(np.array(f_c, np.int64), np.array(fi, np.int64), np.array(fv, np.float32), F)
+    Y = _dedupe(_csr(np.array(lab_c, np.int64), np.array(labs, np.int64), np.ones(len(labs), np.float32), C),
+                binary=True)
+    return X, Y
+
+
+def read_xc_bow(path, num_features=None, num_labels=None):
+    """Read an XC BoW file -> ``(X, Y)``: float32 CSR matrices of shape (N, F) and (N, C), Y holding 1.0 per
+    label, indices sorted within rows. ``num_features`` / ``num_labels``, when given, must equal the header."""
+    path = resolve_path(path)
+    blocks = _iter_blocks(path)
+    (N, F, C), rest = _read_header(path, blocks, ("num_points", "num_features", "num_labels"))
+    _check_given(path, "num_features", num_features, F)
+    _check_given(path, "num_labels", num_labels, C)
+    xs, ys = [], []
+    for lineno, lines in _iter_data(path, blocks, rest, N):
+        X, Y = _bow_block(path, lineno, lines, F, C)
+        xs.append(X)
+        ys.append(Y)
+    return _stack(xs, F), _stack(ys, C)
+
+
+# ------------------------------------------------------------------------------------------------------ XY
+def _xy_block_fast(lines, C):
+    split = [ln.split() for ln in lines]
+    counts = np.fromiter((len(t) for t in split), dtype=np.int64, count=len(lines))
+    toks = [t for ts in split for t in ts]
+    if sum(t.count(b":") for t in toks) != len(toks):
+        toks = [t if b":" in t else t + b":1" for t in toks]
+    idx, vals = _fast_pairs(b" ".join(toks), len(toks))
+    if len(idx) and idx.max() >= C:
+        raise _BlockError
+    return _dedupe(_csr(counts, idx, vals, C), binary=False)
+
+
+def _xy_block(path, first_lineno, lines, C):
+    try:
+        return _xy_block_fast(lines, C)
+    except _BlockError:
+        pass
+    counts, idx, vals = [], [], []
+    for k, line in enumerate(lines):
+        lineno = first_lineno + k
+        try:
+            s = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFormatError(path, lineno, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+        toks = s.split()
+        for tok in toks:
+            i, v = _parse_pair_slow(path, lineno, tok, C, "label", value_optional=True)
+            idx.append(i)
+            vals.append(v)
+        counts.append(len(toks))
+    return _dedupe(_csr(np.array(counts, np.int64), np.array(idx, np.int64), np.array(vals, np.float32), C),
+                   binary=False)
+
+
+def read_xy(path, num_labels=None):
+    """Read an ``*_X_Y.txt`` file -> float32 CSR (N, C) holding each label's value (1.0 when omitted)."""
+    path = resolve_path(path)
+    blocks = _iter_blocks(path)
+    (N, C), rest = _read_header(path, blocks, ("num_points", "num_labels"))
+    _check_given(path, "num_labels", num_labels, C)
+    parts = [_xy_block(path, lineno, lines, C) for lineno, lines in _iter_data(path, blocks, rest, N)]
+    return _stack(parts, C)
+
+
+# --------------------------------------------------------------------------------------------------- lines
+def read_lines(path, expected=None) -> list[str]:
+    """One string per line (newline and a trailing ``\\r`` stripped; only ``\\n`` ends a line). With
+    ``expected``, blank lines beyond it at the end are ignored and any other count mismatch is an error."""
+    path = resolve_path(path)
+    out = []
+    with open_text(path, "rb") as f:
+        for k, raw in enumerate(f, start=1):
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, k, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    if expected is not None:
+        expected = int(expected)
+        n = len(out)
+        if n > expected and not any(s.strip() for s in out[expected:]):
+            del out[expected:]
+        if len(out) != expected:
+            raise DataFormatError(path, n, f"has {n} lines, expected {expected} (one per point/label)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- writers
+def _fmt_values(vals) -> list[str]:
+    return [f"{v:.6g}" for v in np.asarray(vals, dtype=np.float64).tolist()]
+
+
+def _pairs_per_row(M: sp.csr_matrix) -> list[str]:
+    """Each row of a CSR matrix as 'i:v i:v ...'."""
+    toks = [f"{i}:{v}" for i, v in zip(M.indices.tolist(), _fmt_values(M.data))]
+    ptr = (M.indptr - M.indptr[0]).tolist()
+    return [" ".join(toks[ptr[r]:ptr[r + 1]]) for r in range(M.shape[0])]
+
+
+def _as_csr(M, name) -> sp.csr_matrix:
+    M = sp.csr_matrix(M, dtype=np.float32)
+    M.sum_duplicates()
+    M.sort_indices()
+    if not np.all(np.isfinite(M.data)):
+        raise ValueError(f"{name} holds non-finite values")
+    return M
+
+
+_ROWS_PER_WRITE = 20000
+
+
+def _write_text(path, header, n_rows, make_lines):
+    """Write ``header`` then the lines ``make_lines(lo, hi)`` returns for row ranges, a chunk at a time."""
+    with open_text(path, "wt") as f:
+        if header is not None:
+            f.write(header + "\n")
+        for lo in range(0, n_rows, _ROWS_PER_WRITE):
+            chunk = make_lines(lo, min(n_rows, lo + _ROWS_PER_WRITE))
+            if chunk:
+                f.write("\n".join(chunk))
+                f.write("\n")
+
+
+def write_xc_bow(path, X, Y):
+    """Write X (N, F) and Y (N, C) in XC BoW format (values with 6 significant digits; labels sorted).
+    Each line is ``labels + ' ' + features`` (so a point without labels starts with a space)."""
+    X, Y = _as_csr(X, "X"), _as_csr(Y, "Y")
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}")
+
+    def make(lo, hi):
+        Ys = Y[lo:hi]
+        ltoks = [str(i) for i in Ys.indices.tolist()]
+        lptr = (Ys.indptr - Ys.indptr[0]).tolist()
+        feats = _pairs_per_row(X[lo:hi])
+        return [",".join(ltoks[lptr[r]:lptr[r + 1]]) + " " + feats[r] for r in range(hi - lo)]
+
+    _write_text(path, f"{X.shape[0]} {X.shape[1]} {Y.shape[1]}", X.shape[0], make)
+
+
+def write_xy(path, Y):
+    """Write Y (N, C) as ``num_points num_labels`` + ``label:value ...`` lines."""
+    Y = _as_csr(Y, "Y")
+    _write_text(path, f"{Y.shape[0]} {Y.shape[1]}", Y.shape[0], lambda lo, hi: _pairs_per_row(Y[lo:hi]))
+
+
+def write_lines(path, lines):
+    """Write one string per line; a string may not contain a line break."""
+    lines = [str(s) for s in lines]
+    for k, s in enumerate(lines):
+        if "\n" in s or "\r" in s:
+            raise ValueError(f"line {k + 1} to write to {path} contains a line break")
+    _write_text(path, None, len(lines), lambda lo, hi: lines[lo:hi])
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+def _cache_file(path: Path, cache_dir) -> Path:
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return Path(cache_dir) / f"{name}.{key}.npz"
+
+
+def _save_npz_atomic(target: Path, arrays: dict):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_bow_cached(path, cache_dir, num_features=None, num_labels=None):
+    """:func:`read_xc_bow`, with the parsed matrices cached as ``.npz`` in ``cache_dir`` (keyed by the file's
+    absolute path, size and mtime), so later loads skip parsing. An unreadable cache entry is re-made."""
+    path = resolve_path(path)
+    cf = _cache_file(path, cache_dir)
+    X = Y = None
+    if cf.exists():
+        try:
+            with np.load(cf) as z:
+                X = sp.csr_matrix((z["X_data"], z["X_indices"], z["X_indptr"]), shape=tuple(z["X_shape"]))
+                Y = sp.csr_matrix((z["Y_data"], z["Y_indices"], z["Y_indptr"]), shape=tuple(z["Y_shape"]))
+        except Exception:  # corrupt / old cache: parse again
+            X = Y = None
+    if X is None:
+        X, Y = read_xc_bow(path)
+        try:
+            _save_npz_atomic(cf, {"X_data": X.data, "X_indices": X.indices, "X_indptr": X.indptr,
+                                  "X_shape": np.array(X.shape), "Y_data": Y.data, "Y_indices": Y.indices,
+                                  "Y_indptr": Y.indptr, "Y_shape": np.array(Y.shape)})
+        except OSError as e:  # read-only cache dir: still return the data
+            warnings.warn(f"could not write parse cache {cf}: {e}")
+    X.has_sorted_indices = True
+    Y.has_sorted_indices = True
+    _check_given(path, "num_features", num_features, X.shape[1])
+    _check_given(path, "num_labels", num_labels, Y.shape[1])
+    return X, Y

@@ -1,0 +1,182 @@
+"""Label texts in the documents' bag-of-words feature space, so one BoW encoder embeds documents and labels (NGAME).
+
+`bow_label_features(dm)` reads the dataset's label-text file (`dataset.label_text_file`, line i = label i; a
+`id<TAB>text` line keeps the text after the first tab) and maps each text to a sparse row over the documents'
+F features, in the same form as the rows of train.txt (before `dm.transform`), then applies `dm.transform`:
+
+* **vocab.txt next to the data** (`dataset.vocab_file`, default `vocab.txt`: `term<TAB>train df`, line i =
+  feature i; EURLEX57K, CookingStackExchange): texts are lower-cased and tokenised with the dataset's token
+  pattern (`dataset.label_token_pattern`; by default `[a-z][a-z-]*[a-z]` when no vocabulary term has a digit or
+  an apostrophe, as EURLEX57K's BoW, else `[a-z0-9]+(['-][a-z0-9]+)*`, as CookingStackExchange's); a hyphenated
+  token missing from the vocabulary counts as its parts (tag `food-safety` -> `food`, `safety`); tokens not in
+  the vocabulary are dropped. Value (1 + log tf) * log(N_train / df), row L2-normalised -- the documents'
+  weighting (N_train = points of the train file).
+* **synthetic data** (no vocab.txt, every token `w{i}` with i < F): token `w{i}` is feature i; value
+  (1 + log tf) * idf with the generator's idf = log((1 + N) / (1 + df)) + 1, df counted on the train file's
+  features; row L2-normalised.
+
+A label with no in-vocabulary token gets an empty row (the encoder sees only its bias); their count is logged.
+Errors are one line: ConfigError('dataset.label_text_file') when the dataset names no label-text file,
+MissingFileError when the file (or, for real text, the vocabulary) is missing.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from xmcneg.data import formats
+from xmcneg.errors import ConfigError, DataFormatError, MissingFileError
+
+log = logging.getLogger("xmcneg")
+
+TOKEN_ALPHA = r"[a-z][a-z-]*[a-z]"                 # EURLEX57K's BoW
+TOKEN_ALNUM = r"[a-z0-9]+(?:['-][a-z0-9]+)*"       # CookingStackExchange's BoW
+_SYNTH = re.compile(r"w(\d+)\Z")
+
+
+def _cfg_get(dm, key, default=None):
+    dcfg = getattr(dm, "dcfg", None)
+    if dcfg is None:
+        return default
+    try:
+        v = dcfg.get(key, default)
+    except AttributeError:
+        v = getattr(dcfg, key, default)
+    return default if v is None else v
+
+
+def label_text_file(dm) -> Path:
+    """The resolved label-text path, or a one-line error saying what is missing."""
+    path = getattr(dm, "label_text_path", None)
+    if path is not None:
+        return Path(path)
+    name = _cfg_get(dm, "label_text_file")
+    ds = getattr(dm, "name", "?")
+    if not name:
+        raise ConfigError("dataset.label_text_file",
+                          f"dataset '{ds}' has no label texts; NGAME embeds label texts: set it to the file with "
+                          "one text per label (e.g. lbl_X.txt, or Y.txt for CookingStackExchange)")
+    raise MissingFileError(f"dataset '{ds}': label-text file {Path(dm.dataset_dir()) / name} not found "
+                           "(NGAME needs one text per label; set dataset.label_text_file)")
+
+
+def read_label_texts(path, num_labels) -> list[str]:
+    texts = formats.read_lines(path, expected=num_labels)
+    if texts and all("\t" in t for t in texts if t):
+        texts = [t.split("\t", 1)[1] if "\t" in t else t for t in texts]
+    return texts
+
+
+def read_vocab(path, num_features):
+    """(term -> feature id, df array) from `term<TAB>df` lines (line i = feature i)."""
+    lines = formats.read_lines(path)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if len(lines) != num_features:
+        raise DataFormatError(path, len(lines), f"has {len(lines)} terms, the documents have {num_features} "
+                                                "features (line i must be feature i)")
+    vocab, df = {}, np.zeros(num_features, dtype=np.float64)
+    for i, ln in enumerate(lines):
+        parts = ln.split("\t")
+        term = parts[0].strip()
+        try:
+            df[i] = float(parts[1]) if len(parts) > 1 else 1.0
+        except ValueError:
+            raise DataFormatError(path, i + 1, f"document frequency '{parts[1][:30]}' is not a number") from None
+        vocab.setdefault(term, i)
+    return vocab, df
+
+
+def default_token_pattern(vocab) -> str:
+    return TOKEN_ALNUM if any(re.search(r"[0-9']", t) for t in vocab) else TOKEN_ALPHA
+
+
+def tokenize(text, pattern, vocab):
+    """Feature ids of the in-vocabulary tokens of `text` (hyphenated out-of-vocabulary tokens -> their parts)."""
+    out = []
+    for m in re.finditer(pattern, text.lower()):
+        tok = m.group(0)
+        j = vocab.get(tok)
+        if j is not None:
+            out.append(j)
+        elif "-" in tok or "'" in tok:
+            out.extend(vocab[p] for p in re.split(r"['-]", tok) if p in vocab)
+    return out
+
+
+def _weighted_rows(rows, idf, num_features):
+    """CSR of (1 + log tf) * idf per row, L2-normalised; rows = list of feature-id lists."""
+    lens = np.array([len(r) for r in rows], dtype=np.int64)
+    cols = np.fromiter((j for r in rows for j in r), dtype=np.int64, count=int(lens.sum()))
+    rid = np.repeat(np.arange(len(rows)), lens)
+    tf = sp.csr_matrix((np.ones(len(cols), dtype=np.float64), (rid, cols)), shape=(len(rows), num_features))
+    tf.sum_duplicates()
+    tf.data = (1.0 + np.log(tf.data)) * idf[tf.indices]
+    sq = np.asarray(tf.multiply(tf).sum(1)).ravel()
+    norms = np.sqrt(sq)
+    norms[norms == 0] = 1.0
+    X = sp.csr_matrix(sp.diags(1.0 / norms) @ tf, dtype=np.float32)
+    X.eliminate_zeros()
+    X.sort_indices()
+    return X
+
+
+def _train_df(dm, num_features):
+    """Document frequency of each feature over the full train file (train + validation rows)."""
+    df = np.zeros(num_features, dtype=np.float64)
+    n = 0
+    for name in ("train", "val"):
+        try:
+            X = dm.split(name)[0]
+        except (KeyError, AttributeError):
+            continue
+        df += np.bincount(X.indices, minlength=num_features)[:num_features]
+        n += X.shape[0]
+    full = getattr(dm, "full_train_Y", None)
+    return df, (full.shape[0] if full is not None else n)
+
+
+def bow_label_features(dm) -> sp.csr_matrix:
+    """(C, F) float32 CSR: label i's text in the documents' feature space, after `dm.transform`."""
+    path = label_text_file(dm)
+    C, F = int(dm.num_labels), int(dm.num_features)
+    texts = read_label_texts(path, C)
+    vocab_name = _cfg_get(dm, "vocab_file", "vocab.txt")
+    vocab_path = Path(dm.dataset_dir()) / vocab_name
+    try:
+        vocab_path = formats.resolve_path(vocab_path)
+        have_vocab = True
+    except MissingFileError:
+        have_vocab = False
+    if have_vocab:
+        vocab, df = read_vocab(vocab_path, F)
+        pattern = _cfg_get(dm, "label_token_pattern") or default_token_pattern(vocab)
+        rows = [tokenize(t, pattern, vocab) for t in texts]
+        full = getattr(dm, "full_train_Y", None)
+        n_train = full.shape[0] if full is not None else _train_df(dm, F)[1]
+        idf = np.log(max(n_train, 1) / np.maximum(df, 1.0))
+    else:
+        rows = []
+        for i, t in enumerate(texts):
+            ids = []
+            for tok in t.split():
+                m = _SYNTH.match(tok)
+                if m is None or int(m.group(1)) >= F:
+                    raise MissingFileError(
+                        f"{path}:{i + 1}: token '{tok[:30]}' is not a feature id w<i> (i < {F}); real label texts "
+                        f"need the vocabulary {vocab_path} (term<TAB>df, line i = feature i), or set "
+                        "dataset.vocab_file")
+                ids.append(int(m.group(1)))
+            rows.append(ids)
+        df, n = _train_df(dm, F)
+        idf = np.log((1.0 + n) / (1.0 + df)) + 1.0
+    X = _weighted_rows(rows, idf, F)
+    empty = int((np.diff(X.indptr) == 0).sum())
+    if empty:
+        log.warning("label texts: %d of %d labels have no in-vocabulary token (empty feature rows)", empty, C)
+    transform = getattr(dm, "transform", None)
+    return transform(X) if transform is not None else X

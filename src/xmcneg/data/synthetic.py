@@ -1,0 +1,344 @@
+"""Seeded synthetic XMC datasets with the structure that makes negative sampling matter.
+
+The generative story (all draws vectorised with numpy; nothing is O(N x C)):
+
+* **Labels.** ``C`` labels with Zipf-like popularity ``p(label of rank r) ~ r^-zipf_a`` (ranks are assigned to
+  label ids by a random permutation). Labels are split at random into ``K`` clusters (default ``round(sqrt(C))``).
+* **Features.** Each cluster owns ``FEATS_PER_CLUSTER`` features shared by all its labels (so labels of one cluster
+  look alike: they are each other's hard negatives, while a label from another cluster is an easy negative);
+  each label owns ``FEATS_PER_LABEL`` features of its own (so it can be told apart from its cluster mates).
+  Feature ids are drawn at random from ``range(F)``; when ``K * FEATS_PER_CLUSTER`` or ``C * FEATS_PER_LABEL``
+  exceed ``F`` they overlap at random, as words do.
+* **Documents.** A document has ``1 + Poisson(avg_labels - 1)`` label draws: the first by global popularity, each
+  other one with probability ``SAME_CLUSTER`` from the first label's cluster (by popularity within the cluster),
+  else by global popularity; repeated draws collapse. Its length is ``max(1, Poisson(doc_len))`` tokens; each
+  token picks one of the document's labels and is, with probabilities ``MIX`` = (background, cluster, label),
+  a background word (Zipf over all features), one of that label's cluster features, or one of its own features.
+* **Values.** ``(1 + log tf) * idf`` with idf from the training split, each row L2-normalised (float32).
+
+Files written by :func:`generate` (the same readers as real data read them): ``train.txt``, ``test.txt``
+(+ ``val.txt`` when ``num_val > 0``) in XC BoW format; with ``write_text``: ``trn_X.txt``, ``tst_X.txt``
+(``val_X.txt``): the token sequences as words ``w{feature id}``, so a text tokenizer / hashing BoW sees the same
+vocabulary as the BoW features; ``trn_X_Y.txt``, ``tst_X_Y.txt`` (``val_X_Y.txt``); ``lbl_X.txt``: for label i a
+few words of its own and of its cluster; always ``label_cluster.npy`` (int32 cluster of each label) and
+``meta.json`` (all parameters and counts; written last, it marks a complete dataset).
+
+Same arguments -> byte-identical files (with the same numpy version). Train, test and validation documents come
+from separate random streams, so changing ``num_test`` leaves ``train.txt`` unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from xmcneg.data import formats
+from xmcneg.errors import ConfigError
+
+GENERATOR_VERSION = 1
+FEATS_PER_CLUSTER = 12
+FEATS_PER_LABEL = 3
+SAME_CLUSTER = 0.8
+MIX = (0.6, 0.3, 0.1)  # background, cluster, label
+BACKGROUND_ZIPF = 1.0
+_DOCS_PER_CHUNK = 20000
+_REDRAWS = 8
+
+
+class _Structure:
+    """The latent label/feature structure shared by all splits."""
+
+    def __init__(self, rng, C, F, K, zipf_a):
+        self.C, self.F, self.K = C, F, K
+        ranks = np.arange(1, C + 1, dtype=np.float64)
+        w = ranks ** -float(zipf_a)
+        pop = np.empty(C, dtype=np.float64)
+        pop[rng.permutation(C)] = w / w.sum()
+        self.pop = pop
+        self.cdf = np.cumsum(pop)
+        self.cdf /= self.cdf[-1]
+        self.cluster = rng.integers(K, size=C).astype(np.int32)
+        # labels sorted by cluster, with a popularity CDF over that order for within-cluster draws
+        self.order = np.argsort(self.cluster, kind="stable")
+        self.ccdf = np.cumsum(pop[self.order])
+        self.cstart = np.searchsorted(self.cluster[self.order], np.arange(K), side="left")
+        self.cend = np.searchsorted(self.cluster[self.order], np.arange(K), side="right")
+        self.cluster_feats = rng.integers(F, size=(K, FEATS_PER_CLUSTER)).astype(np.int64)
+        self.label_feats = rng.integers(F, size=(C, FEATS_PER_LABEL)).astype(np.int64)
+        bw = np.arange(1, F + 1, dtype=np.float64) ** -BACKGROUND_ZIPF
+        self.bg_perm = rng.permutation(F)
+        self.bg_cdf = np.cumsum(bw)
+        self.bg_cdf /= self.bg_cdf[-1]
+
+    def draw_popular(self, rng, n):
+        return np.minimum(np.searchsorted(self.cdf, rng.random(n), side="right"), self.C - 1)
+
+    def draw_in_cluster(self, rng, clusters):
+        lo, hi = self.cstart[clusters], self.cend[clusters]
+        base = np.where(lo > 0, self.ccdf[np.maximum(lo - 1, 0)], 0.0)
+        mass = self.ccdf[hi - 1] - base
+        pos = np.searchsorted(self.ccdf, base + rng.random(len(clusters)) * mass, side="right")
+        pos = np.clip(pos, lo, hi - 1)
+        return self.order[pos]
+
+
+def _make_split(rng, S: _Structure, n, avg_labels, doc_len):
+    """Labels (CSR, binary) and token sequences (doc pointer, feature ids) of ``n`` documents."""
+    C = S.C
+    nlab = 1 + rng.poisson(max(float(avg_labels) - 1.0, 0.0), size=n)
+    nlab = np.minimum(nlab, C)
+    slot_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(nlab, out=slot_ptr[1:])
+    total = int(slot_ptr[-1])
+    doc_of_slot = np.repeat(np.arange(n, dtype=np.int64), nlab)
+    is_first = np.zeros(total, dtype=bool)
+    is_first[slot_ptr[:-1]] = True
+    first_slots = slot_ptr[:-1]
+    labels = np.empty(total, dtype=np.int64)
+    labels[first_slots] = S.draw_popular(rng, n)
+    first_cluster = S.cluster[labels[first_slots]]
+    todo = np.flatnonzero(~is_first)
+    for _ in range(_REDRAWS):  # redraw labels that repeat one of the document's, so docs keep ~avg_labels
+        if len(todo) == 0:
+            break
+        same = rng.random(len(todo)) < SAME_CLUSTER
+        new = S.draw_popular(rng, len(todo))
+        new[same] = S.draw_in_cluster(rng, first_cluster[doc_of_slot[todo[same]]])
+        labels[todo] = new
+        key = doc_of_slot * C + labels
+        order = np.argsort(key, kind="stable")
+        dup = np.zeros(total, dtype=bool)
+        dup[order[1:]] = key[order[1:]] == key[order[:-1]]
+        todo = np.flatnonzero(dup)
+    Y = sp.csr_matrix((np.ones(total, dtype=np.float32), (doc_of_slot, labels)), shape=(n, C))
+    Y.sum_duplicates()
+    Y.data[:] = 1.0
+
+    # tokens
+    lens = np.maximum(rng.poisson(float(doc_len), size=n), 1)
+    tok_ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=tok_ptr[1:])
+    T = int(tok_ptr[-1])
+    doc_of_tok = np.repeat(np.arange(n, dtype=np.int64), lens)
+    ny = np.diff(Y.indptr)
+    pick = Y.indptr[doc_of_tok] + np.minimum((rng.random(T) * ny[doc_of_tok]).astype(np.int64),
+                                             ny[doc_of_tok] - 1)
+    lab = Y.indices[pick].astype(np.int64)
+    comp = np.searchsorted(np.cumsum(MIX)[:-1], rng.random(T), side="right")  # 0 bg, 1 cluster, 2 label
+    slot = rng.random(T)
+    feats = np.empty(T, dtype=np.int64)
+    m = comp == 0
+    feats[m] = S.bg_perm[np.minimum(np.searchsorted(S.bg_cdf, slot[m], side="right"), S.F - 1)]
+    m = comp == 1
+    feats[m] = S.cluster_feats[S.cluster[lab[m]], (slot[m] * FEATS_PER_CLUSTER).astype(np.int64)]
+    m = comp == 2
+    feats[m] = S.label_feats[lab[m], (slot[m] * FEATS_PER_LABEL).astype(np.int64)]
+    return Y, tok_ptr, feats
+
+
+def _counts(n, F, tok_ptr, feats):
+    doc = np.repeat(np.arange(n, dtype=np.int64), np.diff(tok_ptr))
+    M = sp.csr_matrix((np.ones(len(feats), dtype=np.float32), (doc, feats)), shape=(n, F))
+    M.sum_duplicates()
+    return M
+
+
+def _tfidf(counts, idf):
+    X = counts.copy()
+    X.data = ((1.0 + np.log(X.data.astype(np.float64))) * idf[X.indices]).astype(np.float32)
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    norms = np.sqrt(np.bincount(rows, weights=X.data.astype(np.float64) ** 2, minlength=X.shape[0]))
+    norms[norms == 0] = 1.0
+    X.data = (X.data / np.repeat(norms, np.diff(X.indptr))).astype(np.float32)
+    X.sort_indices()
+    return X
+
+
+def _write_docs_text(path, words, tok_ptr, feats):
+    n = len(tok_ptr) - 1
+    with formats.open_text(path, "wt") as f:
+        for lo in range(0, n, _DOCS_PER_CHUNK):
+            hi = min(n, lo + _DOCS_PER_CHUNK)
+            a, b = int(tok_ptr[lo]), int(tok_ptr[hi])
+            ws = words[feats[a:b]].tolist()
+            ptr = (tok_ptr[lo:hi + 1] - a).tolist()
+            f.write("\n".join(" ".join(ws[ptr[i]:ptr[i + 1]]) for i in range(hi - lo)))
+            f.write("\n")
+
+
+def _write_label_text(path, words, S: _Structure, label_text_len):
+    n_own = min(FEATS_PER_LABEL, (label_text_len + 1) // 2)
+    n_clu = min(FEATS_PER_CLUSTER, label_text_len - n_own)
+    C = S.C
+    with formats.open_text(path, "wt") as f:
+        for lo in range(0, C, 100000):
+            hi = min(C, lo + 100000)
+            ids = np.concatenate([S.label_feats[lo:hi, :n_own],
+                                  S.cluster_feats[S.cluster[lo:hi], :n_clu]], axis=1)
+            rows = words[ids].tolist()
+            f.write("\n".join(" ".join(r) for r in rows))
+            f.write("\n")
+
+
+def _split_stats(X, Y):
+    n = X.shape[0]
+    return {"points": int(n), "avg_labels": round(float(Y.nnz) / max(n, 1), 4),
+            "avg_features": round(float(X.nnz) / max(n, 1), 4),
+            "labels_used": int(np.count_nonzero(np.bincount(Y.indices, minlength=Y.shape[1])))}
+
+
+_INT_PARAMS = ("num_labels", "num_features", "num_train", "num_test", "num_val", "seed", "doc_len",
+               "label_text_len")
+_FLOAT_PARAMS = ("avg_labels", "zipf_a")
+
+
+def _check(params):
+    def bad(key, msg):
+        raise ConfigError(f"dataset.{key}", msg)
+
+    for k, lo in (("num_labels", 2), ("num_features", 2), ("num_train", 1), ("num_test", 1), ("num_val", 0),
+                  ("seed", 0), ("doc_len", 1), ("label_text_len", 1)):
+        if params[k] < lo:
+            bad(k, f"must be >= {lo}, got {params[k]}")
+    if not params["avg_labels"] >= 1.0:
+        bad("avg_labels", f"must be >= 1, got {params['avg_labels']}")
+    if not params["zipf_a"] >= 0.0:
+        bad("zipf_a", f"must be >= 0, got {params['zipf_a']}")
+    k = params["num_clusters"]
+    if k is not None and not 1 <= k <= params["num_labels"]:
+        bad("num_clusters", f"must be between 1 and num_labels={params['num_labels']}, got {k}")
+
+
+def _normalise(kwargs) -> dict:
+    """Fill defaults and coerce types, so equal settings hash equally (3 vs 3.0, '0' vs 0)."""
+    p = dict(DEFAULTS)
+    for k, v in kwargs.items():
+        if k in p:
+            p[k] = v
+    try:
+        for k in _INT_PARAMS:
+            p[k] = int(p[k])
+        for k in _FLOAT_PARAMS:
+            p[k] = float(p[k])
+        p["num_clusters"] = None if p["num_clusters"] in (None, "null", "None") else int(p["num_clusters"])
+        p["write_text"] = bool(p["write_text"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError("dataset", f"bad synthetic-data parameter: {e}") from None
+    _check(p)
+    return p
+
+
+def generate(out_dir, num_labels=1000, num_features=5000, num_train=20000, num_test=2000, num_val=0, seed=0,
+             avg_labels=3.0, zipf_a=1.0, num_clusters=None, doc_len=40, label_text_len=4,
+             write_text=True) -> Path:
+    """Generate a dataset into ``out_dir`` (created if needed; see the module docstring). Returns ``out_dir``."""
+    p = _normalise(dict(num_labels=num_labels, num_features=num_features, num_train=num_train,
+                        num_test=num_test, num_val=num_val, seed=seed, avg_labels=avg_labels, zipf_a=zipf_a,
+                        num_clusters=num_clusters, doc_len=doc_len, label_text_len=label_text_len,
+                        write_text=write_text))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    C, F = p["num_labels"], p["num_features"]
+    K = p["num_clusters"] or max(1, min(C, int(round(math.sqrt(C)))))
+    ss_struct, ss_train, ss_test, ss_val = np.random.SeedSequence([p["seed"], GENERATOR_VERSION]).spawn(4)
+    S = _Structure(np.random.default_rng(ss_struct), C, F, K, p["zipf_a"])
+
+    splits = [("train", "trn", p["num_train"], ss_train), ("test", "tst", p["num_test"], ss_test)]
+    if p["num_val"] > 0:
+        splits.append(("val", "val", p["num_val"], ss_val))
+    words = np.array([f"w{i}" for i in range(F)]) if p["write_text"] else None
+    idf = None
+    stats, files = {}, []
+    for name, short, n, ss in splits:
+        Y, tok_ptr, feats = _make_split(np.random.default_rng(ss), S, n, p["avg_labels"], p["doc_len"])
+        counts = _counts(n, F, tok_ptr, feats)
+        if idf is None:  # training split comes first
+            df = np.bincount(counts.indices, minlength=F).astype(np.float64)
+            idf = np.log((1.0 + n) / (1.0 + df)) + 1.0
+        X = _tfidf(counts, idf)
+        del counts
+        formats.write_xc_bow(out / f"{name}.txt", X, Y)
+        files.append(f"{name}.txt")
+        if p["write_text"]:
+            _write_docs_text(out / f"{short}_X.txt", words, tok_ptr, feats)
+            formats.write_xy(out / f"{short}_X_Y.txt", Y)
+            files += [f"{short}_X.txt", f"{short}_X_Y.txt"]
+        stats[name] = _split_stats(X, Y)
+        del X, Y, tok_ptr, feats
+    if p["write_text"]:
+        _write_label_text(out / "lbl_X.txt", words, S, p["label_text_len"])
+        files.append("lbl_X.txt")
+    np.save(out / "label_cluster.npy", S.cluster)
+    files.append("label_cluster.npy")
+    meta = {
+        "generator": "xmcneg.data.synthetic", "version": GENERATOR_VERSION, "params": p,
+        "num_clusters": int(K), "feats_per_cluster": FEATS_PER_CLUSTER, "feats_per_label": FEATS_PER_LABEL,
+        "same_cluster": SAME_CLUSTER, "mix_background_cluster_label": list(MIX),
+        "num_labels": C, "num_features": F, "splits": stats, "files": files,
+    }
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / "meta.json")
+    return out
+
+
+DEFAULTS = {name: prm.default for name, prm in inspect.signature(generate).parameters.items()
+            if name != "out_dir"}
+
+
+def params_hash(cfg_dict) -> str:
+    p = _normalise(_plain(cfg_dict))
+    return hashlib.sha1(json.dumps({"version": GENERATOR_VERSION, **p}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _plain(cfg_dict) -> dict:
+    if cfg_dict is None:
+        return {}
+    try:  # OmegaConf DictConfig
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg_dict, DictConfig):
+            cfg_dict = OmegaConf.to_container(cfg_dict, resolve=True)
+    except ImportError:
+        pass
+    d = dict(cfg_dict)
+    if "seed" not in d and "gen_seed" in d:
+        d["seed"] = d["gen_seed"]
+    return d
+
+
+def ensure(cfg_dict, cache_root) -> Path:
+    """The dataset for these generation parameters (keys of :func:`generate`; others are ignored,
+    ``gen_seed`` is read as ``seed``), generated under ``cache_root/synthetic-<hash>`` unless already complete
+    (``meta.json`` present). Generation happens in a temporary directory renamed into place, so an interrupted
+    run never leaves a half dataset and concurrent callers (DDP ranks) end up sharing one copy."""
+    d = _plain(cfg_dict)
+    p = _normalise(d)
+    root = Path(cache_root)
+    out = root / f"synthetic-{params_hash(d)}"
+    if (out / "meta.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=root))
+    try:
+        os.chmod(tmp, 0o755)
+        generate(tmp, **p)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if (out / "meta.json").exists():  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # a stale incomplete directory: replace it
+                shutil.rmtree(out, ignore_errors=True)
+                os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -39,7 +39,7 @@ def test_run_records_follow_the_contract(uniform_run):
     assert rows[0].startswith("epoch,step,train_time_s,val/P@1")
     assert len(rows) == 1 + 3
     times = [float(r.split(",")[2]) for r in rows[1:]]
-    assert times == sorted(times) and times[-1] <= res["train_time_s"] + 1e-6
+    assert times == sorted(times) and times[-1] == pytest.approx(res["train_time_s"], abs=0.5)
     assert res["time_to_target_s"] == times[0]  # target 0.05 is reached at the first validation
     assert (out / "checkpoints" / "last.ckpt").exists()
 

@@ -167,6 +167,8 @@ def run(cfg: DictConfig):
         )
         trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt(cfg, out_dir), weights_only=True)
         fit_wall = time.perf_counter() - t_start
+        # snapshot the run's accounting now: testing the best checkpoint restores the recorder's state from it
+        train_time, samples, rows = recorder.train_time, recorder.samples, list(recorder.rows)
         t_test = time.perf_counter()
         test_ckpt = cfg.eval.get("test_ckpt", "best")
         if test_ckpt not in ("best", "last"):
@@ -175,14 +177,13 @@ def run(cfg: DictConfig):
         trainer.test(module, datamodule=dm, verbose=True, ckpt_path=best.best_model_path if use_best else None,
                      weights_only=True)
         test_s = time.perf_counter() - t_test
-        train_time = recorder.train_time
         results.update({
             "test": {k: round(v, 6) for k, v in module.test_metrics.items()},
             "train_time_s": round(train_time, 3),
             "eval_time_s": round(max(fit_wall - train_time, 0.0) + test_s, 3),
-            "samples_per_s": round(recorder.samples / max(train_time, 1e-9), 1),
+            "samples_per_s": round(samples / max(train_time, 1e-9), 1),
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            "time_to_target_s": time_to_target(recorder.rows, cfg.eval.target_p1),
+            "time_to_target_s": time_to_target(rows, cfg.eval.target_p1),
             "epochs": int(trainer.current_epoch),
             "tested": "best" if use_best else "last",
             "global_step": int(trainer.global_step),
@@ -194,7 +195,7 @@ def run(cfg: DictConfig):
             write_json(out_dir / "results.json", results)
         log.info("results: %s", out_dir / "results.json")
         # the value a sweeper (Optuna) maximises: the best validation P@1, never a test metric
-        vals = [r["val/P@1"] for r in recorder.rows if isinstance(r.get("val/P@1"), float)]
+        vals = [r["val/P@1"] for r in rows if isinstance(r.get("val/P@1"), float)]
         return max(vals) if vals else None
     except BaseException as e:
         results.update({"status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0],

@@ -18,6 +18,10 @@ from xmcneg.sweep_guard import check_multirun
 log = logging.getLogger("xmcneg")
 
 
+def is_multirun():
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
 # ---------------------------------------------------------------------------------------------------- building
 def build_from_target(cfg, key, skip=("name",), **extra):
     """Instantiate `cfg._target_` with the remaining keys (+ extra) as keyword arguments; clear errors."""
@@ -59,7 +63,7 @@ def build_module(cfg, dm):
     the label-scoring classifier in xmcneg.methods.classifier)."""
     import importlib
 
-    from xmcneg.eval.metrics import propensities
+    from xmcneg.eval.metrics import inverse_propensities
     from xmcneg.methods.classifier import XMCClassifier
 
     method = cfg.sampler.get("method", "classifier")
@@ -69,7 +73,7 @@ def build_module(cfg, dm):
         except ImportError as e:
             raise ConfigError("sampler.method", f"unknown method '{method}': {e}") from None
         return mod.build(cfg, dm)
-    inv_prop = 1.0 / propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
+    inv_prop = inverse_propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
     encoder = build_encoder(cfg, dm)
     sampler = build_sampler(cfg)
     return XMCClassifier(encoder, dm.num_labels, sampler=sampler, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
@@ -123,7 +127,7 @@ def run(cfg: DictConfig):
                "status": "running"}
     recorder = None
     t_start = time.perf_counter()
-    if HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN" and not cfg.get("ckpt_path"):
+    if is_multirun() and not cfg.get("ckpt_path"):
         done = read_results(out_dir / "results.json")
         if done.get("status") == "completed":  # re-running a sweep only runs the jobs not yet completed
             log.info("skipping %s: results.json says completed", out_dir)
@@ -212,7 +216,7 @@ def cli(fn, cfg):
     HYDRA_FULL_ERROR=1); in a multirun a failing job is recorded (results.json status failed) and the sweep goes
     on to the next job."""
     logging.getLogger("xmcneg").setLevel(logging.INFO)
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+    multirun = is_multirun()
     try:
         return fn(cfg)
     except XMCError as e:

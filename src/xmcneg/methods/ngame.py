@@ -675,7 +675,7 @@ class NGAME(XMCClassifier):
 def build(cfg, dm):
     """The NGAME LightningModule for cfg (train.build_module calls this for `sampler.method: ngame`); installs
     the clustered batch sampler as the datamodule's train batch sampler."""
-    from xmcneg.eval.metrics import propensities
+    from xmcneg.eval.metrics import inverse_propensities
     from xmcneg.train import build_encoder
 
     s = settings(cfg.sampler)
@@ -684,7 +684,7 @@ def build(cfg, dm):
     sampler = ClusterBatchSampler(num_train, int(cfg.data.batch_size), seed=int(cfg.seed),
                                   drop_last=bool(s["drop_last"]))
     dm.train_batch_sampler = sampler
-    inv_prop = 1.0 / propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
+    inv_prop = inverse_propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
     encoder = build_encoder(cfg, dm)
     return NGAME(encoder, dm.num_labels, num_train, ngame_cfg=cfg.sampler, optim_cfg=cfg.optim,
                  eval_cfg=cfg.eval, inv_prop=inv_prop, batch_sampler=sampler, seed=int(cfg.seed), datamodule=dm)

@@ -1,6 +1,7 @@
 """Synthetic XMC generator: deterministic, readable by the real readers, skewed, clustered and learnable."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,31 @@ def test_ensure_interrupted_leaves_nothing(tmp_path, monkeypatch):
 def test_bad_parameters(tmp_path, bad):
     with pytest.raises(ConfigError):
         synthetic.generate(tmp_path, **{**SMALL, **bad})
+
+
+def test_max_train_docs_takes_a_seeded_subset_disjoint_from_validation(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from xmcneg.data.datamodule import build_datamodule
+
+    root = Path(__file__).resolve().parents[1]
+    over = ["dataset.num_labels=50", "dataset.num_train=400", "dataset.num_test=50", "dataset.num_features=100",
+            f"paths.cache_dir={tmp_path}", "data.val_size=40"]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        full = compose("train", overrides=over)
+        capped = compose("train", overrides=over + ["data.max_train_docs=100"])
+        bad = compose("train", overrides=over + ["data.max_train_docs=0"])
+    dms = []
+    for cfg in (full, capped):
+        dm = build_datamodule(cfg)
+        dm.prepare_data()
+        dm.setup("fit")
+        dms.append(dm)
+    a, b = dms
+    assert a.split("train")[0].shape[0] == 360 and b.split("train")[0].shape[0] == 100
+    assert set(b.train_rows) <= set(a.train_rows) and not set(b.train_rows) & set(b.val_rows)
+    assert list(b.val_rows) == list(a.val_rows)  # the cap never changes the validation split
+    dm = build_datamodule(bad)
+    dm.prepare_data()
+    with pytest.raises(ConfigError, match="data.max_train_docs"):
+        dm.setup("fit")

@@ -142,6 +142,11 @@ class XCDataModule(pl.LightningDataModule):
         perm = np.random.default_rng(self.seed).permutation(n)
         val_rows, train_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         val_rows = val_rows[: int(self.cfg.val_max_docs)]
+        cap = self.cfg.get("max_train_docs")
+        if cap is not None:  # a seeded subset of the training split (short-budget runs of slow encoders)
+            if int(cap) < 1:
+                raise ConfigError("data.max_train_docs", f"must be >= 1 or null, got {cap}")
+            train_rows = np.sort(perm[n_val:][: int(cap)])
         self.train_rows, self.val_rows = train_rows, val_rows
         self.splits = {
             "train": (Xtr[train_rows], Ytr[train_rows]),

@@ -262,3 +262,19 @@ def test_missing_label_texts_is_a_config_error(tmp_path):
     dm.setup("fit")
     with pytest.raises(ConfigError, match="dataset.label_text_file"):
         ngame.build(cfg, dm)
+
+
+@pytest.mark.parametrize("enc_lr,phase1_lr,expected", [(None, None, 1e-3), (5e-5, None, 5e-5), (5e-5, 0.01, 0.01)])
+def test_phase1_lr_comes_from_sampler_then_encoder_then_optim(tmp_path, enc_lr, phase1_lr, expected):
+    from xmcneg.data.datamodule import build_datamodule
+    from xmcneg.methods import ngame
+
+    over = {} if phase1_lr is None else {"sampler.phase1_lr": phase1_lr}
+    cfg = _cfg(tmp_path, **over)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = ngame.build(cfg, dm)
+    module.encoder.lr = enc_lr  # transformer encoders carry their own lr (encoder.lr)
+    enc_opt = module.configure_optimizers()[0]
+    assert enc_opt.param_groups[0]["lr"] == pytest.approx(expected)

@@ -455,7 +455,9 @@ class NGAME(XMCClassifier):
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
         o = self.optim_cfg
-        lr1 = float(self.s["phase1_lr"] if self.s["phase1_lr"] is not None else o.encoder_lr)
+        # phase1_lr, else the encoder's own lr (transformers carry a small one), else optim.encoder_lr
+        lr1 = self.s["phase1_lr"]
+        lr1 = float(lr1 if lr1 is not None else (getattr(self.encoder, "lr", None) or o.encoder_lr))
         if lr1 <= 0:
             raise ConfigError("sampler.phase1_lr", f"must be > 0, got {lr1}")
         enc = torch.optim.AdamW(self.encoder.parameters(), lr=lr1, weight_decay=float(o.get("weight_decay", 0.0)))

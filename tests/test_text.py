@@ -237,3 +237,21 @@ def test_tiny_transformer_end_to_end(tmp_path):
     assert enc.dim == 32 and enc.model.config.vocab_size == dm.num_features
     emb = embed_label_texts(enc, dm, batch_size=16)
     assert emb.shape == (40, 32) and not emb.requires_grad
+
+    # eval.py mode=predict on raw text (one document per line): its top-1 reproduces the run's test P@1
+    from xmcneg import evaluate
+    from xmcneg.data import formats
+
+    assert res["tested"] == "best" and res["epochs"] == 1  # one epoch: best.ckpt holds the tested weights
+    pred = tmp_path / "pred.txt"
+    with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
+        ecfg = compose("eval", overrides=overrides + [
+            "mode=predict", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}",
+            f"input={d / 'tst_X.txt'}", f"output={pred}", "k=3"])
+    assert evaluate.run(ecfg) == 100
+    lines = pred.read_text().splitlines()
+    assert len(lines) == 100 and all(len(line.split()) == 3 for line in lines)
+    Y = formats.read_xy(d / "tst_X_Y.txt")
+    top1 = [int(line.split()[0].split(":")[0]) for line in lines]
+    p_at_1 = float(np.mean([Y[i, top1[i]] for i in range(100)]))
+    assert p_at_1 == pytest.approx(res["test"]["P@1"], abs=1e-6)

@@ -59,17 +59,28 @@ def predict(cfg, mcfg, dm, module):
 
     if not cfg.input or not cfg.output:
         raise ConfigError("input", "mode=predict needs input=FILE and output=FILE")
-    X, _ = formats.read_xc_bow(formats.resolve_path(cfg.input), num_features=dm.num_features)
-    X = dm.transform(X)
     k = int(cfg.k)
     if k <= 0:
         raise ConfigError("k", f"must be > 0, got {k}")
+    if hasattr(dm, "text_inputs"):  # a model trained on raw text: one document per line, in its tokenisation
+        texts = formats.read_lines(cfg.input)
+        n = len(texts)
+
+        def inputs(rows):
+            return dm.text_inputs([texts[i] for i in rows])
+    else:  # a BoW model: an XC BoW file (train.txt format; labels may be empty)
+        X, _ = formats.read_xc_bow(formats.resolve_path(cfg.input), num_features=dm.num_features)
+        X = dm.transform(X)
+        n = X.shape[0]
+
+        def inputs(rows):
+            return csr_rows_to_bag(X, rows)
     rows_out = []
     bs = int(mcfg.data.batch_size)
     with torch.no_grad():
-        for i in range(0, X.shape[0], bs):
-            rows = np.arange(i, min(i + bs, X.shape[0]))
-            batch = {"x": csr_rows_to_bag(X, rows), "pos": torch.full((len(rows), 1), -1), "idx": torch.from_numpy(rows)}
+        for i in range(0, n, bs):
+            rows = np.arange(i, min(i + bs, n))
+            batch = {"x": inputs(rows), "pos": torch.full((len(rows), 1), -1), "idx": torch.from_numpy(rows)}
             h = module.encoder(batch["x"])
             query = module.sampler.correction_query(batch, h) if module.use_correction() else None
             scores, ids = module.predict_topk(h, query, k=k)

@@ -93,7 +93,8 @@ def measure(args, sampler):
         strategy=cfg.hardware.strategy, precision=cfg.hardware.precision, max_epochs=1,
         limit_train_batches=args.warmup + args.steps, limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[clock], default_root_dir="/tmp/xmcneg-throughput")
+        callbacks=[clock], default_root_dir="/tmp/xmcneg-throughput",
+        use_distributed_sampler=False)  # the datamodule shards the data itself under DDP (as train.py)
     trainer.fit(module, datamodule=dm)
     if not trainer.is_global_zero:
         return None

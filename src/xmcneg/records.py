@@ -5,6 +5,7 @@ time, as in the paper's plots) and pauses during validation. Its state is saved 
 keeps counting from where it stopped. Files are written atomically (temp file + os.replace).
 """
 import csv
+import hashlib
 import io
 import json
 import os
@@ -73,6 +74,58 @@ class KillSwitch(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if self.point == "ckpt" and trainer.current_epoch == self.epoch:
             trainer.strategy.checkpoint_io.kill_before_rename = True
+
+
+def tensor_digest(t) -> str:
+    """sha1 of a tensor's dtype, shape and bytes: a bit-exact fingerprint for comparing processes."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_digests(obj):
+    """`obj` (nested dicts / lists of tensors and scalars) with every tensor replaced by its digest."""
+    if isinstance(obj, torch.Tensor):
+        return tensor_digest(obj)
+    if isinstance(obj, dict):
+        return {str(k): state_digests(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [state_digests(v) for v in obj]
+    return obj if obj is None or isinstance(obj, (bool, int, float, str)) else repr(obj)
+
+
+class RankDebugRecorder(pl.Callback):
+    """Test hook (debug.record_train_rows), for checking DDP: every rank writes to <run dir>/debug/
+      train_rows_e<epoch>_r<rank>.json  its training batches of that epoch (lists of training-split row ids,
+                                        batch["idx"], in order);
+      fit_end_r<rank>.json              at fit end, digests of its module state_dict, of its optimisers' states
+                                        and of `pl_module.debug_state()` (state that must agree across ranks:
+                                        sampler trees / indexes, NGAME clusters)."""
+
+    def __init__(self, out_dir):
+        self.dir = Path(out_dir) / "debug"
+        self.rows = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append(batch["idx"].tolist())
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / f"train_rows_e{trainer.current_epoch}_r{trainer.global_rank}.json", self.rows)
+
+    def on_fit_end(self, trainer, pl_module):
+        debug_state = getattr(pl_module, "debug_state", None)
+        out = {"rank": trainer.global_rank, "world_size": trainer.world_size,
+               "global_step": trainer.global_step, "epoch": trainer.current_epoch,
+               "state_dict": state_digests(pl_module.state_dict()),
+               "optimizers": [state_digests(opt.state_dict()) for opt in trainer.optimizers],
+               "debug_state": state_digests(debug_state()) if callable(debug_state) else {}}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / f"fit_end_r{trainer.global_rank}.json", out)
 
 
 def peak_rss_mb():

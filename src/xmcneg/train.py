@@ -118,7 +118,7 @@ def run(cfg: DictConfig):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.records import AtomicCheckpointIO, KillSwitch, RunRecorder
+    from xmcneg.records import AtomicCheckpointIO, KillSwitch, RankDebugRecorder, RunRecorder
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +157,8 @@ def run(cfg: DictConfig):
             if kill_in not in KillSwitch.POINTS:
                 raise ConfigError("debug.kill_in", f"expected one of {', '.join(KillSwitch.POINTS)}, got {kill_in}")
             callbacks.append(KillSwitch(kill_in, cfg.debug.kill_epoch))
+        if cfg.get("debug", {}).get("record_train_rows"):
+            callbacks.append(RankDebugRecorder(out_dir))
         t = cfg.trainer
         trainer = pl.Trainer(
             accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
@@ -168,6 +170,10 @@ def run(cfg: DictConfig):
             logger=build_loggers(cfg, out_dir) or False, callbacks=callbacks,
             default_root_dir=str(out_dir), deterministic=False, enable_model_summary=False,
             plugins=[AtomicCheckpointIO()],
+            # the datamodule shards every split itself (disjoint training batches, each row once per epoch, the
+            # same number of steps on every rank; see xmcneg.data.datamodule): Lightning's DistributedSampler
+            # would pad the training split with duplicates and could re-create a method's batch sampler
+            use_distributed_sampler=False,
         )
         trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt(cfg, out_dir), weights_only=True)
         fit_wall = time.perf_counter() - t_start

@@ -4,14 +4,21 @@ Splits: train/test from the files; validation carved from train (seeded, `data.v
   x:   {"indices", "offsets", "weights"}  sparse feature rows in EmbeddingBag form
   pos: LongTensor (B, P) positive label ids, padded with -1
   idx: LongTensor (B,) row ids within the split
+
+Distribution (DDP): the datamodule shards every split itself (the Trainer runs with use_distributed_sampler=False).
+Training: :class:`RankBatchSampler` deals out the epoch's global row order (seeded by (seed, epoch), identical on
+every rank) so that the ranks' batches are disjoint, every row is used exactly once per epoch and every rank runs
+the same number of steps (see :func:`rank_batches` for the tail rule). Validation / test: :func:`shard_rows`, each
+rank every world_size-th row, padded by wrapping around (the evaluation drops the duplicates by `idx`).
 """
+import math
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xmcneg.data import formats, synthetic
 from xmcneg.errors import ConfigError, MissingFileError
@@ -75,6 +82,89 @@ class _Rows(Dataset):
 
     def __getitem__(self, i):
         return i
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+def rank_batches(order, batch_size, rank=0, world_size=1):
+    """Rank `rank`'s batches of one epoch, cut from `order` (the epoch's global row order, the same on every rank).
+
+    The order is cut into steps of batch_size x world_size rows; at each step rank r takes the r-th block of
+    batch_size rows. The tail (R < batch_size x world_size rows) is split into world_size contiguous parts of
+    sizes differing by at most one, one more batch per rank, if R >= world_size; if 0 < R < world_size (a part
+    would be empty) the R rows are instead appended one each to the last batches of ranks 0 .. R-1. So the ranks'
+    batches are disjoint, together hold every row exactly once, and every rank gets the same number of batches
+    (`num_rank_batches`), none empty. world_size 1: consecutive batches of batch_size, the last one shorter, as a
+    plain DataLoader. Fewer rows than ranks cannot be split: ValueError."""
+    order = np.asarray(order, dtype=np.int64)
+    N, B, W = len(order), int(batch_size), int(world_size)
+    full, R = divmod(N, B * W)
+    if N < W:
+        raise ValueError(f"{N} training rows cannot be split over {W} processes")
+    batches = [order[s * B * W + rank * B: s * B * W + (rank + 1) * B] for s in range(full)]
+    tail = order[full * B * W:]
+    if R >= W:
+        batches.append(np.array_split(tail, W)[rank])
+    elif rank < R:  # 0 < R < W: too few rows for a batch on every rank
+        batches[-1] = np.append(batches[-1], tail[rank])
+    return batches
+
+
+def num_rank_batches(num_rows, batch_size, world_size=1):
+    """Batches per rank of :func:`rank_batches`."""
+    full, R = divmod(int(num_rows), int(batch_size) * int(world_size))
+    return full + (1 if R >= int(world_size) else 0)
+
+
+def shard_rows(rows, rank=0, world_size=1):
+    """Evaluation shard of rank `rank`: rows rank, rank + W, ... of `rows`, padded by wrapping around to a multiple
+    of W so every rank gets the same number of rows (and batches); the padding duplicates are dropped by `idx`
+    when the predictions are gathered."""
+    rows = np.asarray(rows, dtype=np.int64)
+    W = int(world_size)
+    if W == 1 or len(rows) == 0:
+        return rows
+    return np.resize(rows, math.ceil(len(rows) / W) * W)[rank::W]
+
+
+class EpochPermutation(Sampler):
+    """The global training order of an epoch: a permutation of n rows seeded by (seed, epoch), the same on every
+    rank. Lightning calls `set_epoch` at every epoch start (on the batch sampler's `sampler`), so a resumed run
+    replays the uninterrupted run's order."""
+
+    def __init__(self, n, seed=0):
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+
+class RankBatchSampler(Sampler):
+    """Training batches of one DDP rank (see :func:`rank_batches`) from the global order given by `sampler` (an
+    index sampler with `set_epoch`, identical on every rank: :class:`EpochPermutation`, or the text datamodule's
+    length-grouped order)."""
+
+    def __init__(self, sampler, batch_size, rank=0, world_size=1):
+        self.sampler, self.batch_size = sampler, int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if len(sampler) < self.world_size:
+            raise ConfigError("hardware.devices", f"{len(sampler)} training points cannot be split over "
+                                                  f"{self.world_size} processes")
+
+    def __len__(self):
+        return num_rank_batches(len(self.sampler), self.batch_size, self.world_size)
+
+    def __iter__(self):
+        order = np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.sampler))
+        for b in rank_batches(order, self.batch_size, self.rank, self.world_size):
+            yield b.tolist()
 
 
 class XCDataModule(pl.LightningDataModule):
@@ -177,26 +267,43 @@ class XCDataModule(pl.LightningDataModule):
 
         return fn
 
-    def _loader(self, split, shuffle):
+    def rank_and_world(self):
+        """(global rank, world size) of this process: from the trainer when attached, else (0, 1)."""
+        t = getattr(self, "trainer", None)
+        return (int(t.global_rank), int(t.world_size)) if t is not None else (0, 1)
+
+    def train_order(self):
+        """Index sampler of the epoch's global training order (identical on every rank; it has `set_epoch`)."""
+        return EpochPermutation(self.splits["train"][0].shape[0], self.seed)
+
+    def eval_order(self, split):
+        """Rows of an evaluation split in the order they are batched (before sharding)."""
+        return np.arange(self.splits[split][0].shape[0])
+
+    def _dataloader(self, split, **kwargs):
         nw = int(self.cfg.num_workers)
-        return DataLoader(_Rows(self.splits[split][0].shape[0]), batch_size=int(self.cfg.batch_size),
-                          shuffle=shuffle, collate_fn=self.collate(split), num_workers=nw,
-                          persistent_workers=nw > 0, pin_memory=torch.cuda.is_available(), drop_last=False)
+        return DataLoader(_Rows(self.splits[split][0].shape[0]), collate_fn=self.collate(split), num_workers=nw,
+                          persistent_workers=nw > 0, pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self):
-        if self.train_batch_sampler is not None:
-            nw = int(self.cfg.num_workers)
-            return DataLoader(_Rows(self.splits["train"][0].shape[0]), batch_sampler=self.train_batch_sampler,
-                              collate_fn=self.collate("train"), num_workers=nw, persistent_workers=nw > 0,
-                              pin_memory=torch.cuda.is_available())
-        return self._loader("train", shuffle=True)
+        rank, world = self.rank_and_world()
+        bs = self.train_batch_sampler
+        if bs is None:
+            bs = RankBatchSampler(self.train_order(), int(self.cfg.batch_size), rank, world)
+        elif hasattr(bs, "set_distributed"):  # a method's own rank-aware batch sampler (NGAME's clusters)
+            bs.set_distributed(rank, world)
+        return self._dataloader("train", batch_sampler=bs)
+
+    def _eval_loader(self, split):
+        rank, world = self.rank_and_world()
+        rows = shard_rows(self.eval_order(split), rank, world)
+        return self._dataloader(split, batch_size=int(self.cfg.batch_size), sampler=rows.tolist(), drop_last=False)
 
     def val_dataloader(self):
-        return self._loader("val", shuffle=False)
+        return self._eval_loader("val")
 
     def test_dataloader(self):
-        return self._loader("test", shuffle=False)
-
+        return self._eval_loader("test")
 
 def build_datamodule(cfg):
     """The datamodule for cfg.dataset + cfg.encoder. Text layouts (`format: text | lf_json`) always get the

@@ -133,9 +133,10 @@ def _ragged(seqs):
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
     """Training order with little padding: each epoch, shuffle all rows, sort windows of ``window x batch_size``
-    rows by length, cut them into batches and shuffle the batches; the DataLoader then takes consecutive
-    ``batch_size`` indices as one batch. Seeded by (seed, epoch); the epoch advances on every pass (or via
-    ``set_epoch``)."""
+    rows by length, cut them into batches and shuffle the batches; the batch sampler then takes consecutive
+    ``batch_size`` indices as one batch (:class:`~xmcneg.data.datamodule.RankBatchSampler`, which under DDP deals
+    these blocks out to the ranks). Seeded by (seed, epoch), so the same on every rank; the epoch advances on every
+    pass (or via ``set_epoch``)."""
 
     def __init__(self, lengths, batch_size, window=50, seed=0):
         self.lengths = np.asarray(lengths)
@@ -721,29 +722,23 @@ class TextDataModule(XCDataModule):
         return mapped[mapped[:, 0] >= 0] if len(mapped) else mapped
 
     # ---------------------------------------------------------------- batches
-    def _loader(self, split, shuffle):
-        """Token inputs: evaluation batches hold documents of similar length (rows sorted by length; the
-        evaluation reads each batch's `idx`, so the order is free) and, with `encoder.text.sort_window` > 0,
-        training batches too (:class:`LengthGroupedSampler`); padding is then small. BoW inputs: as XCDataModule."""
-        if self.input_kind != "tokens":
-            return super()._loader(split, shuffle)
-        from torch.utils.data import DataLoader
-
-        from xmcneg.data.datamodule import _Rows
-
-        X = self.splits[split][0]
-        bs = int(self.cfg.batch_size)
+    def train_order(self):
+        """Token inputs with `encoder.text.sort_window` > 0: the length-grouped order of
+        :class:`LengthGroupedSampler` (batches of documents of similar length; the rank-aware batch sampler deals
+        its consecutive batch_size blocks out to the ranks, so the grouping holds under DDP too); otherwise, and
+        for BoW inputs, a plain seeded permutation as XCDataModule."""
         window = int(self.text_cfg.get("sort_window", 50))
-        if shuffle and window <= 0:
-            return super()._loader(split, shuffle)
-        if shuffle:
-            sampler = LengthGroupedSampler(X.lengths, bs, window=window, seed=self.seed)
-        else:
-            sampler = np.argsort(-X.lengths, kind="stable").tolist()
-        nw = int(self.cfg.num_workers)
-        return DataLoader(_Rows(len(X)), batch_size=bs, sampler=sampler, collate_fn=self.collate(split),
-                          num_workers=nw, persistent_workers=nw > 0, pin_memory=torch.cuda.is_available(),
-                          drop_last=False)
+        if self.input_kind != "tokens" or window <= 0:
+            return super().train_order()
+        X = self.splits["train"][0]
+        return LengthGroupedSampler(X.lengths, int(self.cfg.batch_size), window=window, seed=self.seed)
+
+    def eval_order(self, split):
+        """Token inputs: evaluation batches hold documents of similar length (rows sorted by length; the
+        evaluation reads each batch's `idx`, so the order is free); padding is then small."""
+        if self.input_kind != "tokens":
+            return super().eval_order(split)
+        return np.argsort(-self.splits[split][0].lengths, kind="stable")
 
     def collate(self, split):
         if self.input_kind != "tokens":

@@ -4,6 +4,9 @@ Score s(x, y) = <f(x), w_y> + b_y, with f the encoder and (w_y, b_y) one row of 
 - sampler is None (`sampler=full`): all C labels scored every step; dense AdamW on everything.
 - otherwise: positives + the sampler's negatives are gathered from `nn.Embedding(sparse=True)` tables, so the
   backward pass yields gradients for the touched rows only, and `SparseRowOptimizer` updates those rows only.
+  Under DDP the sparse gradients are all-reduced like the dense ones (DistributedDataParallel sees the sparse
+  Embedding and averages its gradient as a sparse tensor), so every rank applies the same row updates and the
+  tables stay identical across ranks (tests/test_ddp.py compares them bit for bit).
 
 Manual optimisation (two optimisers: dense for the encoder, row-wise for the labels). Evaluation scores all
 labels exactly in chunks (`eval.topk.exact_topk`), adds the sampler's prediction-time correction (e.g. log p_n
@@ -102,6 +105,14 @@ class XMCClassifier(pl.LightningModule):
         if getattr(self, "_rng_state", None) is not None:
             set_rng_state(self._rng_state)
             self._rng_state = None
+
+    def on_train_epoch_start(self):
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.current_epoch)  # the (seed, rank, epoch) stream of this epoch
+
+    def debug_state(self):
+        """State that must agree across DDP ranks beyond the weights (debug.record_train_rows)."""
+        return self.sampler.debug_state() if self.sampler is not None else {}
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["train_steps"] = self.train_steps
@@ -358,7 +369,8 @@ class XMCClassifier(pl.LightningModule):
 
     def gather_eval(self):
         """Concatenate this rank's evaluation buffers; under DDP gather all ranks' and drop the duplicates the
-        distributed sampler adds as padding, so metrics are computed once on the whole split."""
+        evaluation shards are padded with (`xmcneg.data.datamodule.shard_rows`), so metrics are computed once on the
+        whole split."""
         buf = self._eval
         emb = torch.cat(buf["emb"])
         idx = torch.cat(buf["idx"])

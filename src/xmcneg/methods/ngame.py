@@ -30,8 +30,11 @@ One LightningModule, two phases inside ONE trainer.fit (switch at the start of e
   epoch they were computed, alpha, the clustering log and the torch RNG states; label vectors, encoder and
   both optimisers are in the usual state dicts. Everything random is derived from (seed, epoch) or those RNGs,
   so a run resumed in either phase continues the same schedule.
-* **DDP.** Every rank gets disjoint whole batches (the sampler is rank-aware); the bank rows written by each
-  rank are all-reduced at epoch end; clustering runs on rank 0 and is broadcast.
+* **DDP.** Every rank gets disjoint whole batches of the same global list, the same number on every rank (the
+  datamodule hands the rank and world size to the ClusterBatchSampler); the bank rows written by each rank are
+  all-reduced at epoch end, so every rank holds the whole bank; clustering runs on rank 0 and the cluster ids are
+  broadcast; evaluation gathers the document embeddings of all ranks (so alpha is picked on the whole validation
+  split, identically on every rank).
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ from xmcneg.eval.metrics import xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.classifier import NonFiniteLossError, XMCClassifier, mask_positives
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
+from xmcneg.records import tensor_digest
 from xmcneg.samplers.cluster_batching import ClusterBatchSampler, ClusterCurriculum, balanced_spherical_clusters
 from xmcneg.samplers.in_batch import InBatchSampler
 
@@ -198,6 +202,7 @@ class NGAME(XMCClassifier):
         self.cluster_size = 1
         self.last_cluster_epoch = -1
         self.cluster_log = []  # [epoch, phase, size, num_clusters, seconds]
+        self.cluster_history = []  # [epoch, digest of the cluster ids] of this process's clusterings
         self.epoch_log = []  # [epoch, phase, seconds]
         self._pick_u = None
         self._label_emb = None  # cached label-text embeddings (phase 2: the encoder is frozen)
@@ -295,6 +300,7 @@ class NGAME(XMCClassifier):
             ids = self.trainer.strategy.broadcast(ids, src=0)
         dt = time.perf_counter() - t0
         self.cluster_ids = ids
+        self.cluster_history.append([int(epoch), tensor_digest(torch.from_numpy(np.ascontiguousarray(ids)))])
         self.cluster_size = int(size)
         self.last_cluster_epoch = int(epoch)
         k = int(ids.max()) + 1 if len(ids) else 0
@@ -303,9 +309,8 @@ class NGAME(XMCClassifier):
         log.info("ngame: epoch %d phase %d: %d clusters of ~%d documents in %.2f s", epoch, self.phase, k, size, dt)
 
     # ------------------------------------------------------------------ lifecycle
-    def setup(self, stage=None):
-        if self._trainer is not None and self.batch_sampler is not None:
-            self.batch_sampler.set_distributed(self.trainer.global_rank, self.trainer.world_size)
+    def debug_state(self):
+        return {"clusters": self.cluster_history, "phase": self.phase, "alpha": self.alpha}
 
     def on_fit_start(self):
         super().on_fit_start()  # the in-batch shortlist sampler (state restored on resume)
@@ -343,6 +348,7 @@ class NGAME(XMCClassifier):
         return 1 if epoch < int(self.s["phase1_epochs"]) else 2
 
     def on_train_epoch_start(self):
+        super().on_train_epoch_start()  # the shortlist sampler's stream of this epoch
         e = int(self.current_epoch)
         self._t_epoch = time.perf_counter()
         self._cluster_s = 0.0
@@ -545,8 +551,9 @@ class NGAME(XMCClassifier):
             _, cand = self._clf_index.search(h, int(self.s["phase2_ann_negatives"]))
             cand = torch.from_numpy(cand[cand >= 0]).to(short.device)
             short = torch.unique(torch.cat([short, cand]))
-        if short.numel() == 0:
-            return self.label_w.weight.sum() * 0.0, pos.shape[0]
+        if short.numel() == 0:  # a zero loss through the table, so its gradient stays sparse (DDP expects that)
+            z = torch.zeros(1, dtype=torch.long, device=self.label_w.weight.device)
+            return self.label_w(z).sum() * 0.0, pos.shape[0]
         w = F.normalize(self.label_w(short.to(self.label_w.weight.device)), dim=-1)
         S = h @ w.T
         is_pos = ~mask_positives(short.to(pos.device), pos)
@@ -641,9 +648,8 @@ class NGAME(XMCClassifier):
         return best, scores
 
     def _eval_end(self, split):
-        buf = self._eval
-        emb = self._normalize(torch.cat(buf["emb"]))
-        idx = torch.cat(buf["idx"]).cpu().numpy()
+        emb, idx, _ = self.gather_eval()  # all ranks' documents, each once
+        emb = self._normalize(emb)
         Y = self.dm.split(split)[1][idx]
         self._eval = None
         if self.phase == 1:

@@ -14,8 +14,8 @@ Beyond the paper (off by default):
   (computing p_n of uniform draws costs one path evaluation each, i.e. about doubles the sampling cost).
 
 The state (tree, projection, refit epoch, generator) goes into the checkpoint, so resuming skips the fit. The fit
-is deterministic given the data and the seed, and under DDP rank 0's tree is broadcast to all ranks anyway
-(bit-identical trees even if BLAS differs across machines).
+is deterministic given the data and the seed; under DDP only rank 0 fits (and refits), and broadcasts its tree and
+projection to the other ranks (bit-identical trees on every rank, even if BLAS differs across machines).
 """
 import logging
 import math
@@ -30,6 +30,18 @@ from xmcneg.samplers.label_tree import (LabelTree, Projection, csr_pairs, fit_la
                                         fit_projection_sparse)
 
 log = logging.getLogger("xmcneg")
+
+
+def _ddp():
+    """torch.distributed when a process group of more than one rank is running, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _is_rank0():
+    dist = _ddp()
+    return dist is None or dist.get_rank() == 0
 
 
 def _to_device(x, device):
@@ -80,6 +92,11 @@ class AdversarialSampler(Sampler):
                     resplit=self.resplit, seed=self.seed)
 
     def fit(self, datamodule, module=None):
+        if _is_rank0():  # under DDP the other ranks get rank 0's tree from _sync_ranks
+            self._fit(datamodule)
+        self._sync_ranks()
+
+    def _fit(self, datamodule):
         X, Y = datamodule.split("train")
         t0 = time.perf_counter()
         proj = fit_projection_sparse(X, self.k, seed=self.seed, n_iter=self.svd_iters)
@@ -94,7 +111,6 @@ class AdversarialSampler(Sampler):
                  "(svd %.1fs); train avg log p_n = %.3f (uniform: %.3f)", tree.num_labels, tree.depth,
                  info["pairs"], self.fit_info["fit_s"], self.fit_info["svd_s"], info["train_avg_log_p"],
                  -math.log(tree.num_labels))
-        self._sync_ranks()
 
     def refresh(self, step: int, epoch: int, module=None):
         n = self.refit_every_epochs
@@ -102,9 +118,14 @@ class AdversarialSampler(Sampler):
             return
         self.refit_on_encoder(module, epoch)
 
-    @torch.no_grad()
     def refit_on_encoder(self, module, epoch: int):
-        """Refit projection + tree on the encoder's current embeddings of the train split."""
+        """Refit projection + tree on the encoder's current embeddings of the train split (rank 0 under DDP)."""
+        if _is_rank0():
+            self._refit_on_encoder(module, epoch)
+        self._sync_ranks()
+
+    @torch.no_grad()
+    def _refit_on_encoder(self, module, epoch: int):
         dm = self._dm
         X, Y = dm.split("train")
         enc = module.encoder
@@ -130,7 +151,6 @@ class AdversarialSampler(Sampler):
                          "refit_train_avg_log_p": info["train_avg_log_p"]}
         log.info("adversarial sampler: refitted on encoder embeddings at epoch %d in %.1fs (train avg log p_n %.3f)",
                  epoch, self.fit_info["refit_s"], info["train_avg_log_p"])
-        self._sync_ranks()
 
     def set_model(self, tree: LabelTree, proj: Projection):
         """Install a tree and projection directly (benchmarks, external fits); no fitting."""
@@ -146,11 +166,9 @@ class AdversarialSampler(Sampler):
         self._cache = {}
 
     def _sync_ranks(self):
-        """Under DDP, broadcast rank 0's tree and projection (fits are deterministic; this makes them identical
-        even across machines whose floating-point libraries differ)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        """Under DDP, broadcast rank 0's tree and projection to the other ranks."""
+        dist = _ddp()
+        if dist is None:
             return
         obj = [self._model_state() if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(obj, src=0)
@@ -208,6 +226,10 @@ class AdversarialSampler(Sampler):
     def score_correction(self, query, start, end):
         tree, _ = self._on(query.device)
         return self._mix(tree.label_log_probs(query, int(start), int(end)))
+
+    def debug_state(self):
+        return {"tree": self.tree.state_dict(), "projection": self.proj.state_dict(),
+                "last_refit_epoch": int(self.last_refit_epoch)}
 
     # ------------------------------------------------------------------------------------------ resume
     def _model_state(self):

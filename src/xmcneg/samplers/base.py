@@ -1,15 +1,21 @@
 """The negative-sampler interface (DESIGN.md section 1).
 
 Life cycle: `setup(datamodule, module)` once before training (fit a tree, build an index, count labels);
-`sample(batch, doc_emb) -> (label_ids, log_q)` every step; `refresh(step, epoch)` at the start of every step
-(rebuild an index when due); `state_dict()/load_state_dict()` for resume; `score_correction(query, start, end)`
-for a prediction-time bias term on labels [start, end) (None = no correction).
+`set_epoch(epoch)` at the start of every training epoch; `sample(batch, doc_emb) -> (label_ids, log_q)` every
+step; `refresh(step, epoch)` at the start of every step (rebuild an index when due); `state_dict()/load_state_dict()`
+for resume; `score_correction(query, start, end)` for a prediction-time bias term on labels [start, end) (None = no
+correction).
+
+Random draws come from `self.generator`, reseeded at every epoch start from (seed, rank, epoch): one stream per DDP
+rank (different across ranks) that a resumed run replays exactly on every rank (a checkpoint, written by rank 0,
+cannot hold the other ranks' generator states).
 
 `sample` returns either per-document negatives, `label_ids` of shape (B, k), or negatives shared by the whole
 batch, shape (U,); `log_q` has the same shape and holds log q(y|x), the probability of drawing y in one draw.
 Negatives that are positives of the document are masked by the method, never counted as negatives.
 Cost per call must not depend on C beyond O(log C) per negative.
 """
+import numpy as np
 import torch
 
 from xmcneg.errors import ConfigError
@@ -25,6 +31,7 @@ class Sampler:
         except (TypeError, ValueError):
             raise ConfigError("sampler.num_negatives", f"must be an integer, got {num_negatives!r}") from None
         self.seed = int(seed)
+        self.rank = 0
         self.num_labels = None
         self.generator = torch.Generator()
 
@@ -34,13 +41,17 @@ class Sampler:
         self.num_labels = datamodule.num_labels
         if self.num_negatives <= 0:
             raise ConfigError("sampler.num_negatives", f"must be > 0, got {self.num_negatives}")
-        rank = module.global_rank if module is not None and module._trainer is not None else 0
-        # one reproducible stream per rank, different across ranks
-        self.generator.manual_seed(self.seed * 1_000_003 + 7919 * rank + 17)
+        self.rank = module.global_rank if module is not None and module._trainer is not None else 0
+        self.set_epoch(0)
         if state is None:
             self.fit(datamodule, module)
         else:
             self.load_state_dict(state)
+
+    def set_epoch(self, epoch: int):
+        """Reseed the stream from (seed, rank, epoch): reproducible, different across ranks and epochs."""
+        key = np.random.SeedSequence([self.seed, self.rank, int(epoch)]).generate_state(2, dtype=np.uint32)
+        self.generator.manual_seed(int(key[0]) << 32 | int(key[1]))
 
     def fit(self, datamodule, module=None):
         """Expensive one-time work whose result goes into state_dict (a tree, an index)."""
@@ -63,8 +74,13 @@ class Sampler:
     def score_correction(self, query, start: int, end: int):
         return None
 
+    def debug_state(self):
+        """State that must be identical on every DDP rank (digested by the debug.record_train_rows test hook)."""
+        return {}
+
     # -- resume ------------------------------------------------------------------------------------------------
     def state_dict(self):
+        # the stream's position: only a mid-epoch resume continues from it (every epoch start reseeds)
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):

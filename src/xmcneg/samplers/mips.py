@@ -240,6 +240,16 @@ class MIPSSampler(Sampler):
         log_q = log_q.masked_fill(out < 0, 0.0)  # padding (masked by the method); finite for the ns regulariser
         return out.to(device, non_blocking=True), log_q.to(device, non_blocking=True)
 
+    def debug_state(self):
+        """Index builds and the current index's answers to a fixed probe: identical on every DDP rank when every
+        rank rebuilt at the same steps from the same weights."""
+        out = {"index_version": int(self.index_version), "builds": list(self.refresh_steps_log)}
+        if self.index is not None:
+            probe = torch.randn(32, self.index.dim, generator=torch.Generator().manual_seed(0))
+            scores, ids = self.index.search(probe.numpy(), min(10, self.num_labels))
+            out["index_answers"] = [torch.as_tensor(ids), torch.as_tensor(scores)]
+        return out
+
     # ------------------------------------------------------------------ resume
     def state_dict(self):
         s = super().state_dict()

@@ -105,6 +105,31 @@ def test_nan_loss_stops_run_and_marks_failed(tmp_path):
     assert (out / "checkpoints" / "last.ckpt").exists()  # 12 steps per epoch: epoch 0's checkpoint survives
 
 
+def test_deferred_nan_check_names_the_window_and_fires_at_epoch_end():
+    """The accelerator path (no per-step host sync): NaN/Inf is read every finite_check_every steps, and at the
+    epoch end (before the epoch's checkpoint)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from xmcneg.encoders.bow_linear import BowLinear
+    from xmcneg.methods.classifier import NonFiniteLossError, XMCClassifier
+
+    m = XMCClassifier(BowLinear(10, dim=4), 6, loss_cfg=OmegaConf.create({"name": "softmax"}))
+    m.defer_finite_check, m.finite_check_every = True, 4
+    ok, nan = torch.tensor(1.0), torch.tensor(float("nan"))
+    for step, loss in enumerate([ok, ok, ok, ok, ok, nan, ok]):  # steps 0..6: the NaN at 5 is not read yet
+        m.train_steps = step
+        m.guard_finite(loss)
+    m.train_steps = 7
+    with pytest.raises(NonFiniteLossError, match="between steps 4 and 7"):
+        m.guard_finite(ok)
+    m.train_steps = 8
+    m.guard_finite(nan)  # step 8 opens a new window ...
+    with pytest.raises(NonFiniteLossError, match="between steps 8 and 8"):
+        m.on_train_epoch_end()  # ... which the epoch end reads
+    m.on_train_epoch_end()  # nothing pending: no error
+
+
 def test_help_lists_config_groups(tmp_path):
     p = run("train.py", ["--help"], tmp_path, timeout=60)
     for group in ("dataset:", "encoder:", "sampler:", "hardware:", "logger:", "loss:"):

@@ -89,6 +89,8 @@ class XMCClassifier(pl.LightningModule):
         nn.init.zeros_(self.label_b.weight)
         self.inv_prop = inv_prop
         self.check_finite = check_finite
+        self._nonfinite = None  # accelerator: device-side "a loss since the last check was NaN/Inf" flag
+        self._nonfinite_from = 0  # first step covered by that flag
         self.fault_step = None  # test hook: inject a NaN loss at this global step
         self._sampler_state = None
         self.train_steps = 0  # training batches done (Lightning's global_step counts optimizer steps)
@@ -172,6 +174,41 @@ class XMCClassifier(pl.LightningModule):
         return ((denom - s_pos) * pos_mask).sum() / pos_mask.sum().clamp(min=1)
 
     # ------------------------------------------------------------------ training
+    finite_check_every = 50  # accelerator steps between reads of the NaN/Inf flag (the CPU checks every step)
+    defer_finite_check = False  # tests: use the accelerator's deferred check on the CPU too
+
+    def guard_finite(self, loss, what="training loss"):
+        """Stop the run on a NaN/Inf loss, naming the step. On the CPU it is checked at every step. On an
+        accelerator the check would be a device-to-host sync per step, so the step's finiteness is folded into a
+        device-side flag that is read every `finite_check_every` steps and at every epoch end (before the epoch's
+        checkpoint is written: a checkpoint never holds weights from after a bad step), and the error names the
+        window of steps."""
+        if not self.check_finite:
+            return
+        bad = ~torch.isfinite(loss.detach())
+        if loss.device.type == "cpu" and not self.defer_finite_check:
+            if bad:
+                raise NonFiniteLossError(
+                    f"non-finite {what} ({loss.item()}) at step {self.train_steps} (epoch {self.current_epoch}); "
+                    "the last good checkpoint is kept; lower the learning rates or check the data")
+            return
+        if self._nonfinite is None:
+            self._nonfinite, self._nonfinite_from = bad, self.train_steps
+        else:
+            self._nonfinite |= bad
+        if (self.train_steps + 1) % self.finite_check_every == 0:
+            self.check_nonfinite_flag(what)
+
+    def check_nonfinite_flag(self, what="training loss"):
+        flag, self._nonfinite = self._nonfinite, None
+        if flag is not None and bool(flag):
+            raise NonFiniteLossError(
+                f"non-finite {what} between steps {self._nonfinite_from} and {self.train_steps} (epoch "
+                f"{self.current_epoch}); the last good checkpoint is kept; lower the learning rates or check the data")
+
+    def on_train_epoch_end(self):
+        self.check_nonfinite_flag()
+
     def training_step(self, batch, batch_idx):
         if self.sampler is not None:
             self.sampler.refresh(self.train_steps, self.current_epoch, self)
@@ -183,10 +220,7 @@ class XMCClassifier(pl.LightningModule):
         loss = self.full_loss(h, batch) if self.sampler is None else self.sampled_loss(h, batch)
         if self.fault_step is not None and self.train_steps == self.fault_step:
             loss = loss * float("nan")
-        if self.check_finite and not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss.item()}) at step {self.train_steps} (epoch {self.current_epoch}); "
-                "the last good checkpoint is kept; lower the learning rates or check the data")
+        self.guard_finite(loss)
         self.manual_backward(loss)
         if self.optim_cfg.get("grad_clip") and self.optim_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), float(self.optim_cfg.grad_clip))

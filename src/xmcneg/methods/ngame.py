@@ -50,7 +50,7 @@ from omegaconf import OmegaConf
 from xmcneg.errors import ConfigError
 from xmcneg.eval.metrics import xc_metrics
 from xmcneg.eval.topk import exact_topk
-from xmcneg.methods.classifier import NonFiniteLossError, XMCClassifier, mask_positives
+from xmcneg.methods.classifier import XMCClassifier, mask_positives
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 from xmcneg.records import tensor_digest
 from xmcneg.samplers.cluster_batching import ClusterBatchSampler, ClusterCurriculum, balanced_spherical_clusters
@@ -391,6 +391,7 @@ class NGAME(XMCClassifier):
             self.cluster_ids, self.cluster_size = None, 1
 
     def on_train_epoch_end(self):
+        self.check_nonfinite_flag(f"NGAME phase-{self.phase} loss")
         if self.phase == 1:
             self._sync_bank()
         dt = time.perf_counter() - self._t_epoch if self._t_epoch is not None else 0.0
@@ -499,10 +500,7 @@ class NGAME(XMCClassifier):
             clf_opt.zero_grad(set_to_none=True)
             loss, B = self._phase2_loss(batch)
             opt = clf_opt
-        if self.check_finite and not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite NGAME loss ({loss.item()}) at step {self.train_steps} (epoch {self.current_epoch}, "
-                f"phase {self.phase}); lower the learning rate")
+        self.guard_finite(loss, what=f"NGAME phase-{self.phase} loss")
         loss = self._ddp_keepalive(loss)
         if loss.requires_grad:
             self.manual_backward(loss)

@@ -9,9 +9,14 @@ fit end to <run dir>/debug/):
     checkpoint's weights;
 (c) the test metrics equal a single-process `eval.py` of the checkpoint that was tested.
 
-Plus cheap unit tests of the rank-aware batching and of the per-rank sampler streams.
+uniform, mips and ngame run again with `hardware.sparse_grad_sync=all_gather` (the label tables outside DDP, their
+sparse gradients all-gathered with dense collectives: the path NCCL takes) under the same checks, and must end with
+the same weights as the default (`auto` = DDP's sparse all-reduce on gloo).
+
+Plus cheap unit tests of the rank-aware batching, of the per-rank sampler streams and of the sparse all-gather.
 """
 import json
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,6 +43,9 @@ SAMPLERS = {
     # epoch 0 random batches, epoch 1 clustered (size 8, the re-clustering of phase 1), epoch 2 phase 2
     "ngame": ["sampler.phase1_epochs=2", "trainer.max_epochs=3", "sampler.phase1_warmup_steps=2"],
 }
+ALL_GATHER = ["uniform", "mips", "ngame"]  # also run with hardware.sparse_grad_sync=all_gather
+RUNS = [(s, "auto") for s in SAMPLERS] + [(s, "all_gather") for s in ALL_GATHER]
+_TRAINED = {}  # (sampler, sync) -> run dir: each configuration trains once per session
 
 
 def _load(path):
@@ -49,13 +57,21 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("ddp_cache")  # synthetic data generated once for all samplers
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
-def test_ddp_run(sampler, cache_dir, tmp_path):
-    out = tmp_path / "run"
-    args = [*DATA, "hardware=ddp_cpu", f"sampler={sampler}", "trainer.max_epochs=2", *SAMPLERS[sampler],
-            "logger=csv", "trainer.enable_progress_bar=false", "debug.record_train_rows=true", f"hydra.run.dir={out}"]
-    p = run("train.py", args, cache_dir, timeout=300)
-    assert p.returncode == 0, p.stderr[-4000:]
+def _train(sampler, sync, cache_dir, tmp_path_factory):
+    if (sampler, sync) not in _TRAINED:
+        out = tmp_path_factory.mktemp(f"ddp_{sampler}_{sync}") / "run"
+        args = [*DATA, "hardware=ddp_cpu", f"hardware.sparse_grad_sync={sync}", f"sampler={sampler}",
+                "trainer.max_epochs=2", *SAMPLERS[sampler], "logger=csv", "trainer.enable_progress_bar=false",
+                "debug.record_train_rows=true", f"hydra.run.dir={out}"]
+        p = run("train.py", args, cache_dir, timeout=300)
+        assert p.returncode == 0, p.stderr[-4000:]
+        _TRAINED[(sampler, sync)] = out
+    return _TRAINED[(sampler, sync)]
+
+
+@pytest.mark.parametrize("sampler,sync", RUNS, ids=[f"{s}-{m}" for s, m in RUNS])
+def test_ddp_run(sampler, sync, cache_dir, tmp_path_factory, tmp_path):
+    out = _train(sampler, sync, cache_dir, tmp_path_factory)
     res = _load(out / "results.json")
     assert res["status"] == "completed"
     dbg = out / "debug"
@@ -85,6 +101,8 @@ def test_ddp_run(sampler, cache_dir, tmp_path):
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state_digests(last["state_dict"]) == s0["state_dict"]
     dbg_state = s0["debug_state"]
+    # gloo: auto = DDP's sparse all-reduce; the full softmax has dense tables, always reduced by DDP
+    assert dbg_state["label_sync"] == ("all_gather" if sync == "all_gather" and sampler != "full" else "ddp")
     if sampler == "adversarial":
         assert dbg_state["tree"]
     if sampler == "mips":  # the index was in use and rebuilt at the same steps on both ranks
@@ -103,7 +121,75 @@ def test_ddp_run(sampler, cache_dir, tmp_path):
         assert ev[k] == pytest.approx(v, abs=1e-6), f"test {k}: DDP {v} vs eval.py {ev[k]}"
 
 
+@pytest.mark.parametrize("sampler", ALL_GATHER)
+def test_all_gather_equals_ddp_sparse_allreduce(sampler, cache_dir, tmp_path_factory):
+    """Same seed, same data: the two ways of averaging the label tables' gradients give the same training run
+    (the same final weights: the gradients agree up to float summation order, bit for bit here with 2 ranks)."""
+    states = [torch.load(_train(sampler, sync, cache_dir, tmp_path_factory) / "checkpoints" / "last.ckpt",
+                         map_location="cpu", weights_only=True)["state_dict"] for sync in ("auto", "all_gather")]
+    assert set(states[0]) == set(states[1])
+    for k in ("label_w.weight", "label_b.weight", *sorted(k for k in states[0] if k.startswith("encoder."))):
+        torch.testing.assert_close(states[1][k], states[0][k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
 # ------------------------------------------------------------------------------------------------ unit tests
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# one rank of the sparse all-gather check (a plain script: a spawned worker would re-import this test module)
+SPARSE_SYNC_WORKER = """
+import json, sys
+import torch, torch.distributed as dist
+from torch import nn
+from xmcneg.methods.sparse_optim import all_gather_sparse_mean
+
+rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+torch.manual_seed(0)
+w, b = nn.Embedding(40, 3, sparse=True), nn.Embedding(40, 1, sparse=True)
+unused = nn.Embedding(40, 2, sparse=True)  # no gradient on any rank: stays None
+gen = torch.Generator().manual_seed(10 + rank)
+ids = torch.randint(0, 40, (5 + 7 * rank, 4), generator=gen)  # uneven row counts, duplicate rows
+(w(ids).sum(-1) * torch.randn(ids.shape, generator=gen)).sum().backward()
+if rank == 1:  # b: a gradient on rank 1 only (rank 0 counts as empty)
+    b(ids).pow(2).sum().backward()
+# DistributedDataParallel's semantics: every rank's gradient / world size, summed (gloo's sparse all-reduce)
+ref = {}
+for name, p in (("w", w.weight), ("b", b.weight)):
+    g = p.grad.clone() if p.grad is not None else torch.sparse_coo_tensor(
+        torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, *p.shape[1:]), p.shape)
+    g = g / world
+    dist.all_reduce(g)
+    ref[name] = g.coalesce().to_dense()
+all_gather_sparse_mean([w.weight, b.weight, unused.weight], dist)
+res = {"unused_none": unused.weight.grad is None,
+       "coalesced": all(p.grad.is_sparse and p.grad.is_coalesced() for p in (w.weight, b.weight))}
+for name, p in (("w", w.weight), ("b", b.weight)):
+    res[name + "_maxdiff"] = (p.grad.to_dense() - ref[name]).abs().max().item()
+open(out, "w").write(json.dumps(res))
+dist.destroy_process_group()
+"""
+
+
+def test_all_gather_sparse_mean_matches_sparse_allreduce(tmp_path):
+    import subprocess
+    import sys
+
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", SPARSE_SYNC_WORKER, str(r), "2", str(port),
+                               str(tmp_path / f"r{r}.json")], stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for pr in procs:
+        _, err = pr.communicate(timeout=120)
+        assert pr.returncode == 0, err[-3000:]
+    for r in (0, 1):
+        out = _load(tmp_path / f"r{r}.json")
+        assert out["unused_none"] and out["coalesced"]
+        assert out["w_maxdiff"] <= 1e-6 and out["b_maxdiff"] <= 1e-6, out
+
+
 @pytest.mark.parametrize("N", [1, 2, 3, 127, 128, 129, 130, 131, 570, 1000])
 @pytest.mark.parametrize("W", [1, 2, 3])
 def test_rank_batches_cover_every_row_once_with_equal_counts(N, W):

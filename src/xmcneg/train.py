@@ -142,6 +142,10 @@ def run(cfg: DictConfig):
         dm.setup("fit")
         module = build_module(cfg, dm)
         module.run_config = OmegaConf.to_container(cfg, resolve=True)
+        sync = str(cfg.hardware.get("sparse_grad_sync", "auto"))
+        if sync not in ("auto", "ddp", "all_gather"):
+            raise ConfigError("hardware.sparse_grad_sync", f"expected auto, ddp or all_gather, got {sync}")
+        module.sparse_grad_sync = sync  # the module resolves auto once the process group exists (its setup hook)
         if cfg.get("debug", {}).get("nan_at_step") is not None:
             module.fault_step = int(cfg.debug.nan_at_step)
         results["num_labels"] = int(dm.num_labels)

@@ -4,9 +4,12 @@ Score s(x, y) = <f(x), w_y> + b_y, with f the encoder and (w_y, b_y) one row of 
 - sampler is None (`sampler=full`): all C labels scored every step; dense AdamW on everything.
 - otherwise: positives + the sampler's negatives are gathered from `nn.Embedding(sparse=True)` tables, so the
   backward pass yields gradients for the touched rows only, and `SparseRowOptimizer` updates those rows only.
-  Under DDP the sparse gradients are all-reduced like the dense ones (DistributedDataParallel sees the sparse
-  Embedding and averages its gradient as a sparse tensor), so every rank applies the same row updates and the
-  tables stay identical across ranks (tests/test_ddp.py compares them bit for bit).
+  Under DDP every rank must apply the same row updates, so the tables stay identical across ranks
+  (tests/test_ddp.py compares them bit for bit). `hardware.sparse_grad_sync` says how the sparse gradients are
+  averaged over the ranks: `ddp` = DistributedDataParallel reduces them as sparse tensors (gloo only: NCCL has no
+  sparse all-reduce); `all_gather` = the tables are left out of DDP's reducer and `sync_label_grads` all-gathers
+  each rank's touched rows and values with dense collectives (any backend; cost proportional to the rows
+  touched); `auto` = `ddp` on gloo, `all_gather` on any other backend (NCCL).
 
 Manual optimisation (two optimisers: dense for the encoder, row-wise for the labels). Evaluation scores all
 labels exactly in chunks (`eval.topk.exact_topk`), adds the sampler's prediction-time correction (e.g. log p_n
@@ -23,11 +26,20 @@ from xmcneg.errors import ConfigError, XMCError
 from xmcneg.eval.metrics import filter_predictions, xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.losses import check_loss, compute_loss
-from xmcneg.methods.sparse_optim import SparseRowOptimizer
+from xmcneg.methods.sparse_optim import SparseRowOptimizer, all_gather_sparse_mean
 
 
 class NonFiniteLossError(XMCError):
     pass
+
+
+SPARSE_GRAD_SYNC = ("auto", "ddp", "all_gather")
+LABEL_TABLES = ("label_w.weight", "label_b.weight")
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 def get_rng_state():
@@ -96,9 +108,52 @@ class XMCClassifier(pl.LightningModule):
         self.train_steps = 0  # training batches done (Lightning's global_step counts optimizer steps)
         self.test_metrics = {}
         self._eval = None
+        self.sparse_grad_sync = "auto"  # hardware.sparse_grad_sync (train.py sets it)
+        self._label_sync = None  # resolved in setup(): None (one process), "ddp" or "all_gather"
 
     # ------------------------------------------------------------------ lifecycle
+    def label_sync_mode(self, dist=None):
+        """How the sparse label-table gradients are averaged over the ranks: None (no process group / one
+        process), "ddp" or "all_gather" (hardware.sparse_grad_sync; `auto`: ddp on gloo, all_gather otherwise)."""
+        mode = str(self.sparse_grad_sync)
+        if mode not in SPARSE_GRAD_SYNC:
+            raise ConfigError("hardware.sparse_grad_sync", f"expected one of {', '.join(SPARSE_GRAD_SYNC)}, got {mode}")
+        dist = dist if dist is not None else _dist()
+        if dist is None:
+            return None
+        if not self.label_w.sparse:  # sampler=full: dense tables, DDP reduces them like the encoder
+            return "ddp"
+        if mode == "auto":
+            return "ddp" if dist.get_backend() == "gloo" else "all_gather"
+        return mode
+
+    def setup(self, stage):
+        # runs after the process group is initialised and before the strategy wraps the module in DDP: with
+        # all_gather the label tables are left out of DDP's reducer (and its initial broadcast)
+        self._label_sync = self.label_sync_mode()
+        if self._label_sync == "all_gather":
+            self._ddp_params_and_buffers_to_ignore = list(LABEL_TABLES)
+        elif hasattr(self, "_ddp_params_and_buffers_to_ignore"):
+            del self._ddp_params_and_buffers_to_ignore
+
+    def sync_label_grads(self):
+        """sparse_grad_sync=all_gather: average the label tables' sparse gradients over the ranks (after
+        backward, before the label optimiser steps; on every rank). A no-op otherwise."""
+        dist = _dist()
+        if self._label_sync == "all_gather" and dist is not None:
+            all_gather_sparse_mean([self.label_w.weight, self.label_b.weight], dist)
+
+    def _broadcast_label_tables(self):
+        """all_gather mode: DDP no longer broadcasts the tables from rank 0 when it wraps the module; do it here
+        (once per fit), so the ranks start from the same tables whatever their RNGs did."""
+        dist = _dist()
+        if self._label_sync == "all_gather" and dist is not None:
+            with torch.no_grad():
+                for p in (self.label_w.weight, self.label_b.weight):
+                    dist.broadcast(p.data, src=0)
+
     def on_fit_start(self):
+        self._broadcast_label_tables()
         if self.sampler is not None:
             self.sampler.setup(self.trainer.datamodule, self, state=self._sampler_state)
             self._sampler_state = None
@@ -114,7 +169,8 @@ class XMCClassifier(pl.LightningModule):
 
     def debug_state(self):
         """State that must agree across DDP ranks beyond the weights (debug.record_train_rows)."""
-        return self.sampler.debug_state() if self.sampler is not None else {}
+        state = self.sampler.debug_state() if self.sampler is not None else {}
+        return {**state, "label_sync": self._label_sync}
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["train_steps"] = self.train_steps
@@ -133,9 +189,20 @@ class XMCClassifier(pl.LightningModule):
     def score_candidates(self, h, ids):
         """Scores of label ids for each document: ids (B,n) per document -> (B,n); ids (n,) shared -> (B,n)."""
         if ids.dim() == 1:
-            return h @ self.label_w(ids).T + self.label_b(ids).squeeze(-1)
+            return h @ self.label_w(ids).T + self.label_bias(ids)
         w = self.label_w(ids)  # (B,n,d)
-        return torch.bmm(w, h.unsqueeze(-1)).squeeze(-1) + self.label_b(ids).squeeze(-1)
+        return torch.bmm(w, h.unsqueeze(-1)).squeeze(-1) + self.label_bias(ids)
+
+    def label_bias(self, ids):
+        """label_b(ids) without its last (width-1) dimension. With sparse_grad_sync=ddp the gradient flowing into
+        the lookup is copied first: the values of nn.Embedding's sparse gradient are a view of that gradient, which
+        for the width-1 bias added to the scores is the scores' own gradient buffer, still to be used for label_w
+        and the encoder, and DDP's reducer divides a sparse gradient in place by the world size as soon as it is
+        ready; without the copy the encoder's and label_w's gradients were divided by the world size twice."""
+        b = self.label_b(ids)
+        if self._label_sync == "ddp" and self.label_b.sparse and b.requires_grad:
+            b.register_hook(lambda g: g.clone())
+        return b.squeeze(-1)
 
     def sampled_loss(self, h, batch):
         pos = batch["pos"]
@@ -222,6 +289,7 @@ class XMCClassifier(pl.LightningModule):
             loss = loss * float("nan")
         self.guard_finite(loss)
         self.manual_backward(loss)
+        self.sync_label_grads()
         if self.optim_cfg.get("grad_clip") and self.optim_cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), float(self.optim_cfg.grad_clip))
         for opt in opts:

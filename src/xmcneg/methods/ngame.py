@@ -34,7 +34,8 @@ One LightningModule, two phases inside ONE trainer.fit (switch at the start of e
   datamodule hands the rank and world size to the ClusterBatchSampler); the bank rows written by each rank are
   all-reduced at epoch end, so every rank holds the whole bank; clustering runs on rank 0 and the cluster ids are
   broadcast; evaluation gathers the document embeddings of all ranks (so alpha is picked on the whole validation
-  split, identically on every rank).
+  split, identically on every rank). Phase-2 classifier gradients are averaged as in XMCClassifier
+  (`hardware.sparse_grad_sync`: DDP's sparse all-reduce, or all-gathered rows when the tables are outside DDP).
 """
 from __future__ import annotations
 
@@ -310,7 +311,8 @@ class NGAME(XMCClassifier):
 
     # ------------------------------------------------------------------ lifecycle
     def debug_state(self):
-        return {"clusters": self.cluster_history, "phase": self.phase, "alpha": self.alpha}
+        return {"clusters": self.cluster_history, "phase": self.phase, "alpha": self.alpha,
+                "label_sync": self._label_sync}
 
     def on_fit_start(self):
         super().on_fit_start()  # the in-batch shortlist sampler (state restored on resume)
@@ -332,17 +334,22 @@ class NGAME(XMCClassifier):
             self.encoder.requires_grad_(False)
 
     def _ddp_keepalive(self, loss):
-        """Under DDP every parameter must get a gradient each step (plain `ddp`, find_unused_parameters off):
-        add zero-valued terms for the part the phase does not train (label tables / encoder)."""
+        """Under DDP every parameter in DDP's reducer must get a gradient each step (plain `ddp`,
+        find_unused_parameters off): add zero-valued terms for the part the phase does not train. Phase 2: the
+        frozen encoder. The label tables only with sparse_grad_sync=ddp (with all_gather they are outside the
+        reducer): the bias always (never trained, cosine scores), the classifiers in phase 1."""
         if self._world_size() == 1:
             return loss
-        z = torch.zeros(1, dtype=torch.long, device=self.label_w.weight.device)
-        extra = self.label_b(z).sum()  # the bias is never trained (cosine scores)
-        if self.phase == 1:
-            extra = extra + self.label_w(z).sum()
-        else:
-            extra = extra + sum(p.sum() for p in self.encoder.parameters() if p.requires_grad)
-        return loss + extra * 0.0
+        extra = None
+        if self._label_sync != "all_gather":
+            z = torch.zeros(1, dtype=torch.long, device=self.label_w.weight.device)
+            extra = self.label_b(z).sum()
+            if self.phase == 1:
+                extra = extra + self.label_w(z).sum()
+        if self.phase == 2:
+            enc = sum(p.sum() for p in self.encoder.parameters() if p.requires_grad)
+            extra = enc if extra is None else extra + enc
+        return loss if extra is None else loss + extra * 0.0
 
     def _phase_of(self, epoch):
         return 1 if epoch < int(self.s["phase1_epochs"]) else 2
@@ -504,6 +511,8 @@ class NGAME(XMCClassifier):
         loss = self._ddp_keepalive(loss)
         if loss.requires_grad:
             self.manual_backward(loss)
+            if self.phase == 2:
+                self.sync_label_grads()  # sparse_grad_sync=all_gather (the same phase on every rank)
             if self.phase == 1 and self.optim_cfg.get("grad_clip") and self.optim_cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), float(self.optim_cfg.grad_clip))
             opt.step()

@@ -262,3 +262,32 @@ def test_two_job_joblib_sweep(tmp_path):
         assert (d / "metrics.csv").is_file()
     rep = report.make_report([sweep_dir])
     assert {r["group"] for r in rep["rows"]} == {"uniform", "frequency"} and not rep["failed"]
+
+
+def test_each_job_in_one_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
+    """The joblib launcher runs several jobs in one worker process: each must log to its own (offline) wandb run,
+    and no run may stay open after a job."""
+    import wandb
+    from hydra import compose, initialize_config_dir
+
+    from xmcneg import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.delenv(var, raising=False)
+    run_ids = []
+    for seed in (0, 1):
+        out = tmp_path / f"job{seed}"
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[
+                "logger=wandb", f"seed={seed}", "dataset.num_labels=200", "dataset.num_train=300",
+                "dataset.num_test=50", "dataset.num_features=100", "trainer.max_epochs=1",
+                "trainer.enable_progress_bar=false", f"paths.output_dir={out}", f"paths.cache_dir={tmp_path / 'c'}"])
+        train.run(cfg)
+        assert wandb.run is None  # closed at the end of the job
+        runs = list((out / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+        run_ids.append(runs[0].name.rsplit("-", 1)[-1])
+    assert run_ids[0] != run_ids[1]

@@ -89,6 +89,7 @@ def build_loggers(cfg, out_dir):
     if cfg.logger.wandb:
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
+        finish_wandb()  # a run left open in this process (a reused sweep worker) must not absorb this job
         name = cfg.logger.run_name or f"{cfg.sampler.name}-seed{cfg.seed}"
         wl = WandbLogger(project=cfg.logger.project, group=cfg.logger.group, name=name, save_dir=str(out_dir),
                          config=OmegaConf.to_container(cfg, resolve=True))
@@ -96,6 +97,14 @@ def build_loggers(cfg, out_dir):
         wl.experiment.define_metric("val/*", step_metric="train_time_s")
         loggers.append(wl)
     return loggers
+
+
+def finish_wandb(exit_code=None):
+    """Close this process's wandb run, if any. Lightning's WandbLogger leaves it open after fit, and the joblib
+    launcher runs several jobs in one worker process: without this, the next job logs into the previous run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
 
 
 def resolve_ckpt(cfg, out_dir):
@@ -219,6 +228,8 @@ def run(cfg: DictConfig):
         if rank_zero_only.rank == 0:
             write_json(out_dir / "results.json", results)
         raise
+    finally:
+        finish_wandb(exit_code=0 if results.get("status") == "completed" else 1)
 
 
 def cli(fn, cfg):

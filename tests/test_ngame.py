@@ -278,3 +278,24 @@ def test_phase1_lr_comes_from_sampler_then_encoder_then_optim(tmp_path, enc_lr, 
     module.encoder.lr = enc_lr  # transformer encoders carry their own lr (encoder.lr)
     enc_opt = module.configure_optimizers()[0]
     assert enc_opt.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_phase1_warmup_is_capped_at_a_tenth_of_phase1(tmp_path):
+    from xmcneg.data.datamodule import build_datamodule
+    from xmcneg.methods import ngame
+
+    cfg = _cfg(tmp_path, **{"sampler.phase1_warmup_steps": 100, "sampler.phase1_epochs": 2})
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = ngame.build(cfg, dm)
+    module._trainer = SimpleNamespace(num_training_batches=32)  # 64 phase-1 steps: warm-up capped at 6
+    lrs = []
+    for t in range(64):
+        module.train_steps = t
+        lrs.append(module._phase1_lr())
+    assert lrs[0] == pytest.approx(1 / 6) and lrs[5] == pytest.approx(min(1.0, 1 - 5 / 64 + 1e-3))
+    assert max(lrs) > 0.9 and lrs[-1] < 0.05  # reaches the full lr, decays to ~0 by the end of phase 1
+    module._trainer = SimpleNamespace(num_training_batches=5000)  # long phase 1: the configured 100 steps hold
+    module.train_steps = 49
+    assert module._phase1_lr() == pytest.approx(0.5)

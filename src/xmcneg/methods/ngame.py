@@ -482,16 +482,23 @@ class NGAME(XMCClassifier):
         return [enc, clf]
 
     def _phase1_lr(self):
+        """lr factor of phase-1 step t: linear warm-up over phase1_warmup_steps, capped at a tenth of phase 1's
+        steps (a short run, e.g. a transformer on a small budget, would otherwise never leave the warm-up), then
+        (phase1_lr_decay=linear) linear decay to ~0 at the end of phase 1."""
         t = self.train_steps
         f = 1.0
         warm = int(self.s["phase1_warmup_steps"])
-        if warm > 0:
-            f = min(f, (t + 1) / warm)
-        if self.s["phase1_lr_decay"] == "linear" and self._trainer is not None:
+        total = None
+        if self._trainer is not None:
             nb = self.trainer.num_training_batches
             if isinstance(nb, (int, float)) and math.isfinite(nb) and nb > 0:
-                total = int(self.s["phase1_epochs"]) * nb
-                f = min(f, max(0.0, 1.0 - t / max(total, 1)) + 1e-3)
+                total = int(self.s["phase1_epochs"]) * int(nb)
+        if warm > 0 and total:
+            warm = min(warm, max(1, total // 10))
+        if warm > 0:
+            f = min(f, (t + 1) / warm)
+        if self.s["phase1_lr_decay"] == "linear" and total:
+            f = min(f, max(0.0, 1.0 - t / max(total, 1)) + 1e-3)
         return f
 
     def training_step(self, batch, batch_idx):

@@ -127,6 +127,7 @@ def run(cfg: DictConfig):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xmcneg.data.datamodule import build_datamodule
+    from xmcneg.methods.classifier import SPARSE_GRAD_SYNC
     from xmcneg.records import AtomicCheckpointIO, KillSwitch, RankDebugRecorder, RunRecorder
 
     out_dir = Path(cfg.paths.output_dir)
@@ -152,8 +153,8 @@ def run(cfg: DictConfig):
         module = build_module(cfg, dm)
         module.run_config = OmegaConf.to_container(cfg, resolve=True)
         sync = str(cfg.hardware.get("sparse_grad_sync", "auto"))
-        if sync not in ("auto", "ddp", "all_gather"):
-            raise ConfigError("hardware.sparse_grad_sync", f"expected auto, ddp or all_gather, got {sync}")
+        if sync not in SPARSE_GRAD_SYNC:  # checked here, before any DDP process starts
+            raise ConfigError("hardware.sparse_grad_sync", f"expected one of {', '.join(SPARSE_GRAD_SYNC)}, got {sync}")
         module.sparse_grad_sync = sync  # the module resolves auto once the process group exists (its setup hook)
         if cfg.get("debug", {}).get("nan_at_step") is not None:
             module.fault_step = int(cfg.debug.nan_at_step)

@@ -37,7 +37,8 @@ SPARSE_GRAD_SYNC = ("auto", "ddp", "all_gather")
 LABEL_TABLES = ("label_w.weight", "label_b.weight")
 
 
-def _dist():
+def active_dist():
+    """torch.distributed when a process group of more than one rank is running, else None."""
     import torch.distributed as dist
     return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
@@ -118,7 +119,7 @@ class XMCClassifier(pl.LightningModule):
         mode = str(self.sparse_grad_sync)
         if mode not in SPARSE_GRAD_SYNC:
             raise ConfigError("hardware.sparse_grad_sync", f"expected one of {', '.join(SPARSE_GRAD_SYNC)}, got {mode}")
-        dist = dist if dist is not None else _dist()
+        dist = dist if dist is not None else active_dist()
         if dist is None:
             return None
         if not self.label_w.sparse:  # sampler=full: dense tables, DDP reduces them like the encoder
@@ -139,14 +140,14 @@ class XMCClassifier(pl.LightningModule):
     def sync_label_grads(self):
         """sparse_grad_sync=all_gather: average the label tables' sparse gradients over the ranks (after
         backward, before the label optimiser steps; on every rank). A no-op otherwise."""
-        dist = _dist()
+        dist = active_dist()
         if self._label_sync == "all_gather" and dist is not None:
             all_gather_sparse_mean([self.label_w.weight, self.label_b.weight], dist)
 
     def _broadcast_label_tables(self):
         """all_gather mode: DDP no longer broadcasts the tables from rank 0 when it wraps the module; do it here
         (once per fit), so the ranks start from the same tables whatever their RNGs did."""
-        dist = _dist()
+        dist = active_dist()
         if self._label_sync == "all_gather" and dist is not None:
             with torch.no_grad():
                 for p in (self.label_w.weight, self.label_b.weight):

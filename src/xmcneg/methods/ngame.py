@@ -51,7 +51,7 @@ from omegaconf import OmegaConf
 from xmcneg.errors import ConfigError
 from xmcneg.eval.metrics import xc_metrics
 from xmcneg.eval.topk import exact_topk
-from xmcneg.methods.classifier import XMCClassifier, mask_positives
+from xmcneg.methods.classifier import XMCClassifier, active_dist, mask_positives
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 from xmcneg.records import tensor_digest
 from xmcneg.samplers.cluster_batching import ClusterBatchSampler, ClusterCurriculum, balanced_spherical_clusters
@@ -172,11 +172,6 @@ def _to(x, device):
     if isinstance(x, dict):
         return {k: _to(v, device) for k, v in x.items()}
     return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
-
-
-def _dist():
-    import torch.distributed as dist
-    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 # ------------------------------------------------------------------------------------------------------ module
@@ -411,7 +406,7 @@ class NGAME(XMCClassifier):
         self.log("ngame/cluster_time_s", float(self._cluster_s), on_epoch=True, rank_zero_only=True)
 
     def _sync_bank(self):
-        dist = _dist()
+        dist = active_dist()
         if dist is None:
             self.bank_written.zero_()
             return

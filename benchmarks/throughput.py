@@ -138,7 +138,7 @@ def main(argv=None):
         if s == "full" and args.labels > args.full_max_labels:
             print(json.dumps({"sampler": s, "labels": args.labels, "skipped": "C > --full-max-labels"}), flush=True)
             continue
-        cmd = [sys.executable, __file__, "--child", s] + [a for a in (argv or sys.argv[1:])]
+        cmd = [sys.executable, __file__, "--child", s, *(argv or sys.argv[1:])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

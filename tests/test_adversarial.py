@@ -260,8 +260,12 @@ def test_refit_on_encoder_embeddings(data):
     dm, _ = data
     s = AdversarialSampler(num_negatives=8, k=4, refit_every_epochs=2, seed=0)
     s.setup(dm, None)
-    module = torch.nn.Module()
-    module.encoder = BowLinear(dm.num_features, dim=12)
+    from xmcneg.methods.classifier import XMCClassifier
+    from xmcneg.methods.losses import BCE
+    from train_conf import section
+
+    module = XMCClassifier(BowLinear(dm.num_features, dim=12), dm.num_labels, BCE(), sampler=s,
+                           optim=section("optim"), evaluation=section("eval"))
     s.refresh(5, 1, module)
     assert s.proj.kind == "bag"  # not due
     s.refresh(6, 2, module)
@@ -280,10 +284,12 @@ def test_classifier_uses_the_sampler(fitted, data):
     from xmcneg.methods.classifier import XMCClassifier
 
     dm, _ = data
-    loss_cfg = OmegaConf.create({"name": "ns", "reg_lambda": 0.01})
-    eval_cfg = OmegaConf.create({"k": 5, "doc_chunk": 7, "label_chunk": 16})
-    model = XMCClassifier(BowLinear(dm.num_features, dim=6), dm.num_labels, sampler=fitted, loss_cfg=loss_cfg,
-                          optim_cfg=OmegaConf.create({}), eval_cfg=eval_cfg)
+    from xmcneg.methods.losses import NegativeSampling
+    from train_conf import section
+
+    model = XMCClassifier(BowLinear(dm.num_features, dim=6), dm.num_labels, NegativeSampling(reg_lambda=0.01),
+                          sampler=fitted, optim=section("optim"),
+                          evaluation=section("eval", k=5, doc_chunk=7, label_chunk=16))
     batch = dm.batch(np.arange(12))
     h = model.encoder(batch["x"])
     loss = model.sampled_loss(h, batch)

@@ -97,7 +97,7 @@ def test_ddp_run(sampler, sync, cache_dir, tmp_path_factory, tmp_path):
             diff = sorted(k for k in set(s0[key]) | set(s1[key]) if s0[key].get(k) != s1[key].get(k))
             assert not diff, f"{key} differs between ranks: {diff[:5]}"
         assert s0[key] == s1[key], f"{key} differs between ranks"
-    assert any("label_w" in k for k in s0["state_dict"])
+    assert any("labels.w" in k for k in s0["state_dict"])
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state_digests(last["state_dict"]) == s0["state_dict"]
     dbg_state = s0["debug_state"]
@@ -128,7 +128,7 @@ def test_all_gather_equals_ddp_sparse_allreduce(sampler, cache_dir, tmp_path_fac
     states = [torch.load(_train(sampler, sync, cache_dir, tmp_path_factory) / "checkpoints" / "last.ckpt",
                          map_location="cpu", weights_only=True)["state_dict"] for sync in ("auto", "all_gather")]
     assert set(states[0]) == set(states[1])
-    for k in ("label_w.weight", "label_b.weight", *sorted(k for k in states[0] if k.startswith("encoder."))):
+    for k in ("labels.w.weight", "labels.b.weight", *sorted(k for k in states[0] if k.startswith("encoder."))):
         torch.testing.assert_close(states[1][k], states[0][k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 

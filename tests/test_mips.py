@@ -10,27 +10,28 @@ from omegaconf import OmegaConf
 
 from xmcneg.encoders.bow_linear import BowLinear
 from xmcneg.errors import ConfigError
-from xmcneg.methods.classifier import XMCClassifier, mask_positives
+from train_conf import section
+from xmcneg.methods.base import mask_positives
+from xmcneg.methods.classifier import XMCClassifier
+from xmcneg.methods.losses import BCE
 from xmcneg.samplers.frequency import FrequencySampler
 from xmcneg.samplers.mips import MIPSSampler
 
-OPTIM = OmegaConf.create({"encoder_lr": 1e-3, "weight_decay": 0.0, "label_optimizer": "rowwise_adagrad",
-                          "label_lr": 0.1, "full_label_lr": 1e-3, "warmup_steps": 0})
+OPTIM = section("optim", label_lr=0.1)
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def eval_cfg(search="exact", index="flat", shortlist=50, k=5):
-    return OmegaConf.create({"k": k, "doc_chunk": 16, "label_chunk": 37, "search": search,
-                             "ann_index": index, "ann_shortlist": shortlist})
+    return section("eval", k=k, doc_chunk=16, label_chunk=37, search=search, ann_index=index,
+                   ann_shortlist=shortlist)
 
 
 def make_module(C=300, d=8, F=20, sampler=None, ev=None, seed=0):
     torch.manual_seed(seed)
-    m = XMCClassifier(BowLinear(F, d), C, sampler=sampler, loss_cfg=OmegaConf.create({"name": "bce"}),
-                      optim_cfg=OPTIM, eval_cfg=ev or eval_cfg())
+    m = XMCClassifier(BowLinear(F, d), C, BCE(), sampler=sampler, optim=OPTIM, evaluation=ev or eval_cfg())
     with torch.no_grad():  # spread-out label vectors and biases so scores have no ties
-        m.label_w.weight.normal_(0, 1.0)
-        m.label_b.weight.normal_(0, 0.1)
+        m.labels.w.weight.normal_(0, 1.0)
+        m.labels.b.weight.normal_(0, 0.1)
     return m
 
 
@@ -45,8 +46,8 @@ def make_sampler(C, **kw):
 def batch_with_top_positives(module, B=6, P=4, seed=0):
     """Documents whose positives are among their highest-scoring labels (collisions with MIPS results)."""
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(B, module.label_w.weight.shape[1], generator=g)
-    scores = h @ module.label_w.weight.detach().T + module.label_b.weight.detach().T
+    h = torch.randn(B, module.labels.w.weight.shape[1], generator=g)
+    scores = h @ module.labels.w.weight.detach().T + module.labels.b.weight.detach().T
     top = scores.topk(8, dim=1).indices
     pos = torch.full((B, P), -1, dtype=torch.long)
     for i in range(B):
@@ -83,7 +84,7 @@ def test_hard_negatives_are_top_scoring_non_positives():
     s.refresh(0, 0, module)
     batch, h = batch_with_top_positives(module)
     neg, _ = s.sample(batch, h)
-    scores = h @ module.label_w.weight.detach().T + module.label_b.weight.detach().T
+    scores = h @ module.labels.w.weight.detach().T + module.labels.b.weight.detach().T
     for i in range(h.shape[0]):
         pos = set(batch["pos"][i][batch["pos"][i] >= 0].tolist())
         order = [y for y in scores[i].argsort(descending=True).tolist() if y not in pos][:5]
@@ -199,11 +200,11 @@ def test_uniform_only_never_builds_and_bad_config_is_rejected():
 def test_config_group_and_ablation_switch():
     from hydra import compose, initialize_config_dir
 
-    from xmcneg.train import build_sampler
+    from xmcneg.factory import build_part
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["sampler=mips", "sampler.mode=mips_only", "sampler.index=ivf"])
-    s = build_sampler(cfg)
+    s = build_part(cfg, "sampler", seed=int(cfg.seed))
     assert isinstance(s, MIPSSampler) and s.mode == "mips_only" and s.index_kind == "ivf"
     assert s.num_hard == 5 and cfg.eval.ann_index == "hnsw" and int(cfg.eval.ann_shortlist) >= int(cfg.eval.k)
 
@@ -222,7 +223,7 @@ def test_ann_eval_with_flat_index_equals_exact():
     idx = ann._ann_label_index()
     assert ann._ann_label_index() is idx
     with torch.no_grad():
-        ann.label_w.weight[0] += 1.0
+        ann.labels.w.weight[0] += 1.0
     assert ann._ann_label_index() is not idx
 
 

@@ -183,14 +183,14 @@ def _fit(cfg, epochs, ckpt_dir=None, ckpt_path=None, test=False):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.methods import ngame
+    from xmcneg.factory import build_module
 
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    module = ngame.build(cfg, dm)
+    module = build_module(cfg, dm)
     cbs = []
     if ckpt_dir is not None:
         cbs.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="{epoch}", save_top_k=-1, every_n_epochs=1,
@@ -219,16 +219,16 @@ def test_tiny_two_phase_fit(full_run):
     sizes = {(e, p): s for e, p, s, _, _ in m.cluster_log}
     assert sizes == {(1, 1): 4, (2, 2): 4}  # curriculum: size 4 from epoch 1; phase 2 clustered once
     assert set(m.test_metrics) >= {"P@1", "P@5", "nDCG@5", "PSP@1", "knn/P@1", "clf/P@1", "alpha"}
-    assert m.test_metrics["alpha"] in m.s["fusion_alphas"]
+    assert m.test_metrics["alpha"] in m.s.fusion_alphas
     assert m.test_metrics["P@1"] > 0.2  # far above chance (1/60) after 4 tiny epochs
     assert {"val/P@1", "val/P@5", "val/alpha", "val/knn/P@1", "val/clf/P@1"} <= set(m.fit_metrics)
     assert not any(p.requires_grad for p in m.encoder.parameters())
     ck = torch.load(full_run.tmp / "ckpt" / "epoch=0.ckpt", weights_only=True)  # loads with weights_only
     assert ck["ngame"]["phase"] == 1 and ck["ngame"]["bank"].shape == (600, 16)
     # eval.py path: a fresh module + load_state_dict knows the phase and alpha, and predicts the fused top-k
-    from xmcneg.methods import ngame
+    from xmcneg.factory import build_module
 
-    fresh = ngame.build(full_run.cfg, full_run.trainer.datamodule)
+    fresh = build_module(full_run.cfg, full_run.trainer.datamodule)
     fresh.load_state_dict(m.state_dict())
     assert fresh.phase == 2 and fresh.alpha == m.alpha
     batch = full_run.trainer.datamodule.collate("test")(np.arange(8))
@@ -253,7 +253,7 @@ def test_resume_from_checkpoint_in_either_phase(full_run, epoch, phase, tmp_path
 
 def test_missing_label_texts_is_a_config_error(tmp_path):
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.methods import ngame
+    from xmcneg.factory import build_module
 
     cfg = _cfg(tmp_path)
     cfg.dataset.label_text_file = None
@@ -261,34 +261,34 @@ def test_missing_label_texts_is_a_config_error(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     with pytest.raises(ConfigError, match="dataset.label_text_file"):
-        ngame.build(cfg, dm)
+        build_module(cfg, dm)
 
 
 @pytest.mark.parametrize("enc_lr,phase1_lr,expected", [(None, None, 1e-3), (5e-5, None, 5e-5), (5e-5, 0.01, 0.01)])
 def test_phase1_lr_comes_from_sampler_then_encoder_then_optim(tmp_path, enc_lr, phase1_lr, expected):
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.methods import ngame
+    from xmcneg.factory import build_module
 
     over = {} if phase1_lr is None else {"sampler.phase1_lr": phase1_lr}
     cfg = _cfg(tmp_path, **over)
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    module = ngame.build(cfg, dm)
+    module = build_module(cfg, dm)
     module.encoder.lr = enc_lr  # transformer encoders carry their own lr (encoder.lr)
-    enc_opt = module.configure_optimizers()[0]
+    enc_opt = module.configure_optimizers().parts["encoder"]
     assert enc_opt.param_groups[0]["lr"] == pytest.approx(expected)
 
 
 def test_phase1_warmup_is_capped_at_a_tenth_of_phase1(tmp_path):
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.methods import ngame
+    from xmcneg.factory import build_module
 
     cfg = _cfg(tmp_path, **{"sampler.phase1_warmup_steps": 100, "sampler.phase1_epochs": 2})
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    module = ngame.build(cfg, dm)
+    module = build_module(cfg, dm)
     module._trainer = SimpleNamespace(num_training_batches=32)  # 64 phase-1 steps: warm-up capped at 6
     lrs = []
     for t in range(64):

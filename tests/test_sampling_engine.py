@@ -9,16 +9,18 @@ from omegaconf import OmegaConf
 
 from xmcneg.encoders.bow_linear import BowLinear
 from xmcneg.errors import ConfigError
-from xmcneg.methods.classifier import XMCClassifier, mask_positives
-from xmcneg.methods.losses import bce_loss, ns_loss, sampled_softmax_loss
+from train_conf import section
+from xmcneg.methods.base import mask_positives
+from xmcneg.methods.classifier import XMCClassifier
+from xmcneg.methods.losses import BCE, NegativeSampling, SampledSoftmax, bce_loss, ns_loss, sampled_softmax_loss
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 from xmcneg.samplers.frequency import FrequencySampler
 from xmcneg.samplers.in_batch import InBatchSampler
 from xmcneg.samplers.uniform import UniformSampler
 
-OPTIM = OmegaConf.create({"encoder_lr": 1e-3, "weight_decay": 0.0, "label_optimizer": "rowwise_adagrad",
-                          "label_lr": 0.1, "full_label_lr": 1e-3, "warmup_steps": 0})
-EVAL = OmegaConf.create({"k": 5, "doc_chunk": 4, "label_chunk": 7, "search": "exact"})
+OPTIM = section("optim", label_lr=0.1)
+EVAL = section("eval", k=5, doc_chunk=4, label_chunk=7)
+LOSSES = {"bce": BCE(), "softmax": SampledSoftmax(), "ns": NegativeSampling()}
 
 
 def fake_dm(C, counts=None):
@@ -64,8 +66,7 @@ def test_logq_correction_values():
 
 def make_module(C=12, sampler=None, loss="bce", d=6, F=10):
     torch.manual_seed(0)
-    return XMCClassifier(BowLinear(F, d), C, sampler=sampler, loss_cfg=OmegaConf.create({"name": loss}),
-                         optim_cfg=OPTIM, eval_cfg=EVAL)
+    return XMCClassifier(BowLinear(F, d), C, LOSSES[loss], sampler=sampler, optim=OPTIM, evaluation=EVAL)
 
 
 def test_sampled_softmax_with_all_labels_equals_full_softmax():
@@ -75,10 +76,10 @@ def test_sampled_softmax_with_all_labels_equals_full_softmax():
     h = full.encoder(batch["x"])
     full_val = full.full_loss(h, batch)
     pos = batch["pos"]
-    s_pos = full.label_b.weight.T.expand(4, -1).gather(1, pos.clamp(min=0)) + (
-        h.unsqueeze(1) @ full.label_w(pos.clamp(min=0)).transpose(1, 2)).squeeze(1)
+    s_pos = full.labels.b.weight.T.expand(4, -1).gather(1, pos.clamp(min=0)) + (
+        h.unsqueeze(1) @ full.labels.w(pos.clamp(min=0)).transpose(1, 2)).squeeze(1)
     neg = torch.arange(C).expand(4, C)
-    s_neg = h @ full.label_w.weight.T + full.label_b.weight.T
+    s_neg = h @ full.labels.w.weight.T + full.labels.b.weight.T
     log_q = torch.full((4, C), -math.log(C))
     sampled = sampled_softmax_loss(s_pos, (pos >= 0).float(), s_neg, mask_positives(neg, pos).float(), log_q)
     assert sampled.item() == pytest.approx(full_val.item(), rel=1e-5, abs=1e-6)
@@ -90,7 +91,7 @@ def test_sparse_update_leaves_untouched_rows_bit_identical(kind):
     sampler = UniformSampler(num_negatives=5, seed=0)
     m = make_module(C, sampler, "bce")
     sampler.setup(fake_dm(C))
-    before = m.label_w.weight.detach().clone(), m.label_b.weight.detach().clone()
+    before = m.labels.w.weight.detach().clone(), m.labels.b.weight.detach().clone()
     batch = tiny_batch()
     h = m.encoder(batch["x"])
     torch.manual_seed(1)
@@ -98,15 +99,15 @@ def test_sparse_update_leaves_untouched_rows_bit_identical(kind):
     sampler.set_epoch(0)  # replay the same draws inside the loss
     loss = m.sampled_loss(h, batch)
     loss.backward()
-    assert m.label_w.weight.grad.is_sparse
-    opt = SparseRowOptimizer([m.label_w.weight, m.label_b.weight], lr=0.1, kind=kind)
+    assert m.labels.w.weight.grad.is_sparse
+    opt = SparseRowOptimizer([m.labels.w.weight, m.labels.b.weight], lr=0.1, kind=kind)
     opt.step()
     touched = torch.unique(torch.cat([batch["pos"][batch["pos"] >= 0], neg.flatten()]))
     untouched = torch.ones(C, dtype=torch.bool)
     untouched[touched] = False
-    assert torch.equal(m.label_w.weight[untouched], before[0][untouched])
-    assert torch.equal(m.label_b.weight[untouched], before[1][untouched])
-    assert not torch.equal(m.label_w.weight[touched], before[0][touched])
+    assert torch.equal(m.labels.w.weight[untouched], before[0][untouched])
+    assert torch.equal(m.labels.b.weight[untouched], before[1][untouched])
+    assert not torch.equal(m.labels.w.weight[touched], before[0][touched])
 
 
 def test_uniform_streams_reproducible_and_rank_dependent():

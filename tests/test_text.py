@@ -213,7 +213,8 @@ def test_build_datamodule_dispatch(tmp_path):
 
 def test_tiny_transformer_end_to_end(tmp_path):
     """One epoch of the sampled classifier with the tiny BERT on a small synthetic text dataset, via train.run."""
-    from xmcneg.train import build_encoder, run
+    from xmcneg.factory import build_encoder
+    from xmcneg.train import run
 
     d = synthetic.generate(tmp_path / "syn", num_labels=40, num_features=300, num_train=400, num_test=100,
                            seed=1, doc_len=12, write_text=True)

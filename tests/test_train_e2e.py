@@ -112,9 +112,12 @@ def test_deferred_nan_check_names_the_window_and_fires_at_epoch_end():
     from omegaconf import OmegaConf
 
     from xmcneg.encoders.bow_linear import BowLinear
-    from xmcneg.methods.classifier import NonFiniteLossError, XMCClassifier
+    from train_conf import section
+    from xmcneg.methods.base import NonFiniteLossError
+    from xmcneg.methods.classifier import XMCClassifier
+    from xmcneg.methods.losses import SampledSoftmax
 
-    m = XMCClassifier(BowLinear(10, dim=4), 6, loss_cfg=OmegaConf.create({"name": "softmax"}))
+    m = XMCClassifier(BowLinear(10, dim=4), 6, SampledSoftmax(), optim=section("optim"), evaluation=section("eval"))
     m.defer_finite_check, m.finite_check_every = True, 4
     ok, nan = torch.tensor(1.0), torch.tensor(float("nan"))
     for step, loss in enumerate([ok, ok, ok, ok, ok, nan, ok]):  # steps 0..6: the NaN at 5 is not read yet

@@ -37,7 +37,7 @@ def model_config(cfg, ckpt):
 
 def build_trained(cfg, ckpt):
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.train import build_module
+    from xmcneg.factory import build_module
 
     dm = build_datamodule(cfg)
     dm.prepare_data()
@@ -82,8 +82,7 @@ def predict(cfg, mcfg, dm, module):
             rows = np.arange(i, min(i + bs, n))
             batch = {"x": inputs(rows), "pos": torch.full((len(rows), 1), -1), "idx": torch.from_numpy(rows)}
             h = module.encoder(batch["x"])
-            query = module.sampler.correction_query(batch, h) if module.use_correction() else None
-            scores, ids = module.predict_topk(h, query, k=k)
+            scores, ids = module.predict_topk(h, module.correction_query(batch, h), k=k)
             for s, l in zip(scores.tolist(), ids.tolist()):
                 rows_out.append(" ".join(f"{a}:{b:.6g}" for a, b in zip(l, s) if a >= 0))
     formats.write_lines(cfg.output, rows_out)
@@ -113,10 +112,3 @@ def run(cfg):
                "status": "completed"}
     write_json(out_dir / "results.json", results)
     return results["test"].get("P@1")
-
-
-def main(cfg):
-    """Entry point of eval.py."""
-    from xmcneg.train import cli
-
-    return cli(run, cfg)

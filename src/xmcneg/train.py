@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class
 from pytorch_lightning.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,63 +22,6 @@ def is_multirun():
 
 
 # ---------------------------------------------------------------------------------------------------- building
-def build_from_target(cfg, key, skip=("name",), **extra):
-    """Instantiate `cfg._target_` with the remaining keys (+ extra) as keyword arguments; clear errors."""
-    target = cfg.get("_target_")
-    if not target:
-        return None
-    try:
-        cls = get_class(target)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"{key}._target_", f"cannot import '{target}': {e}") from None
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-              if k not in skip and k != "_target_"}
-    kwargs.update(extra)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(key, f"bad arguments for {cls.__name__}: {e}") from None
-
-
-def build_sampler(cfg):
-    extra = {"seed": int(cfg.seed)}
-    return build_from_target(cfg.sampler, "sampler", skip=("name", "method"), **extra)
-
-
-def build_encoder(cfg, dm):
-    # text datamodules say what the encoder needs (vocabulary size, or nothing for a pretrained tokenizer);
-    # `encoder.text` configures the datamodule's text inputs and is not a constructor argument
-    extra = dm.encoder_kwargs() if hasattr(dm, "encoder_kwargs") else {"num_features": dm.num_features}
-    enc = build_from_target(cfg.encoder, "encoder", skip=("name", "text"), **extra)
-    if enc is None:
-        raise ConfigError("encoder._target_", "missing")
-    if int(enc.dim) <= 0:
-        raise ConfigError("encoder.dim", f"must be > 0, got {enc.dim}")
-    return enc
-
-
-def build_module(cfg, dm):
-    """The LightningModule for cfg.sampler: `sampler.method` names a module with `build(cfg, dm)` (default:
-    the label-scoring classifier in xmcneg.methods.classifier)."""
-    import importlib
-
-    from xmcneg.eval.metrics import inverse_propensities
-    from xmcneg.methods.classifier import XMCClassifier
-
-    method = cfg.sampler.get("method", "classifier")
-    if method != "classifier":
-        try:
-            mod = importlib.import_module(f"xmcneg.methods.{method}")
-        except ImportError as e:
-            raise ConfigError("sampler.method", f"unknown method '{method}': {e}") from None
-        return mod.build(cfg, dm)
-    inv_prop = inverse_propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
-    encoder = build_encoder(cfg, dm)
-    sampler = build_sampler(cfg)
-    return XMCClassifier(encoder, dm.num_labels, sampler=sampler, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                         eval_cfg=cfg.eval, inv_prop=inv_prop)
-
-
 def build_loggers(cfg, out_dir):
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
@@ -127,7 +69,8 @@ def run(cfg: DictConfig):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.methods.classifier import SPARSE_GRAD_SYNC
+    from xmcneg.factory import build_module
+    from xmcneg.methods.label_table import SPARSE_GRAD_SYNC
     from xmcneg.records import AtomicCheckpointIO, KillSwitch, RankDebugRecorder, RunRecorder
 
     out_dir = Path(cfg.paths.output_dir)
@@ -194,10 +137,7 @@ def run(cfg: DictConfig):
         # snapshot the run's accounting now: testing the best checkpoint restores the recorder's state from it
         train_time, samples, rows = recorder.train_time, recorder.samples, list(recorder.rows)
         t_test = time.perf_counter()
-        test_ckpt = cfg.eval.get("test_ckpt", "best")
-        if test_ckpt not in ("best", "last"):
-            raise ConfigError("eval.test_ckpt", f"expected best or last, got {test_ckpt}")
-        use_best = test_ckpt == "best" and best.best_model_path and Path(best.best_model_path).exists()
+        use_best = module.evaluation.test_ckpt == "best" and best.best_model_path and Path(best.best_model_path).exists()
         trainer.test(module, datamodule=dm, verbose=True, ckpt_path=best.best_model_path if use_best else None,
                      weights_only=True)
         test_s = time.perf_counter() - t_test

@@ -292,9 +292,40 @@ class LabelIndex:
 
 
 @torch.no_grad()
+def candidate_scores(doc_emb, label_w, cand, label_b=None, extra=None, chunk: int = 4096):
+    """Exact scores <doc, w_y> (+ b_y) (+ extra(rows, ids)) of the candidate ids `cand` (N, S) of each document,
+    -inf where the id is -1 (no candidate). Chunked over documents; float32 (N, S) on doc_emb's device."""
+    N, device = doc_emb.shape[0], doc_emb.device
+    cand = cand.to(device)
+    out = torch.empty(cand.shape, dtype=doc_emb.dtype, device=device)
+    for s in range(0, N, chunk):
+        q, c = doc_emb[s: s + chunk], cand[s: s + chunk]
+        safe = c.clamp(min=0).to(label_w.device)
+        sc = torch.bmm(label_w[safe].to(device, q.dtype), q.unsqueeze(2)).squeeze(2)
+        if label_b is not None:
+            sc = sc + label_b[safe].to(device, q.dtype)
+        if extra is not None:
+            sc = sc + extra(slice(s, s + chunk), safe.to(device)).to(device, q.dtype)
+        out[s: s + chunk] = sc
+    return out.masked_fill(cand < 0, float("-inf"))
+
+
+def topk_of_candidates(scores, cand, k: int):
+    """Top-k of candidate scores (N, S) -> (scores, ids) (N, k); ids -1 / scores -inf where a row has fewer than
+    k finite candidates."""
+    kk = min(int(k), scores.shape[1])
+    ts, at = torch.topk(scores, kk, dim=1)
+    ti = torch.gather(cand.to(scores.device).clamp(min=0), 1, at).masked_fill(torch.isinf(ts) & (ts < 0), -1)
+    if kk < k:
+        ts = torch.cat([ts, ts.new_full((ts.shape[0], k - kk), float("-inf"))], 1)
+        ti = torch.cat([ti, ti.new_full((ti.shape[0], k - kk), -1)], 1)
+    return ts, ti
+
+
 def ann_topk(doc_emb, label_w, label_b, k: int, index: LabelIndex, shortlist: int = 100,
-             query_chunk: int = 4096):
-    """Top-k labels via ANN retrieval of ``shortlist`` candidates, re-scored exactly with torch.
+             query_chunk: int = 4096, extra=None):
+    """Top-k labels via ANN retrieval of ``shortlist`` candidates, re-scored exactly with torch (+ ``extra(rows,
+    ids)``, e.g. a sampler's score correction for the shortlisted ids).
 
     If ``index`` has never been built it is built from (label_w, label_b); otherwise it is used as is (the
     caller rebuilds it when the weights change). Returns ``(scores (N, k), ids (N, k) int64)`` on
@@ -315,33 +346,17 @@ def ann_topk(doc_emb, label_w, label_b, k: int, index: LabelIndex, shortlist: in
     if index.version == 0:
         index.build(W, B)
     S = min(max(int(shortlist), k), C)
-    device, dtype = doc.device, doc.dtype
-    N = doc.shape[0]
-    out_s = torch.empty((N, k), dtype=dtype, device=device)
-    out_i = torch.empty((N, k), dtype=torch.long, device=device)
-    for s in range(0, N, query_chunk):
-        e = min(N, s + query_chunk)
-        q = doc[s:e]
-        _, cand = index.search(q, S)
-        cand_t = torch.from_numpy(cand).to(W.device)
-        valid = cand_t >= 0
-        safe = cand_t.clamp_min(0)
-        w = W[safe].to(device=device, dtype=dtype)  # (n, S, d)
-        sc = torch.bmm(w, q.unsqueeze(2)).squeeze(2)  # (n, S)
-        if B is not None:
-            sc = sc + B[safe].to(device=device, dtype=dtype)
-        valid = valid.to(device)
-        sc = sc.masked_fill(~valid, float("-inf"))
-        kk = min(k, sc.shape[1])
-        ts, pos = torch.topk(sc, kk, dim=1)
-        ti = torch.gather(safe.to(device), 1, pos)
-        ti = ti.masked_fill(torch.isinf(ts) & (ts < 0), -1)
-        out_s[s:e, :kk] = ts
-        out_i[s:e, :kk] = ti
-        if kk < k:
-            out_s[s:e, kk:] = float("-inf")
-            out_i[s:e, kk:] = -1
-    return out_s, out_i
+    out_s, out_i = [], []
+    for s in range(0, doc.shape[0], query_chunk):
+        q = doc[s: s + query_chunk]
+        cand = torch.from_numpy(index.search(q, S)[1])
+        shifted = None if extra is None else (lambda rows, ids, s=s: extra(slice(rows.start + s, rows.stop + s), ids))
+        ts, ti = topk_of_candidates(candidate_scores(q, W, cand, B, shifted, chunk=query_chunk), cand, k)
+        out_s.append(ts)
+        out_i.append(ti)
+    if not out_s:
+        return doc.new_empty((0, k)), torch.empty((0, k), dtype=torch.long, device=doc.device)
+    return torch.cat(out_s), torch.cat(out_i)
 
 
 def recall_against_exact(ann_ids, exact_ids) -> float:

@@ -1,5 +1,6 @@
 """Losses over positives and (sampled) negatives. Shapes: pos (B,P) with pos_mask, neg (B,k) with neg_mask,
 log_q_neg (B,k) = log q(y|x) of one draw, k = number of draws. Masked entries never contribute.
+conf/loss/<name>.yaml instantiates one of the classes at the end (`BCE`, `SampledSoftmax`, `NegativeSampling`).
 
 - bce:     sum_valid softplus(-s_pos) + sum_valid softplus(s_neg), divided by the number of valid candidates.
 - softmax: sampled softmax with logQ correction; per positive p:
@@ -14,14 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from xmcneg.errors import ConfigError
-
-LOSSES = ("bce", "softmax", "ns")
-
-
-def check_loss(name):
-    if name not in LOSSES:
-        raise ConfigError("loss.name", f"unknown loss '{name}', expected one of {', '.join(LOSSES)}")
-
 
 def _masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -55,10 +48,43 @@ def ns_loss(pos, pos_mask, neg, neg_mask, log_q_pos=None, log_q_neg=None, reg_la
     return (per_doc * doc_has_pos).sum() / doc_has_pos.sum().clamp(min=1)
 
 
-def compute_loss(cfg, pos, pos_mask, neg, neg_mask, log_q_neg, log_q_pos=None):
-    name = cfg.name
-    if name == "bce":
+class BCE:
+    """Binary cross-entropy; the sampler's bias is corrected at prediction time (samplers/base.py)."""
+    name, logq_corrected = "bce", False
+
+    def __call__(self, pos, pos_mask, neg, neg_mask, log_q_neg, log_q_pos=None):
         return bce_loss(pos, pos_mask, neg, neg_mask)
-    if name == "softmax":
+
+    def full(self, logits, target, pos):
+        """The loss over all labels: logits (B, C), target (B, C) bool, pos (B, P) padded with -1."""
+        return F.binary_cross_entropy_with_logits(logits, target.float())
+
+
+class SampledSoftmax:
+    """Sampled softmax with logQ correction (no prediction-time correction needed)."""
+    name, logq_corrected = "softmax", True
+
+    def __call__(self, pos, pos_mask, neg, neg_mask, log_q_neg, log_q_pos=None):
         return sampled_softmax_loss(pos, pos_mask, neg, neg_mask, log_q_neg)
-    return ns_loss(pos, pos_mask, neg, neg_mask, log_q_pos, log_q_neg, float(cfg.get("reg_lambda", 0.0)))
+
+    def full(self, logits, target, pos):
+        """Decoupled full softmax: other positives never enter the denominator."""
+        pos_mask = pos >= 0
+        s_pos = logits.gather(1, pos.clamp(min=0))
+        neg_lse = torch.logsumexp(logits.masked_fill(target, float("-inf")), dim=1, keepdim=True)
+        denom = torch.logaddexp(s_pos, neg_lse.expand_as(s_pos))
+        return ((denom - s_pos) * pos_mask).sum() / pos_mask.sum().clamp(min=1)
+
+
+class NegativeSampling:
+    """Bamler & Mandt's binary logistic NS loss (+ the optional regulariser); needs sampled negatives."""
+    name, logq_corrected = "ns", False
+
+    def __init__(self, reg_lambda: float = 0.0):
+        if float(reg_lambda) < 0:
+            raise ConfigError("loss.reg_lambda", f"must be >= 0, got {reg_lambda}")
+        self.reg_lambda = float(reg_lambda)
+        self.needs_log_q_pos = self.reg_lambda > 0
+
+    def __call__(self, pos, pos_mask, neg, neg_mask, log_q_neg, log_q_pos=None):
+        return ns_loss(pos, pos_mask, neg, neg_mask, log_q_pos, log_q_neg, self.reg_lambda)

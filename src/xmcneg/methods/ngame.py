@@ -1,57 +1,40 @@
-"""NGAME (Dahiya et al., WSDM 2023): negative-mining-aware mini-batching; METHODS.md section (c).
+"""NGAME (Dahiya et al., WSDM 2023): negative-mining-aware mini-batching; conf/method/ngame.yaml, options in
+conf/sampler/ngame.yaml (`python train.py sampler=ngame`).
 
-One LightningModule, two phases inside ONE trainer.fit (switch at the start of epoch `phase1_epochs`):
-
-* **Phase 1 -- Siamese.** The encoder embeds documents and label texts (`dm.label_inputs`), both L2-normalised
-  (cosine). Each document takes one of its positives per epoch (uniform, from a (seed, epoch) stream); the
-  batch's distinct sampled labels are encoded once; S = B x U cosine matrix, entries that are positives of the
-  row masked. Loss `triplet` (NGAME's TripletMarginLossOHNM): the `num_hard` hardest unmasked in-batch
-  negatives, hinge max(0, s_neg - s_pos + margin), the violators weighted by softmax(s_neg / temperature)
-  (weights detached; `weighted: false` = plain mean), or `infonce` (softmax cross-entropy at `temperature`,
-  other positives out of the denominator). Encoder: AdamW, linear warm-up, linear decay over phase 1.
-  Every training forward pass writes the document embeddings into a memory bank (N x d, CPU; no extra encoding
-  pass); batches come from :class:`~xmcneg.samplers.cluster_batching.ClusterBatchSampler` over balanced
-  spherical clusters of the bank, on the curriculum of `ClusterCurriculum` (size 1 = random batches).
-* **Phase 2 -- classifier.** Encoder frozen; the train documents are embedded once (they replace the bank, and
-  are clustered once at `phase2_cluster_size`); one vector per label, initialised from its label-text embedding
-  (rows of the inherited sparse `label_w` table); score cos(doc, w_y). Shortlist = the union of the batch's
-  positives (the inherited in-batch sampler) [+ `phase2_ann_negatives` per document from an HNSW index over
-  the classifiers, rebuilt every epoch]. Loss (NGAME's TripletMarginLossOHNMMulti): per document its
-  `phase2_num_pos` lowest-scoring positives x `phase2_num_neg` highest-scoring negatives, hinge with
-  `phase2_margin`, violators softmax-weighted. Sparse row-wise updates (`SparseRowOptimizer`).
-* **Inference.** kNN scores = cos(doc, label-text embedding), clf scores = cos(doc, classifier); phase 2
-  predictions rank by alpha * clf + (1 - alpha) * knn, alpha picked on the validation split from
-  `fusion_alphas` by `fusion_metric` (logged as val/alpha; kept for test; if no validation ran, picked on the
-  validation split at test time). `inference: ann`: faiss HNSW (`xmcneg.eval.ann.LabelIndex`) over the label
-  embeddings and over the classifiers, `ann_shortlist` candidates from each, union re-scored exactly;
-  `exact`: chunked exact top-k (alpha*W + (1-alpha)*Z is one matrix). Logged: val/<metric> = the fused
-  metrics (phase 1: kNN), val/knn/<metric>, val/clf/<metric>, val/alpha.
-* **Resume.** The checkpoint holds (weights_only-safe) the phase, the memory bank, cluster ids and size, the
-  epoch they were computed, alpha, the clustering log and the torch RNG states; label vectors, encoder and
-  both optimisers are in the usual state dicts. Everything random is derived from (seed, epoch) or those RNGs,
-  so a run resumed in either phase continues the same schedule.
-* **DDP.** Every rank gets disjoint whole batches of the same global list, the same number on every rank (the
-  datamodule hands the rank and world size to the ClusterBatchSampler); the bank rows written by each rank are
-  all-reduced at epoch end, so every rank holds the whole bank; clustering runs on rank 0 and the cluster ids are
-  broadcast; evaluation gathers the document embeddings of all ranks (so alpha is picked on the whole validation
-  split, identically on every rank). Phase-2 classifier gradients are averaged as in XMCClassifier
-  (`hardware.sparse_grad_sync`: DDP's sparse all-reduce, or all-gathered rows when the tables are outside DDP).
+Two phases inside one trainer.fit (phase 2 starts at epoch `phase1_epochs`):
+* Phase 1 (Siamese): the encoder embeds documents and label texts (`dm.label_inputs`), both L2-normalised.
+  Each document takes one of its positives per epoch ((seed, epoch) stream); the batch's distinct sampled
+  labels are encoded once; loss `triplet_ohnm_loss` or `infonce_loss` over the B x U cosine matrix. Every
+  training forward pass writes the document embeddings into a memory bank; batches come from
+  samplers/cluster_batching.py over balanced spherical clusters of the bank (size 1 = random batches).
+* Phase 2 (classifiers): encoder frozen; train documents embedded once (they replace the bank and are clustered
+  once); label vectors (the label table) initialised from the label-text embeddings; score cos(doc, w_y) over
+  the batch's positives (InBatchSampler) [+ HNSW hard negatives]; loss `triplet_multi_loss`; row-wise updates.
+* Inference: alpha * cos(doc, w_y) + (1 - alpha) * cos(doc, label-text embedding), alpha picked on the
+  validation split; `inference: ann` re-scores the union of two faiss HNSW shortlists, `exact` scores all.
+* Resume: phase, bank, clusters and alpha are in the checkpoint ("ngame"); under DDP the bank rows are
+  all-reduced at epoch end and the cluster ids broadcast from rank 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
+from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
+from xmcneg.distributed import active_dist, to_device
 from xmcneg.errors import ConfigError
+from xmcneg.eval.ann import LabelIndex, candidate_scores, topk_of_candidates
 from xmcneg.eval.metrics import xc_metrics
 from xmcneg.eval.topk import exact_topk
-from xmcneg.methods.classifier import XMCClassifier, active_dist, mask_positives
+from xmcneg.methods.base import XMCModule, mask_positives
+from xmcneg.methods.optim import CombinedOptimizer, OptimParams, wrap
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 from xmcneg.records import tensor_digest
 from xmcneg.samplers.cluster_batching import ClusterBatchSampler, ClusterCurriculum, balanced_spherical_clusters
@@ -59,51 +42,80 @@ from xmcneg.samplers.in_batch import InBatchSampler
 
 log = logging.getLogger("xmcneg")
 
-DEFAULTS = dict(
-    phase1_epochs=4, loss="triplet", margin=0.3, num_hard=10, temperature=0.1, weighted=True,
-    phase1_lr=None, phase1_warmup_steps=100, phase1_lr_decay="linear",
-    clustering=True, cluster_size_start=1, cluster_doubling_epochs=[1, 1, 1, 2, 3], cluster_size_max=32,
-    cluster_start_epoch=1, refresh_epochs=1, cluster_iters=10,
-    phase2_cluster_size=32, phase2_lr=0.02, phase2_optimizer="rowwise_adagrad", phase2_margin=0.2,
-    phase2_num_pos=3, phase2_num_neg=5, phase2_temperature=0.1, phase2_dropout=0.5, phase2_ann_negatives=0,
-    phase2_max_shortlist=8192,
-    inference="ann", ann_M=32, ann_ef_search=128, ann_ef_construction=200, ann_shortlist=100,
-    fusion_alphas=[0.0, 0.25, 0.5, 0.75, 1.0], fusion_metric="P@1", label_batch=4096, drop_last=False,
-)
-LOSSES = ("triplet", "infonce")
 
+@dataclass
+class NGAMESettings:
+    """The keys of conf/sampler/ngame.yaml (documented there), typed and checked; no defaults here."""
+    name: str
+    phase1_epochs: int
+    loss: str
+    margin: float
+    num_hard: int
+    temperature: float
+    weighted: bool
+    phase1_lr: Optional[float]
+    phase1_warmup_steps: int
+    phase1_lr_decay: str
+    clustering: bool
+    cluster_size_start: int
+    cluster_doubling_epochs: List[int]
+    cluster_size_max: int
+    cluster_start_epoch: int
+    refresh_epochs: int
+    cluster_iters: int
+    phase2_cluster_size: int
+    phase2_lr: float
+    phase2_optimizer: str
+    phase2_margin: float
+    phase2_num_pos: int
+    phase2_num_neg: int
+    phase2_temperature: float
+    phase2_dropout: float
+    phase2_ann_negatives: int
+    phase2_max_shortlist: int
+    inference: str
+    ann_M: int
+    ann_ef_search: int
+    ann_ef_construction: int
+    ann_shortlist: int
+    fusion_alphas: List[float]
+    fusion_metric: str
+    label_batch: int
+    drop_last: bool
 
-def settings(cfg) -> dict:
-    """The sampler config merged over DEFAULTS, validated (unknown keys are an error)."""
-    d = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg or {})
-    d = {k: v for k, v in d.items() if k not in ("name", "method", "_target_")}
-    unknown = sorted(set(d) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"sampler.{unknown[0]}", f"unknown NGAME option (known: {', '.join(sorted(DEFAULTS))})")
-    s = {**DEFAULTS, **d}
-    if s["loss"] not in LOSSES:
-        raise ConfigError("sampler.loss", f"unknown '{s['loss']}', expected one of {', '.join(LOSSES)}")
-    if s["inference"] not in ("ann", "exact"):
-        raise ConfigError("sampler.inference", f"unknown '{s['inference']}', expected ann or exact")
-    if s["phase1_lr_decay"] not in ("linear", "constant"):
-        raise ConfigError("sampler.phase1_lr_decay", f"unknown '{s['phase1_lr_decay']}', expected linear or constant")
-    for key in ("phase1_epochs", "phase2_ann_negatives"):
-        if int(s[key]) < 0:
-            raise ConfigError(f"sampler.{key}", f"must be >= 0, got {s[key]}")
-    for key in ("num_hard", "phase2_num_pos", "phase2_num_neg", "phase2_cluster_size", "ann_shortlist",
-                "label_batch", "cluster_iters", "phase2_max_shortlist"):
-        if int(s[key]) < 1:
-            raise ConfigError(f"sampler.{key}", f"must be >= 1, got {s[key]}")
-    for key in ("temperature", "phase2_temperature", "phase2_lr"):
-        if not float(s[key]) > 0:
-            raise ConfigError(f"sampler.{key}", f"must be > 0, got {s[key]}")
-    if not 0 <= float(s["phase2_dropout"]) < 1:
-        raise ConfigError("sampler.phase2_dropout", f"must be in [0, 1), got {s['phase2_dropout']}")
-    alphas = [float(a) for a in (s["fusion_alphas"] or [])]
-    if not alphas or any(not 0 <= a <= 1 for a in alphas):
-        raise ConfigError("sampler.fusion_alphas", f"must be a non-empty list of values in [0, 1], got {alphas}")
-    s["fusion_alphas"] = alphas
-    return s
+    @classmethod
+    def of(cls, d):
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"sampler.{unknown[0]}", f"unknown NGAME option (known: {', '.join(sorted(known))})")
+        missing = sorted(known - set(d))
+        if missing:
+            raise ConfigError(f"sampler.{missing[0]}", "missing (declare it in conf/sampler/ngame.yaml)")
+        s = cls(**d)
+        choices = {"loss": ("triplet", "infonce"), "inference": ("ann", "exact"),
+                   "phase1_lr_decay": ("linear", "constant")}
+        for key, ok in choices.items():
+            if getattr(s, key) not in ok:
+                raise ConfigError(f"sampler.{key}", f"unknown '{getattr(s, key)}', expected one of {', '.join(ok)}")
+        for key in ("phase1_epochs", "phase2_ann_negatives"):
+            if int(getattr(s, key)) < 0:
+                raise ConfigError(f"sampler.{key}", f"must be >= 0, got {getattr(s, key)}")
+        for key in ("num_hard", "phase2_num_pos", "phase2_num_neg", "phase2_cluster_size", "ann_shortlist",
+                    "label_batch", "cluster_iters", "phase2_max_shortlist"):
+            if int(getattr(s, key)) < 1:
+                raise ConfigError(f"sampler.{key}", f"must be >= 1, got {getattr(s, key)}")
+        for key in ("temperature", "phase2_temperature", "phase2_lr"):
+            if not float(getattr(s, key)) > 0:
+                raise ConfigError(f"sampler.{key}", f"must be > 0, got {getattr(s, key)}")
+        if not 0 <= float(s.phase2_dropout) < 1:
+            raise ConfigError("sampler.phase2_dropout", f"must be in [0, 1), got {s.phase2_dropout}")
+        s.fusion_alphas = [float(a) for a in (s.fusion_alphas or [])]
+        if not s.fusion_alphas or any(not 0 <= a <= 1 for a in s.fusion_alphas):
+            raise ConfigError("sampler.fusion_alphas",
+                              f"must be a non-empty list of values in [0, 1], got {s.fusion_alphas}")
+        return s
 
 
 # ------------------------------------------------------------------------------------------------------ losses
@@ -167,28 +179,26 @@ def triplet_multi_loss(S, is_pos, margin=0.2, num_pos=3, num_neg=5, temperature=
     return (per_row * rows).sum() / rows.sum().clamp(min=1)
 
 
-# ------------------------------------------------------------------------------------------------------ helpers
-def _to(x, device):
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
-
-
 # ------------------------------------------------------------------------------------------------------ module
-class NGAME(XMCClassifier):
-    def __init__(self, encoder, num_labels, num_train, ngame_cfg=None, optim_cfg=None, eval_cfg=None,
-                 inv_prop=None, batch_sampler=None, seed=0, datamodule=None):
-        s = settings(ngame_cfg)
-        super().__init__(encoder, num_labels, sampler=InBatchSampler(int(s["phase2_max_shortlist"]), seed),
-                         loss_cfg=OmegaConf.create({"name": "bce"}), optim_cfg=optim_cfg, eval_cfg=eval_cfg,
-                         inv_prop=inv_prop)
+class NGAME(XMCModule):
+    def __init__(self, encoder, num_labels: int, datamodule, settings, optim=None, evaluation=None, inv_prop=None,
+                 seed: int = 0, batch_size: int = 256):
+        s = NGAMESettings.of(settings)
+        super().__init__(encoder, num_labels, sparse_labels=True, evaluation=evaluation, inv_prop=inv_prop,
+                         sampler=InBatchSampler(int(s.phase2_max_shortlist), seed))
+        self.save_hyperparameters(ignore=["encoder", "datamodule", "inv_prop"])
+        datamodule.label_inputs(np.arange(min(1, num_labels)))  # label texts present? (one-line error otherwise)
         self.s = s
+        self.optim = OptimParams.of(optim)
         self.seed = int(seed)
-        self.num_train = int(num_train)
-        self.batch_sampler = batch_sampler
+        self.num_train = int(datamodule.split("train")[1].shape[0])
+        # batches of clustered documents: the datamodule's training batch sampler
+        self.batch_sampler = ClusterBatchSampler(self.num_train, int(batch_size), seed=self.seed,
+                                                 drop_last=bool(s.drop_last))
+        datamodule.train_batch_sampler = self.batch_sampler
         self._dm = datamodule
-        self.curriculum = ClusterCurriculum(s["cluster_size_start"], s["cluster_doubling_epochs"],
-                                            s["cluster_size_max"], s["cluster_start_epoch"], s["refresh_epochs"])
+        self.curriculum = ClusterCurriculum(s.cluster_size_start, s.cluster_doubling_epochs,
+                                            s.cluster_size_max, s.cluster_start_epoch, s.refresh_epochs)
         # phase and alpha live in a buffer, so a plain load_state_dict (eval.py) restores them too
         # [phase, alpha (-1 = not picked)]
         self.register_buffer("ngame_state", torch.tensor([1.0, -1.0], dtype=torch.float64))
@@ -247,51 +257,35 @@ class NGAME(XMCClassifier):
     def _push_sampler_state(self, epoch):
         for bs in self._active_samplers():
             bs.set_epoch(epoch)
-            bs.set_clusters(self.cluster_ids if self.s["clustering"] else None)
+            bs.set_clusters(self.cluster_ids if self.s.clustering else None)
 
     def _normalize(self, h):
         return F.normalize(h.float(), dim=-1)
 
     def _encode(self, x):
-        return self._normalize(self.encoder(_to(x, self.device)))
+        return self._normalize(self.encoder(to_device(x, self.device)))
 
-    @torch.no_grad()
     def _label_embeddings(self, refresh=False):
         """(C, d) normalised label-text embeddings (eval mode, no grad); cached in phase 2."""
-        if self._label_emb is not None and not refresh:
-            return self._label_emb
-        was = self.encoder.training
-        self.encoder.eval()
-        ids = np.arange(self.num_labels)
-        out = [self._encode(self.dm.label_inputs(ids[i: i + int(self.s["label_batch"])]))
-               for i in range(0, len(ids), int(self.s["label_batch"]))]
-        self.encoder.train(was)
-        Z = torch.cat(out)
-        self._label_emb = Z
-        return Z
+        if self._label_emb is None or refresh:
+            n, ids = int(self.s.label_batch), np.arange(self.num_labels)
+            self._label_emb = torch.cat([self._normalize(self.embed(self.dm.label_inputs(ids[i: i + n])))
+                                         for i in range(0, len(ids), n)])
+        return self._label_emb
 
-    @torch.no_grad()
-    def _encode_split(self, split, chunk=2048):
-        was = self.encoder.training
-        self.encoder.eval()
-        dm = self.dm
-        n = dm.split(split)[1].shape[0]
-        fn = dm.collate(split)
-        out = [self._encode(fn(np.arange(i, min(n, i + chunk)))["x"]) for i in range(0, n, chunk)]
-        self.encoder.train(was)
-        return torch.cat(out) if out else torch.zeros(0, self.encoder.dim, device=self.device)
+    def _encode_split(self, split):
+        return self._normalize(self.embed_split(split, datamodule=self.dm))
 
     def _make_index(self):
-        from xmcneg.eval.ann import LabelIndex
-        return LabelIndex(kind="hnsw", M=int(self.s["ann_M"]), ef_search=int(self.s["ann_ef_search"]),
-                          ef_construction=int(self.s["ann_ef_construction"]), mips="ip", seed=self.seed)
+        return LabelIndex(kind="hnsw", M=int(self.s.ann_M), ef_search=int(self.s.ann_ef_search),
+                          ef_construction=int(self.s.ann_ef_construction), mips="ip", seed=self.seed)
 
     def _recluster(self, size, epoch):
         t0 = time.perf_counter()
         ids = None
         if self.global_rank == 0:
             ids = balanced_spherical_clusters(self.bank, size, seed=self.seed * 1_000_003 + epoch,
-                                              max_iter=int(self.s["cluster_iters"]))
+                                              max_iter=int(self.s.cluster_iters))
         if self._trainer is not None and self.trainer.world_size > 1:
             ids = self.trainer.strategy.broadcast(ids, src=0)
         dt = time.perf_counter() - t0
@@ -307,16 +301,16 @@ class NGAME(XMCClassifier):
     # ------------------------------------------------------------------ lifecycle
     def debug_state(self):
         return {"clusters": self.cluster_history, "phase": self.phase, "alpha": self.alpha,
-                "label_sync": self._label_sync}
+                "label_sync": self.labels.sync}
 
     def on_fit_start(self):
         super().on_fit_start()  # the in-batch shortlist sampler (state restored on resume)
         if self.phase == 2:
             self._freeze_encoder()
         me = self.trainer.max_epochs
-        if me is not None and me >= 0 and int(self.s["phase1_epochs"]) >= me:
+        if me is not None and me >= 0 and int(self.s.phase1_epochs) >= me:
             log.warning("ngame: sampler.phase1_epochs=%d >= trainer.max_epochs=%d: phase 2 (classifiers) will not "
-                        "run; predictions use the label-text embeddings only", int(self.s["phase1_epochs"]), me)
+                        "run; predictions use the label-text embeddings only", int(self.s.phase1_epochs), me)
         self._push_sampler_state(self.current_epoch)
 
     def _world_size(self):
@@ -336,18 +330,18 @@ class NGAME(XMCClassifier):
         if self._world_size() == 1:
             return loss
         extra = None
-        if self._label_sync != "all_gather":
-            z = torch.zeros(1, dtype=torch.long, device=self.label_w.weight.device)
-            extra = self.label_b(z).sum()
+        if self.labels.sync != "all_gather":
+            z = torch.zeros(1, dtype=torch.long, device=self.labels.w.weight.device)
+            extra = self.labels.b(z).sum()
             if self.phase == 1:
-                extra = extra + self.label_w(z).sum()
+                extra = extra + self.labels.w(z).sum()
         if self.phase == 2:
             enc = sum(p.sum() for p in self.encoder.parameters() if p.requires_grad)
             extra = enc if extra is None else extra + enc
         return loss if extra is None else loss + extra * 0.0
 
     def _phase_of(self, epoch):
-        return 1 if epoch < int(self.s["phase1_epochs"]) else 2
+        return 1 if epoch < int(self.s.phase1_epochs) else 2
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()  # the shortlist sampler's stream of this epoch
@@ -356,14 +350,14 @@ class NGAME(XMCClassifier):
         self._cluster_s = 0.0
         if self.phase == 1 and self._phase_of(e) == 2:
             self._enter_phase2(e)
-        elif self.phase == 1 and self.s["clustering"]:
+        elif self.phase == 1 and self.s.clustering:
             if self.curriculum.should_recluster(e, self.last_cluster_epoch, self.cluster_size):
                 self._recluster(self.curriculum.size(e), e)
             elif not self.curriculum.active(e):
                 self.cluster_ids, self.cluster_size = None, 1
-        if self.phase == 2 and int(self.s["phase2_ann_negatives"]) > 0:
+        if self.phase == 2 and int(self.s.phase2_ann_negatives) > 0:
             self._clf_index = self._make_index()
-            self._clf_index.build(F.normalize(self.label_w.weight.detach().float(), dim=-1))
+            self._clf_index.build(F.normalize(self.labels.w.weight.detach().float(), dim=-1))
         self._pick_u = np.random.default_rng([self.seed, e, 0x5EED]).random(self.num_train)
         self._push_sampler_state(e)
 
@@ -374,26 +368,26 @@ class NGAME(XMCClassifier):
         self._freeze_encoder()
         emb = self._encode_split("train")
         Z = self._label_embeddings(refresh=True)
-        self.label_w.weight.data.copy_(Z.to(self.label_w.weight.device, self.label_w.weight.dtype))
-        self.label_b.weight.data.zero_()
+        self.labels.w.weight.data.copy_(Z.to(self.labels.w.weight.device, self.labels.w.weight.dtype))
+        self.labels.b.weight.data.zero_()
         if self._trainer is not None:  # fresh classifier optimiser (state and lr from the config)
-            clf_opt = self.optimizers()[1].optimizer
+            clf_opt = self.optimizers().optimizer.parts["labels"]
             clf_opt.state.clear()
             for g in clf_opt.param_groups:
-                g["lr"] = float(self.s["phase2_lr"])
+                g["lr"] = float(self.s.phase2_lr)
         self.bank = emb.cpu()
         self.bank_written.zero_()
         self._index_cache = {}
         log.info("ngame: epoch %d: phase 2 (classifier on the frozen encoder); embedded %d documents and %d "
                  "labels in %.2f s", epoch, emb.shape[0], Z.shape[0], time.perf_counter() - t0)
-        size = int(self.s["phase2_cluster_size"])
-        if self.s["clustering"] and size > 1:
+        size = int(self.s.phase2_cluster_size)
+        if self.s.clustering and size > 1:
             self._recluster(size, epoch)
         else:
             self.cluster_ids, self.cluster_size = None, 1
 
     def on_train_epoch_end(self):
-        self.check_nonfinite_flag(f"NGAME phase-{self.phase} loss")
+        self.check_nonfinite_flag()
         if self.phase == 1:
             self._sync_bank()
         dt = time.perf_counter() - self._t_epoch if self._t_epoch is not None else 0.0
@@ -428,10 +422,7 @@ class NGAME(XMCClassifier):
             "cluster_size": int(self.cluster_size), "last_cluster_epoch": int(self.last_cluster_epoch),
             "alpha": None if self.alpha is None else float(self.alpha),
             "cluster_log": [list(r) for r in self.cluster_log], "epoch_log": [list(r) for r in self.epoch_log],
-            "torch_rng": torch.get_rng_state(),
         }
-        if torch.cuda.is_available():
-            state["cuda_rng"] = list(torch.cuda.get_rng_state_all())
         checkpoint["ngame"] = state
 
     def on_load_checkpoint(self, checkpoint):
@@ -453,28 +444,18 @@ class NGAME(XMCClassifier):
         self._index_cache = {}
         if self.phase == 2:
             self._freeze_encoder()
-        if st.get("torch_rng") is not None:
-            torch.set_rng_state(st["torch_rng"].cpu())
-        if st.get("cuda_rng") is not None and torch.cuda.is_available():
-            try:
-                torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda_rng"]])
-            except Exception:  # noqa: BLE001  (different number of devices)
-                pass
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
-        o = self.optim_cfg
         # phase1_lr, else the encoder's own lr (transformers carry a small one), else optim.encoder_lr
-        lr1 = self.s["phase1_lr"]
-        lr1 = float(lr1 if lr1 is not None else (getattr(self.encoder, "lr", None) or o.encoder_lr))
+        lr1 = self.s.phase1_lr
+        lr1 = float(lr1 if lr1 is not None else (getattr(self.encoder, "lr", None) or self.optim.encoder_lr))
         if lr1 <= 0:
             raise ConfigError("sampler.phase1_lr", f"must be > 0, got {lr1}")
-        enc = torch.optim.AdamW(self.encoder.parameters(), lr=lr1, weight_decay=float(o.get("weight_decay", 0.0)))
-        for g in enc.param_groups:
-            g["base_lr"] = lr1
-        clf = SparseRowOptimizer([self.label_w.weight, self.label_b.weight], lr=float(self.s["phase2_lr"]),
-                                 kind=self.s["phase2_optimizer"])
-        return [enc, clf]
+        enc = torch.optim.AdamW(self.encoder.parameters(), lr=lr1, weight_decay=float(self.optim.weight_decay))
+        clf = SparseRowOptimizer(self.labels.parameters(), lr=float(self.s.phase2_lr), kind=self.s.phase2_optimizer)
+        return CombinedOptimizer({"encoder": wrap(enc, warmup=lambda _t: self._phase1_lr(), clip=self.optim.grad_clip),
+                                  "labels": clf})
 
     def _phase1_lr(self):
         """lr factor of phase-1 step t: linear warm-up over phase1_warmup_steps, capped at a tenth of phase 1's
@@ -482,45 +463,29 @@ class NGAME(XMCClassifier):
         (phase1_lr_decay=linear) linear decay to ~0 at the end of phase 1."""
         t = self.train_steps
         f = 1.0
-        warm = int(self.s["phase1_warmup_steps"])
+        warm = int(self.s.phase1_warmup_steps)
         total = None
         if self._trainer is not None:
             nb = self.trainer.num_training_batches
             if isinstance(nb, (int, float)) and math.isfinite(nb) and nb > 0:
-                total = int(self.s["phase1_epochs"]) * int(nb)
+                total = int(self.s.phase1_epochs) * int(nb)
         if warm > 0 and total:
             warm = min(warm, max(1, total // 10))
         if warm > 0:
             f = min(f, (t + 1) / warm)
-        if self.s["phase1_lr_decay"] == "linear" and total:
+        if self.s.phase1_lr_decay == "linear" and total:
             f = min(f, max(0.0, 1.0 - t / max(total, 1)) + 1e-3)
         return f
 
-    def training_step(self, batch, batch_idx):
-        enc_opt, clf_opt = self.optimizers()
-        if self.phase == 1:
-            enc_opt.zero_grad(set_to_none=True)
-            f = self._phase1_lr()
-            for g in enc_opt.optimizer.param_groups:
-                g["lr"] = g.get("base_lr", g["lr"]) * f
-            loss, B = self._phase1_loss(batch)
-            opt = enc_opt
-        else:
-            clf_opt.zero_grad(set_to_none=True)
-            loss, B = self._phase2_loss(batch)
-            opt = clf_opt
-        self.guard_finite(loss, what=f"NGAME phase-{self.phase} loss")
-        loss = self._ddp_keepalive(loss)
-        if loss.requires_grad:
-            self.manual_backward(loss)
-            if self.phase == 2:
-                self.sync_label_grads()  # sparse_grad_sync=all_gather (the same phase on every rank)
-            if self.phase == 1 and self.optim_cfg.get("grad_clip") and self.optim_cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), float(self.optim_cfg.grad_clip))
-            opt.step()
-        self.train_steps += 1
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=B)
-        return loss.detach()
+    def trained_parts(self):
+        return ["encoder"] if self.phase == 1 else ["labels"]
+
+    def loss_name(self):
+        return f"NGAME phase-{self.phase} loss"
+
+    def training_loss(self, batch):
+        loss, n = self._phase1_loss(batch) if self.phase == 1 else self._phase2_loss(batch)
+        return self._ddp_keepalive(loss), n
 
     def _phase1_loss(self, batch):
         pos, idx = batch["pos"], batch["idx"]
@@ -542,45 +507,42 @@ class NGAME(XMCClassifier):
         pos_col[has] = inv.to(S.device)
         lab_u = lab_u.to(S.device)
         neg_mask = ~(pos.unsqueeze(2) == lab_u.view(1, 1, -1)).any(1)
-        if self.s["loss"] == "triplet":
-            loss = triplet_ohnm_loss(S, pos_col, neg_mask, float(self.s["margin"]), int(self.s["num_hard"]),
-                                     float(self.s["temperature"]), bool(self.s["weighted"]), row_mask=has)
+        if self.s.loss == "triplet":
+            loss = triplet_ohnm_loss(S, pos_col, neg_mask, float(self.s.margin), int(self.s.num_hard),
+                                     float(self.s.temperature), bool(self.s.weighted), row_mask=has)
         else:
-            loss = infonce_loss(S, pos_col, neg_mask, float(self.s["temperature"]), row_mask=has)
+            loss = infonce_loss(S, pos_col, neg_mask, float(self.s.temperature), row_mask=has)
         return loss, B
 
     def _phase2_loss(self, batch):
         pos, idx = batch["pos"], batch["idx"]
         h = self.bank[idx.cpu()].to(self.device)
-        p = float(self.s["phase2_dropout"])
+        p = float(self.s.phase2_dropout)
         if p > 0:
             h = F.normalize(F.dropout(h, p, training=True), dim=-1)
         short, _ = self.sampler.sample(batch, h)
-        if self._clf_index is not None and int(self.s["phase2_ann_negatives"]) > 0:
-            _, cand = self._clf_index.search(h, int(self.s["phase2_ann_negatives"]))
+        if self._clf_index is not None and int(self.s.phase2_ann_negatives) > 0:
+            _, cand = self._clf_index.search(h, int(self.s.phase2_ann_negatives))
             cand = torch.from_numpy(cand[cand >= 0]).to(short.device)
             short = torch.unique(torch.cat([short, cand]))
         if short.numel() == 0:  # a zero loss through the table, so its gradient stays sparse (DDP expects that)
-            z = torch.zeros(1, dtype=torch.long, device=self.label_w.weight.device)
-            return self.label_w(z).sum() * 0.0, pos.shape[0]
-        w = F.normalize(self.label_w(short.to(self.label_w.weight.device)), dim=-1)
+            z = torch.zeros(1, dtype=torch.long, device=self.labels.w.weight.device)
+            return self.labels.w(z).sum() * 0.0, pos.shape[0]
+        w = F.normalize(self.labels.w(short.to(self.labels.w.weight.device)), dim=-1)
         S = h @ w.T
         is_pos = ~mask_positives(short.to(pos.device), pos)
-        loss = triplet_multi_loss(S, is_pos.to(S.device), float(self.s["phase2_margin"]), int(self.s["phase2_num_pos"]),
-                                  int(self.s["phase2_num_neg"]), float(self.s["phase2_temperature"]))
+        loss = triplet_multi_loss(S, is_pos.to(S.device), float(self.s.phase2_margin), int(self.s.phase2_num_pos),
+                                  int(self.s.phase2_num_neg), float(self.s.phase2_temperature))
         return loss, pos.shape[0]
 
     # ------------------------------------------------------------------ inference
-    def use_correction(self):
-        return False
-
     def _clf_matrix(self):
-        return F.normalize(self.label_w.weight.detach().float(), dim=-1)
+        return F.normalize(self.labels.w.weight.detach().float(), dim=-1)
 
     def _ann_candidates(self, emb, mats, reuse):
         """Union of the HNSW top-`ann_shortlist` of each matrix, per document; duplicates/missing = -1.
         reuse: keys whose cached index may be used (built from the same matrix before)."""
-        S = min(max(int(self.s["ann_shortlist"]), int(self.eval_cfg.k)), self.num_labels)
+        S = min(max(int(self.s.ann_shortlist), int(self.evaluation.k)), self.num_labels)
         parts = []
         for key, M in mats:
             index = self._index_cache.get(key) if key in reuse else None
@@ -595,45 +557,30 @@ class NGAME(XMCClassifier):
         cand[dup] = -1
         return torch.from_numpy(cand)
 
-    @staticmethod
-    def _cand_scores(emb, M, cand, chunk=512):
-        out = torch.empty(cand.shape, dtype=torch.float32)
-        for i in range(0, emb.shape[0], chunk):
-            c = cand[i: i + chunk]
-            w = M[c.clamp(min=0).to(M.device)]  # (n, m, d)
-            out[i: i + chunk] = torch.bmm(w, emb[i: i + chunk].unsqueeze(-1).to(M.device)).squeeze(-1).float().cpu()
-        return out.masked_fill(cand < 0, float("-inf"))
-
     def _ranked(self, emb, alphas, k=None, fresh=True):
         """{alpha: (scores, ids)} top-k of alpha*clf + (1-alpha)*knn for normalised `emb` (phase 1: {0.0: knn}).
         fresh: recompute the label embeddings / indexes that may have changed (evaluation); False reuses the
         cached ones (prediction in batches)."""
-        k = min(int(k or self.eval_cfg.k), self.num_labels)
+        k = min(int(k or self.evaluation.k), self.num_labels)
         Z = self._label_embeddings(refresh=fresh and self.phase == 1)
         if self.phase == 1:
             alphas = [0.0]
         W = self._clf_matrix() if self.phase == 2 else None
         out = {}
-        if self.s["inference"] == "exact":
+        if self.s.inference == "exact":
             for a in alphas:
                 M = Z if a == 0 else (W if a == 1 else a * W + (1 - a) * Z)
-                out[a] = exact_topk(emb, M, None, k=k, doc_chunk=int(self.eval_cfg.doc_chunk),
-                                    label_chunk=int(self.eval_cfg.label_chunk))
+                out[a] = exact_topk(emb, M, None, k=k, doc_chunk=int(self.evaluation.doc_chunk),
+                                    label_chunk=int(self.evaluation.label_chunk))
             return out
         reuse = ({"knn"} if self.phase == 2 else set()) if fresh else {"knn", "clf"}
         mats = [("knn", Z)] + ([("clf", W)] if W is not None else [])
         cand = self._ann_candidates(emb, mats, reuse)
-        s_knn = self._cand_scores(emb, Z, cand)
-        s_clf = self._cand_scores(emb, W, cand) if W is not None else None
+        s_knn = candidate_scores(emb, Z, cand)
+        s_clf = candidate_scores(emb, W, cand) if W is not None else None
         for a in alphas:
             sc = s_knn if s_clf is None or a == 0 else (s_clf if a == 1 else a * s_clf + (1 - a) * s_knn)
-            kk = min(k, sc.shape[1])
-            top_s, pos = sc.topk(kk, dim=1)
-            ids = cand.gather(1, pos).masked_fill(torch.isinf(top_s), -1)
-            if kk < k:  # fewer candidates than k: pad
-                top_s = torch.cat([top_s, torch.full((len(ids), k - kk), float("-inf"))], 1)
-                ids = torch.cat([ids, torch.full((len(ids), k - kk), -1, dtype=ids.dtype)], 1)
-            out[a] = (top_s.to(emb.device), ids.to(emb.device))
+            out[a] = topk_of_candidates(sc, cand, k)
         return out
 
     @torch.no_grad()
@@ -644,7 +591,7 @@ class NGAME(XMCClassifier):
         return self._ranked(self._normalize(emb), [a], k=k, fresh=False)[a]
 
     def _select_alpha(self, ranked, Y):
-        metric = self.s["fusion_metric"]
+        metric = self.s.fusion_metric
         best, best_v = None, -1.0
         scores = {}
         for a, (_, ids) in ranked.items():
@@ -656,26 +603,24 @@ class NGAME(XMCClassifier):
                 best, best_v = a, v
         return best, scores
 
-    def _eval_end(self, split):
-        emb, idx, _ = self.gather_eval()  # all ranks' documents, each once
+    def eval_metrics(self, split, emb, idx, query):
         emb = self._normalize(emb)
         Y = self.dm.split(split)[1][idx]
-        self._eval = None
         if self.phase == 1:
             ids = self._ranked(emb, [0.0])[0.0][1]
             metrics = xc_metrics(ids.cpu().numpy(), Y, self.inv_prop)
             metrics.update({f"knn/{k}": v for k, v in metrics.items() if k in ("P@1", "P@3", "P@5", "nDCG@5")})
             metrics["alpha"] = 0.0
             return metrics
-        alphas = sorted(set(self.s["fusion_alphas"]) | {0.0, 1.0})
+        alphas = sorted(set(self.s.fusion_alphas) | {0.0, 1.0})
         if split == "val":
             ranked = self._ranked(emb, alphas)
-            self.alpha, _ = self._select_alpha({a: ranked[a] for a in self.s["fusion_alphas"]}, Y)
+            self.alpha, _ = self._select_alpha({a: ranked[a] for a in self.s.fusion_alphas}, Y)
         else:
             if self.alpha is None:  # no validation in phase 2: pick alpha on the validation split now
                 val_emb = self._encode_split("val")
                 if val_emb.shape[0] > 0:
-                    self.alpha, _ = self._select_alpha(self._ranked(val_emb, self.s["fusion_alphas"]),
+                    self.alpha, _ = self._select_alpha(self._ranked(val_emb, self.s.fusion_alphas),
                                                        self.dm.split("val")[1])
                 else:
                     self.alpha = 0.5
@@ -686,22 +631,3 @@ class NGAME(XMCClassifier):
             metrics.update({f"{name}/{k}": m[k] for k in ("P@1", "P@3", "P@5", "nDCG@5")})
         metrics["alpha"] = float(self.alpha)
         return metrics
-
-
-# ------------------------------------------------------------------------------------------------------ build
-def build(cfg, dm):
-    """The NGAME LightningModule for cfg (train.build_module calls this for `sampler.method: ngame`); installs
-    the clustered batch sampler as the datamodule's train batch sampler."""
-    from xmcneg.eval.metrics import inverse_propensities
-    from xmcneg.train import build_encoder
-
-    s = settings(cfg.sampler)
-    dm.label_inputs(np.arange(min(1, dm.num_labels)))  # label texts present? (one-line error otherwise)
-    num_train = int(dm.split("train")[1].shape[0])
-    sampler = ClusterBatchSampler(num_train, int(cfg.data.batch_size), seed=int(cfg.seed),
-                                  drop_last=bool(s["drop_last"]))
-    dm.train_batch_sampler = sampler
-    inv_prop = inverse_propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
-    encoder = build_encoder(cfg, dm)
-    return NGAME(encoder, dm.num_labels, num_train, ngame_cfg=cfg.sampler, optim_cfg=cfg.optim,
-                 eval_cfg=cfg.eval, inv_prop=inv_prop, batch_sampler=sampler, seed=int(cfg.seed), datamodule=dm)

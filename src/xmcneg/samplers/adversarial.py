@@ -24,34 +24,13 @@ import time
 import numpy as np
 import torch
 
+from xmcneg.distributed import active_dist, is_rank0
 from xmcneg.errors import ConfigError
 from xmcneg.samplers.base import Sampler
 from xmcneg.samplers.label_tree import (LabelTree, Projection, csr_pairs, fit_label_tree, fit_projection_dense,
                                         fit_projection_sparse)
 
 log = logging.getLogger("xmcneg")
-
-
-def _ddp():
-    """torch.distributed when a process group of more than one rank is running, else None."""
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
-
-
-def _is_rank0():
-    dist = _ddp()
-    return dist is None or dist.get_rank() == 0
-
-
-def _to_device(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
 
 
 class AdversarialSampler(Sampler):
@@ -83,16 +62,16 @@ class AdversarialSampler(Sampler):
         self._cache = {}
 
     # ------------------------------------------------------------------------------------------ life cycle
-    def setup(self, datamodule, module=None, state=None):
+    def setup(self, datamodule, model=None, state=None):
         self._dm = datamodule
-        super().setup(datamodule, module, state)
+        super().setup(datamodule, model, state)
 
     def _fit_kwargs(self):
         return dict(l2=self.node_l2, newton_steps=self.newton_steps, hessian_every=self.hessian_every,
                     resplit=self.resplit, seed=self.seed)
 
-    def fit(self, datamodule, module=None):
-        if _is_rank0():  # under DDP the other ranks get rank 0's tree from _sync_ranks
+    def fit(self, datamodule, model=None):
+        if is_rank0():  # under DDP the other ranks get rank 0's tree from _sync_ranks
             self._fit(datamodule)
         self._sync_ranks()
 
@@ -112,36 +91,25 @@ class AdversarialSampler(Sampler):
                  info["pairs"], self.fit_info["fit_s"], self.fit_info["svd_s"], info["train_avg_log_p"],
                  -math.log(tree.num_labels))
 
-    def refresh(self, step: int, epoch: int, module=None):
+    def refresh(self, step: int, epoch: int, model=None):
         n = self.refit_every_epochs
-        if n <= 0 or module is None or epoch <= 0 or epoch % n != 0 or epoch == self.last_refit_epoch:
-            return
-        self.refit_on_encoder(module, epoch)
+        if n <= 0 or model is None or epoch <= 0 or epoch % n != 0 or epoch == self.last_refit_epoch:
+            return None
+        self.refit_on_encoder(model, epoch)
+        return None
 
-    def refit_on_encoder(self, module, epoch: int):
+    def refit_on_encoder(self, model, epoch: int):
         """Refit projection + tree on the encoder's current embeddings of the train split (rank 0 under DDP)."""
-        if _is_rank0():
-            self._refit_on_encoder(module, epoch)
+        if is_rank0():
+            self._refit_on_encoder(model, epoch)
         self._sync_ranks()
 
     @torch.no_grad()
-    def _refit_on_encoder(self, module, epoch: int):
+    def _refit_on_encoder(self, model, epoch: int):
         dm = self._dm
-        X, Y = dm.split("train")
-        enc = module.encoder
-        device = next(enc.parameters()).device
-        collate = dm.collate("train")
+        Y = dm.split("train")[1]
         t0 = time.perf_counter()
-        was_training = enc.training
-        enc.eval()
-        try:
-            hs = []
-            for s in range(0, X.shape[0], self.encode_batch_size):
-                batch = collate(np.arange(s, min(X.shape[0], s + self.encode_batch_size)))
-                hs.append(enc(_to_device(batch["x"], device)).float().cpu())
-        finally:
-            enc.train(was_training)
-        H = torch.cat(hs)
+        H = model.embed_split("train", self.encode_batch_size, datamodule=dm).cpu()
         proj = fit_projection_dense(H, self.k)
         rows, labels = csr_pairs(Y)
         tree, info = fit_label_tree(proj.dense(H), rows, labels, dm.num_labels, **self._fit_kwargs())
@@ -167,7 +135,7 @@ class AdversarialSampler(Sampler):
 
     def _sync_ranks(self):
         """Under DDP, broadcast rank 0's tree and projection to the other ranks."""
-        dist = _ddp()
+        dist = active_dist()
         if dist is None:
             return
         obj = [self._model_state() if dist.get_rank() == 0 else None]

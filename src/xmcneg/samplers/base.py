@@ -1,10 +1,12 @@
-"""The negative-sampler interface (DESIGN.md section 1).
+"""The negative-sampler interface; a sampler is one class and one conf/sampler/<name>.yaml.
 
-Life cycle: `setup(datamodule, module)` once before training (fit a tree, build an index, count labels);
+Life cycle: `setup(datamodule, model)` once before training (fit a tree, build an index, count labels);
 `set_epoch(epoch)` at the start of every training epoch; `sample(batch, doc_emb) -> (label_ids, log_q)` every
-step; `refresh(step, epoch)` at the start of every step (rebuild an index when due); `state_dict()/load_state_dict()`
-for resume; `score_correction(query, start, end)` for a prediction-time bias term on labels [start, end) (None = no
-correction).
+step; `refresh(step, epoch, model)` at the start of every step (rebuild an index when due; returns a dict of
+statistics to log, or None); `state_dict()/load_state_dict()` for resume; `score_correction(query, start, end)`
+for a prediction-time bias term on labels [start, end) (None = no correction).
+`model` is the method (methods/base.py); a sampler reads it only through `model.global_rank`, `model.weights()`
+(the label table) and `model.embed_split(split, batch_size, datamodule)` (encoder outputs of a split).
 
 Random draws come from `self.generator`, reseeded at every epoch start from (seed, rank, epoch): one stream per DDP
 rank (different across ranks) that a resumed run replays exactly on every rank (a checkpoint, written by rank 0,
@@ -36,15 +38,15 @@ class Sampler:
         self.generator = torch.Generator()
 
     # -- life cycle -------------------------------------------------------------------------------------------
-    def setup(self, datamodule, module=None, state=None):
+    def setup(self, datamodule, model=None, state=None):
         """Cheap per-process setup, then either the expensive one-time `fit` or, on resume, `load_state_dict`."""
         self.num_labels = datamodule.num_labels
         if self.num_negatives <= 0:
             raise ConfigError("sampler.num_negatives", f"must be > 0, got {self.num_negatives}")
-        self.rank = module.global_rank if module is not None and module._trainer is not None else 0
+        self.rank = int(model.global_rank) if model is not None else 0
         self.set_epoch(0)
         if state is None:
-            self.fit(datamodule, module)
+            self.fit(datamodule, model)
         else:
             self.load_state_dict(state)
 
@@ -53,15 +55,16 @@ class Sampler:
         key = np.random.SeedSequence([self.seed, self.rank, int(epoch)]).generate_state(2, dtype=np.uint32)
         self.generator.manual_seed(int(key[0]) << 32 | int(key[1]))
 
-    def fit(self, datamodule, module=None):
+    def fit(self, datamodule, model=None):
         """Expensive one-time work whose result goes into state_dict (a tree, an index)."""
 
     def log_prob(self, batch, doc_emb, label_ids):
         """log q(y|x) of given labels (B, P); needed by the ns regulariser. Default: unknown."""
         return None
 
-    def refresh(self, step: int, epoch: int, module=None):
-        """Called before every training step; samplers with periodic work do it here."""
+    def refresh(self, step: int, epoch: int, model=None):
+        """Called before every training step; samplers with periodic work do it here. Returns statistics to log
+        ({name: number}) or None."""
 
     def sample(self, batch, doc_emb):
         raise NotImplementedError

@@ -16,14 +16,14 @@ class FrequencySampler(Sampler):
             raise ConfigError("sampler.alpha", f"must be in [0, 2], got {alpha}")
         self.alpha = float(alpha)
 
-    def setup(self, datamodule, module=None, state=None):
+    def setup(self, datamodule, model=None, state=None):
         w = (np.asarray(datamodule.train_label_counts, dtype=np.float64) + 1.0) ** self.alpha
         p = w / w.sum()
         self.log_p = torch.from_numpy(np.log(p)).float()
         cdf = np.cumsum(p)
         cdf[-1] = 1.0
         self.cdf = torch.from_numpy(cdf)
-        super().setup(datamodule, module, state)
+        super().setup(datamodule, model, state)
 
     def log_prob(self, batch, doc_emb, label_ids):
         return self.log_p.to(label_ids.device)[label_ids]

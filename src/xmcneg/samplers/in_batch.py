@@ -14,10 +14,10 @@ class InBatchSampler(Sampler):
     def __init__(self, max_negatives: int = 4096, seed: int = 0):
         super().__init__(max_negatives, seed)
 
-    def setup(self, datamodule, module=None, state=None):
+    def setup(self, datamodule, model=None, state=None):
         c = np.asarray(datamodule.train_label_counts, dtype=np.float64) + 1.0
         self.log_p = torch.from_numpy(np.log(c / c.sum())).float()
-        super().setup(datamodule, module, state)
+        super().setup(datamodule, model, state)
 
     def sample(self, batch, doc_emb):
         pos = batch["pos"]

@@ -1,4 +1,4 @@
-"""MIPS hard negatives + uniform negatives (Qaraei & Babbar; METHODS.md section b).
+"""MIPS hard negatives + uniform negatives (Qaraei & Babbar).
 
 Candidate set per document, of fixed size `num_candidates`:
     all its positives  +  `num_hard` MIPS hard negatives  +  uniform negatives filling up to `num_candidates`.
@@ -34,7 +34,7 @@ draw from the C - m_i labels outside positives and hard negatives (m_i = p_i + h
     uniform y: log q = log(u_i / (W (C - m_i)))  ->  correction log(u_i / (C - m_i)) (importance weight)
 so sum_hard e^s + (C - m_i)/u_i sum_uniform e^s is an unbiased estimate of sum over non-positives of e^s.
 
-Schedule (refresh(step, epoch) is called before every training step with the module's batch counter): while
+Schedule (refresh(step, epoch) is called before every training step with the method's batch counter): while
 hard negatives are active (epoch >= warmup_epochs and mode != uniform_only) the index is rebuilt from the
 current label matrix + bias at the first step of every epoch, at every step with step % refresh_steps == 0
 (refresh_steps <= 0: epoch starts only), and at the first step after a resume (the index itself is not saved).
@@ -45,7 +45,7 @@ deterministic (flat: exact; IVF: fixed k-means seed and sample; HNSW: single-thr
 LabelIndex(deterministic=True)), so all ranks hold the same index (same `index_version`). Each rank queries it
 with its own batch; the uniform draws use the per-rank stream of the base class.
 
-Timing: index build and query seconds are accumulated and logged through the module at each refresh as
+Timing: index build and query seconds are accumulated and returned by each refresh (the method logs them) as
 time/index_build_s, time/index_query_s (cumulative) and time/index_share = (build + query) / wall time of the
 training steps seen (the interval between consecutive refresh calls one step apart in the same epoch, so
 end-of-epoch validation is excluded; a mid-epoch validation with trainer.val_check_interval is not).
@@ -103,11 +103,11 @@ class MIPSSampler(Sampler):
         self._prev_call = None          # (step, epoch, perf_counter) of the previous refresh call
 
     # ------------------------------------------------------------------ life cycle
-    def setup(self, datamodule, module=None, state=None):
+    def setup(self, datamodule, model=None, state=None):
         if self.num_candidates >= datamodule.num_labels:
             raise ConfigError("sampler.num_candidates",
                               f"{self.num_candidates} must be fewer than the {datamodule.num_labels} labels")
-        super().setup(datamodule, module, state)
+        super().setup(datamodule, model, state)
 
     def _new_index(self):
         from xmcneg.eval.ann import LabelIndex
@@ -130,10 +130,9 @@ class MIPSSampler(Sampler):
             return True
         return self.refresh_steps > 0 and step % self.refresh_steps == 0 and step != self.last_refresh_step
 
-    def rebuild(self, module, step: int, epoch: int):
+    def rebuild(self, model, step: int, epoch: int):
         t0 = time.perf_counter()
-        w = module.label_w.weight.detach()
-        b = module.label_b.weight.detach().reshape(-1)
+        w, b = model.weights()
         if self.index is None:
             self.index = self._new_index()
         self.index.build(w.float().cpu(), b.float().cpu())
@@ -144,7 +143,7 @@ class MIPSSampler(Sampler):
         self.refresh_steps_log.append(int(step))
         log.debug("MIPS index v%d (%s) built at step %d, epoch %d", self.index_version, self.index_kind, step, epoch)
 
-    def refresh(self, step: int, epoch: int, module=None):
+    def refresh(self, step: int, epoch: int, model=None):
         now = time.perf_counter()
         if self._prev_call is not None:
             ps, pe, pt = self._prev_call
@@ -152,13 +151,11 @@ class MIPSSampler(Sampler):
                 self.step_s += now - pt
         self._prev_call = (int(step), int(epoch), now)
         if self.due(step, epoch):
-            if module is None:
-                raise RuntimeError("MIPSSampler.refresh needs the module to read the label matrix")
-            self.rebuild(module, step, epoch)
+            if model is None:
+                raise RuntimeError("MIPSSampler.refresh needs the model to read the label matrix")
+            self.rebuild(model, step, epoch)
         self.hard_active = self.hard_wanted(epoch) and self.index is not None
-        if module is not None and getattr(module, "_trainer", None) is not None:
-            for k, v in self.stats().items():
-                module.log(k, float(v), on_step=True, on_epoch=False, batch_size=1)
+        return self.stats()
 
     def stats(self):
         spent = self.build_s + self.query_s

@@ -1,0 +1,84 @@
+"""The label table: one vector w_y and one bias b_y per label, with its gradient synchronisation under DDP."""
+import torch
+from torch import nn
+
+from xmcneg.distributed import active_dist
+from xmcneg.errors import ConfigError
+from xmcneg.methods.sparse_optim import all_gather_sparse_mean
+
+SPARSE_GRAD_SYNC = ("auto", "ddp", "all_gather")
+
+
+class LabelTable(nn.Module):
+    """Scores s(x, y) = <h, w_y> + b_y. `sparse=True`: `nn.Embedding(sparse=True)` tables, so a step's gradient
+    holds the looked-up rows only and a row-wise optimiser (methods/sparse_optim.py) updates those rows only.
+
+    Under DDP every rank must apply the same row updates (tests/test_ddp.py compares the tables bit for bit).
+    `resolve_sync(mode)` (hardware.sparse_grad_sync) decides how: `ddp` = DistributedDataParallel reduces the
+    sparse gradients (gloo only: NCCL has no sparse all-reduce); `all_gather` = the tables stay out of DDP's
+    reducer and `sync_grads` all-gathers each rank's touched rows with dense collectives; `auto` = `ddp` on
+    gloo, `all_gather` otherwise. Dense tables (sampler=full) are always reduced by DDP."""
+
+    def __init__(self, num_labels: int, dim: int, sparse: bool):
+        super().__init__()
+        self.w = nn.Embedding(num_labels, dim, sparse=sparse)
+        self.b = nn.Embedding(num_labels, 1, sparse=sparse)
+        nn.init.normal_(self.w.weight, std=0.01)
+        nn.init.zeros_(self.b.weight)
+        self.sparse = bool(sparse)
+        self.sync = None  # None (one process), "ddp" or "all_gather"; set by resolve_sync
+
+    def resolve_sync(self, mode="auto"):
+        """Set and return the sync mode for the running process group (None without one)."""
+        mode = str(mode)
+        if mode not in SPARSE_GRAD_SYNC:
+            raise ConfigError("hardware.sparse_grad_sync", f"expected one of {', '.join(SPARSE_GRAD_SYNC)}, got {mode}")
+        dist = active_dist()
+        if dist is None:
+            self.sync = None
+        elif not self.sparse:
+            self.sync = "ddp"
+        else:
+            self.sync = ("ddp" if dist.get_backend() == "gloo" else "all_gather") if mode == "auto" else mode
+        return self.sync
+
+    def weights(self):
+        """(W (C, d), b (C,)): the parameters themselves (detach before using them outside the loss)."""
+        return self.w.weight, self.b.weight.reshape(-1)
+
+    def score(self, h, ids):
+        """Scores of label ids for each document: ids (B,n) per document -> (B,n); ids (n,) shared -> (B,n)."""
+        if ids.dim() == 1:
+            return h @ self.w(ids).T + self.bias(ids)
+        return torch.bmm(self.w(ids), h.unsqueeze(-1)).squeeze(-1) + self.bias(ids)
+
+    def score_all(self, h):
+        """(B, C) scores of every label (dense tables)."""
+        return h @ self.w.weight.T + self.b.weight.T
+
+    def bias(self, ids):
+        """b(ids) without its width-1 dimension. With sync=ddp the gradient flowing into the lookup is copied
+        first: the values of nn.Embedding's sparse gradient are a view of that gradient, which for the width-1
+        bias added to the scores is the scores' own gradient buffer, still to be used for w and the encoder, and
+        DDP's reducer divides a sparse gradient in place by the world size as soon as it is ready; without the
+        copy the encoder's and w's gradients would be divided by the world size twice."""
+        b = self.b(ids)
+        if self.sync == "ddp" and self.sparse and b.requires_grad:
+            b.register_hook(lambda g: g.clone())
+        return b.squeeze(-1)
+
+    def sync_grads(self):
+        """sync=all_gather: average the sparse gradients over the ranks (after backward, before the optimiser
+        steps; on every rank). A no-op otherwise."""
+        dist = active_dist()
+        if self.sync == "all_gather" and dist is not None:
+            all_gather_sparse_mean([self.w.weight, self.b.weight], dist)
+
+    @torch.no_grad()
+    def broadcast(self):
+        """sync=all_gather: DDP does not broadcast the tables from rank 0 when it wraps the module; do it here, so
+        the ranks start from the same tables whatever their RNGs did."""
+        dist = active_dist()
+        if self.sync == "all_gather" and dist is not None:
+            for p in (self.w.weight, self.b.weight):
+                dist.broadcast(p.data, src=0)

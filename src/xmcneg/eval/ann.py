@@ -1,45 +1,14 @@
-"""Approximate maximum-inner-product search over label vectors (with bias) using faiss.
+"""Approximate maximum-inner-product search over label vectors (with bias) using faiss, and the exact re-scoring
+of a shortlist shared by every method (`candidate_scores`, `topk_of_candidates`, `ann_topk`).
 
-score(x, y) = <x, w_y> + b_y.  The bias is folded in by the standard augmentation: the index stores
-w'_y = [w_y, b_y] and a query becomes x' = [x, 1], so <x', w'_y> = score(x, y).
-
-How MIPS is mapped onto the index (``mips`` argument):
-
-* ``"ip"`` (default): the index uses ``faiss.METRIC_INNER_PRODUCT`` directly on w' (IVF: k-means cells,
-  probed by inner product with the centroids; HNSW: an inner-product graph, as in ip-NSW).
-* ``"l2"``: the MIPS -> L2 reduction of Bachrach et al. (2014): with R = max_y ||w'_y||, store
-  w''_y = [w'_y, sqrt(R^2 - ||w'_y||^2)] and query x'' = [x', 0]; then
-  ||x'' - w''_y||^2 = ||x'||^2 + R^2 - 2 score(x, y), an exact reduction.
-  Measured (C = 100k, d = 256, the benchmark's data, shortlist 32, recall@5 against exact): with unit
-  label norms both give the same recall (IVF nprobe 16: 0.997 l2 / 0.998 ip; HNSW M16 ef64: 0.92 / 0.92);
-  with unequal label norms (w scaled by exp(0.3 N(0,1)), as trained classifiers are) the reduction
-  collapses (IVF 0.11, HNSW 0.03) while inner product keeps 0.93 / 0.81, because the queries end up far
-  from the data sphere of radius R (Morozov & Babenko 2018 make the same point). Hence "ip" by default.
-  Scores returned by :meth:`LabelIndex.search` are inner products (+ bias) either way.
-* ``kind="flat"`` is always an exact ``IndexFlatIP`` (``mips`` is ignored).
-
-IVF defaults (tuned with ``benchmarks/inference_cost.py``, C = 1M, d = 256, 2 cores): ``nlist = round(sqrt(C))``
-(not 4*sqrt(C): build time, which the MIPS sampler pays at every refresh, grows ~linearly with nlist;
-clamped to [1, C // 39] so k-means has >= 39 points per centroid), ``nprobe=16``, k-means on a seeded
-subsample of <= 64 points per list for 10 iterations, and ``storage="sq8"``: the vectors are stored as
-8-bit scalar-quantized residuals, because scanning the probed lists is memory-bound (16 lists x ~1000
-labels x 1 KB per float32 vector per query); sq8 cuts that traffic 4x and about halves the search time at
-the same recall@5 once the shortlist is re-scored exactly (:func:`ann_topk`): 0.188 vs 0.345 ms/query.
-Measured with these defaults: recall@5 0.994 at 23.7x the speed of exact search, build 8 s (numbers in
-the benchmark's docstring). A query costs ~nprobe * C / nlist + nlist distance computations instead of C.
-HNSW (the ``kind`` default, as the configs name it) builds far slower on 2 cores (1M labels: ~150 s
-multi-threaded, several times that with ``deterministic=True``) and on low-contrast data such as the
-benchmark's reaches lower recall than IVF; prefer ``kind="ivf"`` for large C on CPU.
-
-Determinism: building twice from the same weights with the same settings gives the same neighbours.
-IVF: the k-means sample and seed are fixed and faiss' IVF add is order-preserving. HNSW: faiss' parallel
-insertion depends on thread timing, so with ``deterministic=True`` (default) the HNSW graph is built with
-one OpenMP thread (searches still use all threads); pass ``deterministic=False`` for a faster,
-multi-threaded build.
-
-GPU: with ``use_gpu="auto"`` (or True), flat and IVF indices are moved to GPU 0 when this faiss build has
-``StandardGpuResources`` and sees a GPU; otherwise one line "faiss GPU not available, using CPU" is logged
-(once per process). HNSW always runs on CPU.
+score(x, y) = <x, w_y> + b_y: the index stores w'_y = [w_y, b_y] and a query is x' = [x, 1].
+`LabelIndex(kind=flat | ivf | hnsw, mips=ip | l2)`: flat is exact; `mips="ip"` (default) searches by inner
+product directly, `"l2"` uses the MIPS -> L2 reduction of Bachrach et al. (2014) (exact, but recall collapses
+when label norms differ, as trained classifiers' do). IVF defaults (nlist = sqrt(C), nprobe 16, 8-bit scalar
+quantised storage) come from benchmarks/inference_cost.py; HNSW builds far slower on a few cores, so prefer
+IVF for large C on CPU. Deterministic builds: IVF has a fixed k-means sample and seed; HNSW with
+`deterministic=True` inserts with one thread. `use_gpu="auto"` moves flat / IVF indexes to a GPU when faiss
+has one (HNSW stays on the CPU).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import torch
 from xmcneg.distributed import to_device
 from xmcneg.errors import ConfigError, XMCError
 from xmcneg.methods.label_table import LabelTable
+from xmcneg.methods.optim import params_of
 
 
 class NonFiniteLossError(XMCError):
@@ -33,12 +34,7 @@ class EvalParams:
 
     @classmethod
     def of(cls, d):
-        if isinstance(d, cls):
-            return d
-        try:
-            p = cls(**dict(d or {}))
-        except TypeError as e:
-            raise ConfigError("eval", str(e).replace("__init__() ", "")) from None
+        p = params_of(cls, d, "eval")
         if p.search not in ("exact", "ann"):
             raise ConfigError("eval.search", f"must be exact or ann, got {p.search!r}")
         if p.test_ckpt not in ("best", "last"):

@@ -110,18 +110,11 @@ class XMCClassifier(XMCModule):
         return metrics
 
     def predict_topk(self, emb, query=None, k=None):
-        """Top-k (scores, ids) over all labels for document embeddings `emb`; with `query` (from the sampler's
-        correction_query) the sampler's score correction is added.
-
-        eval.search=exact: all labels scored exactly, chunked over documents and labels.
-        eval.search=ann: a faiss `LabelIndex` (eval.ann_index) over label matrix + bias, built once per set of
-        weights, retrieves eval.ann_shortlist labels per document, which are re-scored exactly (+ the correction,
-        computed for the shortlisted labels only via the sampler's optional `score_correction_ids(query, ids)`);
-        the shortlist is retrieved by the uncorrected score. A sampler whose correction only supports label
-        ranges (`score_correction(query, start, end)`) falls back to exact search (logged, and
-        `<stage>/ann_fallback_exact` = 1). During validation/test, `<stage>/ann_recall@5` (recall of the ANN
-        top-5 against the exact top-5, first <= 1000 documents) is logged; `raw/...` for the uncorrected pass.
-        """
+        """Top-k (scores, ids) over all labels for document embeddings `emb` (+ the sampler's score correction for
+        `query`). eval.search=ann: a faiss shortlist of eval.ann_shortlist labels (uncorrected scores) re-scored
+        exactly with the correction (the sampler's `score_correction_ids`; a sampler without it falls back to
+        exact search, logged as `<stage>/ann_fallback_exact`); `<stage>/ann_recall@5` against exact search (first
+        1000 documents) is logged during validation/test."""
         k = min(int(k or self.evaluation.k), self.num_labels)
         if self.evaluation.search == "ann":
             out = self._ann_predict_topk(emb, query, k)

@@ -17,7 +17,6 @@ Two phases inside one trainer.fit (phase 2 starts at epoch `phase1_epochs`):
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from xmcneg.eval.ann import LabelIndex, candidate_scores, topk_of_candidates
 from xmcneg.eval.metrics import xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
-from xmcneg.methods.optim import CombinedOptimizer, OptimParams, wrap
+from xmcneg.methods.optim import CombinedOptimizer, OptimParams, params_of, wrap
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 from xmcneg.records import tensor_digest
 from xmcneg.samplers.cluster_batching import ClusterBatchSampler, ClusterCurriculum, balanced_spherical_clusters
@@ -85,15 +84,7 @@ class NGAMESettings:
 
     @classmethod
     def of(cls, d):
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"sampler.{unknown[0]}", f"unknown NGAME option (known: {', '.join(sorted(known))})")
-        missing = sorted(known - set(d))
-        if missing:
-            raise ConfigError(f"sampler.{missing[0]}", "missing (declare it in conf/sampler/ngame.yaml)")
-        s = cls(**d)
+        s = params_of(cls, d, "sampler")
         choices = {"loss": ("triplet", "infonce"), "inference": ("ann", "exact"),
                    "phase1_lr_decay": ("linear", "constant")}
         for key, ok in choices.items():
@@ -241,23 +232,9 @@ class NGAME(XMCModule):
             return self.trainer.datamodule
         return self._dm
 
-    def _active_samplers(self):
-        """The batch sampler(s) in use: ours, and the one in the train dataloader if Lightning re-created it."""
-        out = [self.batch_sampler] if self.batch_sampler is not None else []
-        if self._trainer is not None:
-            try:
-                dl = self.trainer.train_dataloader
-            except Exception:  # noqa: BLE001
-                dl = None
-            bs = getattr(dl, "batch_sampler", None)
-            if isinstance(bs, ClusterBatchSampler) and all(bs is not o for o in out):
-                out.append(bs)
-        return out
-
     def _push_sampler_state(self, epoch):
-        for bs in self._active_samplers():
-            bs.set_epoch(epoch)
-            bs.set_clusters(self.cluster_ids if self.s.clustering else None)
+        self.batch_sampler.set_epoch(epoch)
+        self.batch_sampler.set_clusters(self.cluster_ids if self.s.clustering else None)
 
     def _normalize(self, h):
         return F.normalize(h.float(), dim=-1)

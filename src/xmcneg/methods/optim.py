@@ -1,12 +1,24 @@
 """Optimisers as one object: named parts (dense AdamW for the encoder, row-wise for the label table, ...) behind
 one `CombinedOptimizer`, with warm-up and gradient clipping as wrappers around a part (the design of torchrec's
 CombinedOptimizer / OptimizerWrapper). Lightning sees one optimiser; a checkpoint holds each part by name."""
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from xmcneg.errors import ConfigError
+
+
+def params_of(cls, d, key):
+    """The dataclass `cls` (typed config keys, values only in conf/) from the dict `d` of config group `key`; an
+    unknown or a missing key is a ConfigError."""
+    if isinstance(d, cls):
+        return d
+    d, names = dict(d or {}), {f.name for f in dataclasses.fields(cls)}
+    for k in sorted(set(d) ^ names):
+        raise ConfigError(f"{key}.{k}", "unknown key" if k in d else "missing (declare it in conf/)")
+    return cls(**d)
 
 
 @dataclass
@@ -22,12 +34,7 @@ class OptimParams:
 
     @classmethod
     def of(cls, d):
-        if isinstance(d, cls):
-            return d
-        try:
-            p = cls(**dict(d or {}))
-        except TypeError as e:
-            raise ConfigError("optim", str(e).replace("__init__() ", "")) from None
+        p = params_of(cls, d, "optim")
         for key in ("encoder_lr", "label_lr", "full_label_lr"):
             if not float(getattr(p, key)) > 0:
                 raise ConfigError(f"optim.{key}", f"must be > 0, got {getattr(p, key)}")
@@ -63,9 +70,6 @@ class OptimizerWrapper(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         self.optimizer.load_state_dict(state_dict)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.optimizer!r})"
 
 
 class Warmup(OptimizerWrapper):
@@ -155,6 +159,3 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         for name, o in self.parts.items():
             o.load_state_dict(state_dict[name])
-
-    def __repr__(self):
-        return f"CombinedOptimizer({', '.join(f'{n}={o!r}' for n, o in self.parts.items())})"

@@ -1,21 +1,10 @@
-"""Adversarial negatives (Bamler & Mandt, ICLR 2020): k negatives per document drawn from an auxiliary model
-p_n(y|x) that mimics the data -- a balanced binary tree of logistic regressions on a whitened k-dim SVD
-projection x~ of the features (`label_tree.py`). Sampling is ancestral, O(k log C) per negative; log p_n of the
-draws comes exactly from the path. At prediction the method adds log p_n(y|x) to every label's score (their
-Theorem 1: ranking by s(x,y) + log p_n(y|x) recovers the softmax ranking); `correction_query` returns x~ per
-document and `score_correction` the exact log p_n of a label range (see `LabelTree.label_log_probs`).
-
-Beyond the paper (off by default):
-* `refit_every_epochs: N` -- at the start of every N-th epoch the projection and the tree are refitted on the
-  current encoder's embeddings of the train split (eval mode, batched): x~ becomes the whitened PCA of the
-  embedding, so from then on x~ is computed from the encoder output (doc_emb) instead of the raw features.
-* `uniform_mix: m` -- each negative is a uniform label with probability m, else a tree draw; log_q (and log_prob,
-  and the prediction-time correction) is then the mixture log((1 - m) p_n(y|x) + m / C) for both kinds of draws
-  (computing p_n of uniform draws costs one path evaluation each, i.e. about doubles the sampling cost).
-
-The state (tree, projection, refit epoch, generator) goes into the checkpoint, so resuming skips the fit. The fit
-is deterministic given the data and the seed; under DDP only rank 0 fits (and refits), and broadcasts its tree and
-projection to the other ranks (bit-identical trees on every rank, even if BLAS differs across machines).
+"""Adversarial negatives (Bamler & Mandt, ICLR 2020); options in conf/sampler/adversarial.yaml. Negatives are
+drawn from p_n(y|x), a balanced binary tree of logistic regressions on a whitened SVD projection x~ of the
+features (label_tree.py), with exact log p_n; at prediction the method adds log p_n(y|x) to every label's score
+(`correction_query` gives x~, `score_correction` log p_n of a label range). `refit_every_epochs` refits the
+projection and tree on the encoder's embeddings of the train split (x~ then comes from the encoder output);
+`uniform_mix` mixes in uniform draws (log q becomes log((1 - m) p_n + m / C)). Tree, projection and generator
+are in the checkpoint; under DDP rank 0 fits and broadcasts (identical trees on every rank).
 """
 import logging
 import math

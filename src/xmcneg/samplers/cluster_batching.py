@@ -1,36 +1,16 @@
 """NGAME's negative-mining-aware mini-batching (Dahiya et al., WSDM 2023): batches cut from a random permutation
 of clusters of similar training documents, so the other documents' positives are hard in-batch negatives.
 
-* :func:`balanced_spherical_clusters` -- **recursive balanced spherical 2-means**, as NGAME
-  (xclib `cluster_balance` / `b_kmeans_dense`): every cluster is split in two equal halves (sizes differ by at
-  most one) until there are 2^L clusters, 2^L = the wanted number of clusters N / cluster_size rounded **up** to a
-  power of two, so the realised size lies in (s/2, s]. One split: two random member points as seeds, then
-  alternately rank the members by sim(x, c0) - sim(x, c1), give the top half to c0, recompute the two
-  L2-normalised mean centroids; stop when the mean similarity gains < tol or after max_iter rounds. All clusters
-  of a level are split together as one batched torch computation (members grouped by cluster size, at most two
-  sizes per level), so a refresh costs O(N d iters log2(K)) and no Python loop over clusters. Exactly balanced by
-  construction (no capacity repair needed), deterministic for a given seed.
-
-* :class:`ClusterBatchSampler` -- a batch sampler (yields lists of row ids). Without clusters it gives random
-  batches; with clusters (``set_clusters``) the epoch's order is a random permutation of the clusters (members
-  shuffled within a cluster) and the cut points k*N/M (k = 1..M-1, M batches) are moved to the nearest cluster
-  boundary, so every batch is a union of whole clusters (if two cuts would meet, i.e. a cluster larger than a
-  batch, the plain cuts are kept). Batch sizes are therefore N/M <= batch_size give or take one cluster.
-  Rank-aware: the global list of M batches is built identically on every rank (same seed, epoch and clusters)
-  and rank r takes batches r, r + W, r + 2W, ...; M is ceil(N / batch_size) rounded up to a multiple of the
-  world size W, so every rank gets the same number of batches, the ranks' batches are disjoint and every
-  document is used exactly once per epoch. Padding only when N < M (fewer documents than batches): the
-  single-document batches are then repeated from the start (wrapping) until there are M.
-  ``drop_last=True``: M = floor(N / batch_size) rounded down to a multiple of W, batches of exactly batch_size
-  cut from the start of the order (clusters may then straddle two batches) and the rest of the order is left
-  out of the epoch.
-  Lightning's DDP sampler injection (``ClusterBatchSampler(DistributedSampler, batch_size=, drop_last=)``) is
-  accepted: the size, rank, world size and seed are taken from the distributed sampler.
-
-* :class:`ClusterCurriculum` -- the cluster-size schedule: size ``start_size`` (1 = random batches), doubled once
-  for every entry of ``doubling_epochs`` that is <= the epoch (repeat an epoch to double several times at once),
-  capped at ``max_size``; clusters are active from ``start_epoch`` and re-computed every ``refresh_epochs``
-  epochs from there, and whenever the size changes.
+* `balanced_spherical_clusters`: recursive balanced spherical 2-means (every cluster split into two equal
+  halves until there are 2^L clusters of size in (s/2, s]); all clusters of a level are split together in one
+  batched torch computation; deterministic for a seed.
+* `ClusterBatchSampler`: yields lists of row ids. Without clusters random batches; with clusters a random
+  permutation of the clusters, cut at cluster boundaries near k*N/M. The global list of M batches (a multiple
+  of the world size) is the same on every rank and rank r takes batches r, r + W, ...: disjoint, the same
+  number per rank, every document once per epoch. `drop_last=True` cuts batches of exactly batch_size.
+* `ClusterCurriculum`: the cluster-size schedule of conf/sampler/ngame.yaml (`cluster_size_start`, doubled at
+  each epoch in `cluster_doubling_epochs`, capped at `cluster_size_max`, from `cluster_start_epoch`, refreshed
+  every `refresh_epochs`).
 """
 from __future__ import annotations
 

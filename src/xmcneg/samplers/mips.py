@@ -1,54 +1,19 @@
-"""MIPS hard negatives + uniform negatives (Qaraei & Babbar).
+"""MIPS hard negatives + uniform negatives (Qaraei & Babbar); options in conf/sampler/mips.yaml.
 
-Candidate set per document, of fixed size `num_candidates`:
-    all its positives  +  `num_hard` MIPS hard negatives  +  uniform negatives filling up to `num_candidates`.
+Candidate set per document i with p_i positives: its positives + n_i = max(num_candidates - p_i, num_hard)
+negatives, of which h_i are hard (mode mix: num_hard; mips_only: n_i; uniform_only, and during the first
+`warmup_epochs`: 0) and the rest uniform. Hard negatives are the highest-scoring non-positive labels from a
+faiss index over the label table (eval/ann.py `LabelIndex`); too few usable neighbours are filled with uniform
+ones. Uniform negatives are drawn exactly uniformly from the labels outside the positives and hard negatives
+(rank-shift trick, no rejection). `label_ids` (B, W) rows are [hard | uniform | -1 padding].
 
-Hard negatives are the labels with the highest current score <f(x), w_y> + b_y that are not positives of the
-document, found in a faiss index over the label matrix and bias (`xmcneg.eval.ann.LabelIndex`, `index` = flat |
-ivf | hnsw), queried with the detached float32 document embeddings of the batch. The index asks for
-`num_hard + max #positives in the batch` neighbours, so `num_hard` remain after the positives are removed.
+log_q (used by loss=softmax only) is the per-slot probability of that stratified proposal: hard y: -log W
+(correction log(W q) = 0); uniform y: log(u_i / (W (C - m_i))) with u_i uniform slots and m_i = p_i + h_i.
 
-Size rule (per document i with p_i valid positives; n_i = number of valid negatives returned):
-    n_i = max(num_candidates - p_i, num_hard)
-so p_i + n_i == num_candidates, except for a document with more than num_candidates - num_hard positives,
-which keeps all its positives and gets num_hard negatives (hard ones once hard negatives are active; a
-candidate set larger than num_candidates). Returned `label_ids` are (B, W) with W = max_i n_i (= num_candidates
-- min_i p_i in the normal case); row i holds [h_i hard | n_i - h_i uniform | -1 padding] (the method masks -1).
-
-Hard negatives per document h_i, by `mode`:
-    mix          (default) h_i = num_hard, the rest uniform;
-    mips_only    h_i = n_i (the whole candidate set is hard negatives; num_hard only sets the floor above);
-    uniform_only h_i = 0 (no index is ever built).
-During the first `warmup_epochs` epochs h_i = 0 in every mode (uniform-only warm-up; hard negatives from the
-start are unstable - the point of the mix). If the index returns fewer usable neighbours than h_i (IVF with few
-labels in the probed lists), the missing ones are filled with uniform negatives.
-Uniform negatives are drawn with replacement, exactly uniformly from the labels outside {positives, hard
-negatives of that document} (rank-shift trick: O(log P) per draw, no rejection), so no slot is ever masked and
-the size rule holds exactly; two uniform slots of a row may repeat a label (prob ~ n^2 / 2C).
-
-log_q (only used by loss=softmax, the logQ-corrected sampled softmax; the default loss is BCE, which ignores it).
-The hard negatives are deterministic, so there is no true proposal probability; we return the per-slot
-probability of the stratified proposal "W slots: h_i slots hold the hard labels, u_i = n_i - h_i slots a uniform
-draw from the C - m_i labels outside positives and hard negatives (m_i = p_i + h_i), the rest padding":
-    hard y:    log q = -log W                   ->  the loss' correction log(W q) = 0 (counted once, exactly)
-    uniform y: log q = log(u_i / (W (C - m_i)))  ->  correction log(u_i / (C - m_i)) (importance weight)
-so sum_hard e^s + (C - m_i)/u_i sum_uniform e^s is an unbiased estimate of sum over non-positives of e^s.
-
-Schedule (refresh(step, epoch) is called before every training step with the method's batch counter): while
-hard negatives are active (epoch >= warmup_epochs and mode != uniform_only) the index is rebuilt from the
-current label matrix + bias at the first step of every epoch, at every step with step % refresh_steps == 0
-(refresh_steps <= 0: epoch starts only), and at the first step after a resume (the index itself is not saved).
-
-DDP: there is no broadcast. DDP keeps the label matrix identical on every rank, and every rank calls refresh
-with the same (step, epoch), so every rank rebuilds at the same steps from the same weights; the build is
-deterministic (flat: exact; IVF: fixed k-means seed and sample; HNSW: single-threaded insertion, see
-LabelIndex(deterministic=True)), so all ranks hold the same index (same `index_version`). Each rank queries it
-with its own batch; the uniform draws use the per-rank stream of the base class.
-
-Timing: index build and query seconds are accumulated and returned by each refresh (the method logs them) as
-time/index_build_s, time/index_query_s (cumulative) and time/index_share = (build + query) / wall time of the
-training steps seen (the interval between consecutive refresh calls one step apart in the same epoch, so
-end-of-epoch validation is excluded; a mid-epoch validation with trainer.val_check_interval is not).
+Schedule: while hard negatives are active the index is rebuilt from the current table at the first step of
+every epoch, every `refresh_steps` steps, and after a resume. Under DDP every rank rebuilds at the same steps
+from identical weights with a deterministic build, so all ranks hold the same index. `refresh` returns the
+cumulative index build / query seconds and their share of the training step time (the method logs them).
 """
 import logging
 import math

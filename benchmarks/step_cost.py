@@ -14,6 +14,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,9 +24,12 @@ from omegaconf import OmegaConf
 
 from xmcneg.encoders.bow_mlp import BowMLP
 from xmcneg.methods.classifier import XMCClassifier
+from xmcneg.methods.losses import BCE
 from xmcneg.samplers.frequency import FrequencySampler
 from xmcneg.samplers.in_batch import InBatchSampler
 from xmcneg.samplers.uniform import UniformSampler
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SAMPLERS = {"uniform": UniformSampler, "frequency": FrequencySampler, "in_batch": InBatchSampler}
 
@@ -40,22 +44,20 @@ def make_batch(rng, B, F, nnz, C, labels_per_doc):
 
 
 def build(name, C, args):
-    optim = OmegaConf.create({"encoder_lr": 1e-3, "weight_decay": 0.0, "label_optimizer": args.label_optimizer,
-                              "label_lr": 0.05, "full_label_lr": 1e-3, "warmup_steps": 0})
-    ev = OmegaConf.create({"k": 5, "doc_chunk": 2048, "label_chunk": 262144, "search": "exact"})
+    train = OmegaConf.load(ROOT / "conf" / "train.yaml")
+    optim = {**OmegaConf.to_container(train.optim), "label_optimizer": args.label_optimizer, "label_lr": 0.05}
+    ev = {**OmegaConf.to_container(train.eval), "k": 5}
     sampler = None
     if name != "full":
         kw = {"max_negatives": 4096} if name == "in_batch" else {"num_negatives": args.negatives}
         sampler = SAMPLERS[name](seed=0, **kw)
     enc = BowMLP(args.features, dim=args.dim, hidden=args.hidden, num_layers=1, dropout=0.0)
-    m = XMCClassifier(enc, C, sampler=sampler, loss_cfg=OmegaConf.create({"name": "bce"}), optim_cfg=optim,
-                      eval_cfg=ev)
+    m = XMCClassifier(enc, C, BCE(), sampler=sampler, optim=optim, evaluation=ev)
     if sampler is not None:
         counts = np.zeros(C)
         counts[: min(C, 1000)] = np.arange(min(C, 1000), 0, -1)
         sampler.setup(SimpleNamespace(num_labels=C, train_label_counts=counts))
-    opts = m.configure_optimizers()
-    return m, opts if isinstance(opts, list) else [opts]
+    return m, list(m.configure_optimizers().parts.values())
 
 
 def timed(fn, warmup, steps):
@@ -88,7 +90,7 @@ def measure(name, C, args):
             o.step()
 
     label_opt = opts[-1] if m.sampler is not None else torch.optim.AdamW(
-        [m.label_w.weight, m.label_b.weight], lr=1e-3)
+        list(m.labels.parameters()), lr=1e-3)
     h_fixed = [m.encoder(b["x"]).detach() for b in batches]
 
     def label_step():

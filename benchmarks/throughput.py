@@ -56,7 +56,7 @@ def measure(args, sampler):
     import torch
 
     from xmcneg.data.datamodule import build_datamodule
-    from xmcneg.train import build_module
+    from xmcneg.factory import build_module
 
     cfg = _config(args, sampler)
     if cfg.hardware.get("num_threads"):

@@ -7,7 +7,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from xmcneg.errors import ConfigError
+from xmcneg.errors import ConfigError, XMCError
 
 # keys of a config group that describe the choice rather than being constructor arguments
 NOT_ARGUMENTS = ("name", "text")
@@ -19,7 +19,7 @@ def _instantiate(node, key, **kwargs):
         return instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as e:
         cause = e.__cause__ if e.__cause__ is not None else e
-        if isinstance(cause, ConfigError):
+        if isinstance(cause, XMCError):  # already names the file or config key
             raise cause from None
         raise ConfigError(key, f"bad arguments for {node['_target_']}: {cause}".splitlines()[0]) from None
 

@@ -94,7 +94,10 @@ def run(cfg: DictConfig):
         dm.prepare_data()
         dm.setup("fit")
         module = build_module(cfg, dm)
-        module.run_config = OmegaConf.to_container(cfg, resolve=True)
+        # stored in every checkpoint for eval.py; the method's ${...} stay unresolved, so that eval.py's own `eval`,
+        # `data` and `hardware` sections (model_config in xmcneg/evaluate.py) reach the rebuilt method
+        module.run_config = {**OmegaConf.to_container(cfg, resolve=True),
+                             "method": OmegaConf.to_container(cfg.method, resolve=False)}
         sync = str(cfg.hardware.get("sparse_grad_sync", "auto"))
         if sync not in SPARSE_GRAD_SYNC:  # checked here, before any DDP process starts
             raise ConfigError("hardware.sparse_grad_sync", f"expected one of {', '.join(SPARSE_GRAD_SYNC)}, got {sync}")

@@ -22,7 +22,7 @@ import torch
 
 from xmcneg.errors import ConfigError
 
-__all__ = ["LabelIndex", "ann_topk", "recall_against_exact"]
+__all__ = ["LabelIndex", "ann_topk", "candidate_scores", "recall_against_exact", "topk_of_candidates"]
 
 log = logging.getLogger(__name__)
 _GPU_WARNED = False
@@ -65,22 +65,10 @@ class LabelIndex:
     Attributes: ``version`` (incremented by every build), ``nlist_used``, ``on_gpu``, ``index`` (the faiss index).
     """
 
-    def __init__(
-        self,
-        kind: str = "hnsw",
-        M: int = 32,
-        ef_search: int = 128,
-        ef_construction: int = 200,
-        nlist: Optional[int] = None,
-        nprobe: int = 16,
-        use_gpu="auto",
-        mips: str = "ip",
-        seed: int = 1234,
-        deterministic: bool = True,
-        max_train_points_per_list: int = 64,
-        kmeans_iters: int = 10,
-        storage: str = "auto",
-    ):
+    def __init__(self, kind: str = "hnsw", M: int = 32, ef_search: int = 128, ef_construction: int = 200,
+                 nlist: Optional[int] = None, nprobe: int = 16, use_gpu="auto", mips: str = "ip", seed: int = 1234,
+                 deterministic: bool = True, max_train_points_per_list: int = 64, kmeans_iters: int = 10,
+                 storage: str = "auto"):
         if kind not in _KINDS:
             raise ConfigError("index.kind", f"must be one of {_KINDS}, got {kind!r}")
         if mips not in ("l2", "ip"):
@@ -97,30 +85,13 @@ class LabelIndex:
                 raise ConfigError(f"index.{key}", f"must be >= 1, got {val!r}")
         if nlist is not None and int(nlist) < 1:
             raise ConfigError("index.nlist", f"must be >= 1, got {nlist!r}")
-        self.kind = kind
-        self.M = int(M)
-        self.ef_search = int(ef_search)
-        self.ef_construction = int(ef_construction)
-        self.nlist = None if nlist is None else int(nlist)
-        self.nprobe = int(nprobe)
-        self.use_gpu = use_gpu
-        self.mips = mips
-        self.seed = int(seed)
-        self.deterministic = bool(deterministic)
-        self.max_train_points_per_list = int(max_train_points_per_list)
-        self.kmeans_iters = int(kmeans_iters)
-        self.storage = storage
-        self.version = 0
-        self.index = None
-        self.num_labels = 0
-        self.dim = 0
-        self.on_gpu = False
-        self._has_bias = False
-        self._aug_l2 = False
-        self._index_dim = 0
-        self._R2 = 0.0
-        self._gpu_res = None
-        self.nlist_used = None
+        self.kind, self.M, self.ef_search, self.ef_construction = kind, int(M), int(ef_search), int(ef_construction)
+        self.nlist, self.nprobe = None if nlist is None else int(nlist), int(nprobe)
+        self.use_gpu, self.mips, self.seed, self.deterministic = use_gpu, mips, int(seed), bool(deterministic)
+        self.max_train_points_per_list, self.kmeans_iters = int(max_train_points_per_list), int(kmeans_iters)
+        self.storage, self.version, self.index, self.num_labels, self.dim = storage, 0, None, 0, 0
+        self.on_gpu, self._has_bias, self._aug_l2, self._index_dim, self._R2 = False, False, False, 0, 0.0
+        self._gpu_res, self.nlist_used = None, None
 
     # ------------------------------------------------------------------ build
     def build(self, label_w, label_b=None) -> "LabelIndex":

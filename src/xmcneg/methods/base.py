@@ -101,23 +101,14 @@ class XMCModule(pl.LightningModule):
                  sampler=None, check_finite: bool = True):
         super().__init__()
         self.automatic_optimization = False
-        self.encoder = encoder
-        self.num_labels = int(num_labels)
+        self.encoder, self.num_labels, self.sampler = encoder, int(num_labels), sampler
         self.labels = LabelTable(self.num_labels, encoder.dim, sparse=sparse_labels)
-        self.sampler = sampler
-        self.evaluation = EvalParams.of(evaluation)
-        self.inv_prop = inv_prop
-        self.check_finite = check_finite
-        self.sparse_grad_sync = "auto"
-        self.fault_step = None
-        self.run_config = None
-        self.train_steps = 0  # training batches done
-        self.test_metrics = {}
-        self._eval = None
-        self._nonfinite = None  # accelerator: device-side "a loss since the last check was NaN/Inf" flag
-        self._nonfinite_from = 0
-        self._sampler_state = None
-        self._rng_state = None
+        self.evaluation, self.inv_prop, self.check_finite = EvalParams.of(evaluation), inv_prop, check_finite
+        self.sparse_grad_sync, self.fault_step, self.run_config = "auto", None, None
+        self.train_steps, self.test_metrics, self._eval = 0, {}, None  # train_steps: training batches done
+        # accelerator: device-side "a loss since the last check was NaN/Inf" flag, and its first step
+        self._nonfinite, self._nonfinite_from = None, 0
+        self._sampler_state, self._rng_state = None, None  # restored from a checkpoint, applied at fit start
 
     # ------------------------------------------------------------------ what a method writes
     def training_loss(self, batch):

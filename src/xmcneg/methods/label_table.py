@@ -3,7 +3,6 @@ import torch
 from torch import nn
 
 from xmcneg.distributed import active_dist
-from xmcneg.errors import ConfigError
 from xmcneg.methods.sparse_optim import all_gather_sparse_mean
 
 SPARSE_GRAD_SYNC = ("auto", "ddp", "all_gather")
@@ -11,13 +10,10 @@ SPARSE_GRAD_SYNC = ("auto", "ddp", "all_gather")
 
 class LabelTable(nn.Module):
     """Scores s(x, y) = <h, w_y> + b_y. `sparse=True`: `nn.Embedding(sparse=True)` tables, so a step's gradient
-    holds the looked-up rows only and a row-wise optimiser (methods/sparse_optim.py) updates those rows only.
-
-    Under DDP every rank must apply the same row updates (tests/test_ddp.py compares the tables bit for bit).
-    `resolve_sync(mode)` (hardware.sparse_grad_sync) decides how: `ddp` = DistributedDataParallel reduces the
-    sparse gradients (gloo only: NCCL has no sparse all-reduce); `all_gather` = the tables stay out of DDP's
-    reducer and `sync_grads` all-gathers each rank's touched rows with dense collectives; `auto` = `ddp` on
-    gloo, `all_gather` otherwise. Dense tables (sampler=full) are always reduced by DDP."""
+    holds the looked-up rows only, for a row-wise optimiser (methods/sparse_optim.py). Under DDP the ranks must
+    apply the same updates; `resolve_sync(hardware.sparse_grad_sync)`: `ddp` = DDP reduces the sparse gradients
+    (gloo only), `all_gather` = the tables stay out of DDP and `sync_grads` all-gathers the touched rows (any
+    backend), `auto` = `ddp` on gloo, else `all_gather`. Dense tables (sampler=full) are reduced by DDP."""
 
     def __init__(self, num_labels: int, dim: int, sparse: bool):
         super().__init__()
@@ -30,10 +26,7 @@ class LabelTable(nn.Module):
 
     def resolve_sync(self, mode="auto"):
         """Set and return the sync mode for the running process group (None without one)."""
-        mode = str(mode)
-        if mode not in SPARSE_GRAD_SYNC:
-            raise ConfigError("hardware.sparse_grad_sync", f"expected one of {', '.join(SPARSE_GRAD_SYNC)}, got {mode}")
-        dist = active_dist()
+        dist = active_dist()  # (mode was checked by train.py against SPARSE_GRAD_SYNC before any process started)
         if dist is None:
             self.sync = None
         elif not self.sparse:

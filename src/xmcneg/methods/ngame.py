@@ -90,13 +90,12 @@ class NGAMESettings:
         for key, ok in choices.items():
             if getattr(s, key) not in ok:
                 raise ConfigError(f"sampler.{key}", f"unknown '{getattr(s, key)}', expected one of {', '.join(ok)}")
-        for key in ("phase1_epochs", "phase2_ann_negatives"):
-            if int(getattr(s, key)) < 0:
-                raise ConfigError(f"sampler.{key}", f"must be >= 0, got {getattr(s, key)}")
-        for key in ("num_hard", "phase2_num_pos", "phase2_num_neg", "phase2_cluster_size", "ann_shortlist",
-                    "label_batch", "cluster_iters", "phase2_max_shortlist"):
-            if int(getattr(s, key)) < 1:
-                raise ConfigError(f"sampler.{key}", f"must be >= 1, got {getattr(s, key)}")
+        least = {"phase1_epochs": 0, "phase2_ann_negatives": 0, "num_hard": 1, "phase2_num_pos": 1,
+                 "phase2_num_neg": 1, "phase2_cluster_size": 1, "ann_shortlist": 1, "label_batch": 1,
+                 "cluster_iters": 1, "phase2_max_shortlist": 1}
+        for key, lo in least.items():
+            if int(getattr(s, key)) < lo:
+                raise ConfigError(f"sampler.{key}", f"must be >= {lo}, got {getattr(s, key)}")
         for key in ("temperature", "phase2_temperature", "phase2_lr"):
             if not float(getattr(s, key)) > 0:
                 raise ConfigError(f"sampler.{key}", f"must be > 0, got {getattr(s, key)}")
@@ -195,18 +194,14 @@ class NGAME(XMCModule):
         self.register_buffer("ngame_state", torch.tensor([1.0, -1.0], dtype=torch.float64))
         self.bank = torch.zeros(self.num_train, encoder.dim)
         self.bank_written = torch.zeros(self.num_train, dtype=torch.bool)
-        self.cluster_ids = None  # int64 numpy (num_train,) or None
-        self.cluster_size = 1
-        self.last_cluster_epoch = -1
+        self.cluster_ids, self.cluster_size, self.last_cluster_epoch = None, 1, -1  # ids: int64 numpy (num_train,)
         self.cluster_log = []  # [epoch, phase, size, num_clusters, seconds]
         self.cluster_history = []  # [epoch, digest of the cluster ids] of this process's clusterings
         self.epoch_log = []  # [epoch, phase, seconds]
-        self._pick_u = None
         self._label_emb = None  # cached label-text embeddings (phase 2: the encoder is frozen)
         self._index_cache = {}  # HNSW indexes for inference, by "knn" / "clf"
         self._clf_index = None  # phase-2 training shortlist index (phase2_ann_negatives)
-        self._t_epoch = None
-        self._cluster_s = 0.0
+        self._pick_u, self._t_epoch, self._cluster_s = None, None, 0.0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -372,9 +367,8 @@ class NGAME(XMCModule):
         self.epoch_log.append([e, int(self.phase), round(dt, 3)])
         log.info("ngame: epoch %d phase %d: %.1f s (clustering %.2f s = %.1f%%), cluster size %d", e, self.phase,
                  dt, self._cluster_s, 100.0 * self._cluster_s / max(dt, 1e-9), self.cluster_size)
-        self.log("ngame/phase", float(self.phase), on_epoch=True, rank_zero_only=True)
-        self.log("ngame/cluster_size", float(self.cluster_size), on_epoch=True, rank_zero_only=True)
-        self.log("ngame/cluster_time_s", float(self._cluster_s), on_epoch=True, rank_zero_only=True)
+        for k, v in (("phase", self.phase), ("cluster_size", self.cluster_size), ("cluster_time_s", self._cluster_s)):
+            self.log(f"ngame/{k}", float(v), on_epoch=True, rank_zero_only=True)
 
     def _sync_bank(self):
         dist = active_dist()
@@ -438,10 +432,7 @@ class NGAME(XMCModule):
         """lr factor of phase-1 step t: linear warm-up over phase1_warmup_steps, capped at a tenth of phase 1's
         steps (a short run, e.g. a transformer on a small budget, would otherwise never leave the warm-up), then
         (phase1_lr_decay=linear) linear decay to ~0 at the end of phase 1."""
-        t = self.train_steps
-        f = 1.0
-        warm = int(self.s.phase1_warmup_steps)
-        total = None
+        t, f, warm, total = self.train_steps, 1.0, int(self.s.phase1_warmup_steps), None
         if self._trainer is not None:
             nb = self.trainer.num_training_batches
             if isinstance(nb, (int, float)) and math.isfinite(nb) and nb > 0:

@@ -47,24 +47,14 @@ class MIPSSampler(Sampler):
             raise ConfigError("sampler.num_hard", f"must be in [0, num_candidates={num_candidates}], got {num_hard}")
         if int(warmup_epochs) < 0:
             raise ConfigError("sampler.warmup_epochs", f"must be >= 0, got {warmup_epochs}")
-        self.num_hard = int(num_hard)
-        self.num_candidates = int(num_candidates)
-        self.index_kind = index
-        self.refresh_steps = int(refresh_steps)
-        self.warmup_epochs = int(warmup_epochs)
-        self.mode = mode
+        self.num_hard, self.num_candidates, self.index_kind = int(num_hard), int(num_candidates), index
+        self.refresh_steps, self.warmup_epochs, self.mode = int(refresh_steps), int(warmup_epochs), mode
         self.index_args = dict(index_args or {})
-        # index state (the index itself is rebuilt, never saved)
-        self.index = None
-        self.index_version = 0          # number of builds so far (survives resume)
-        self.last_refresh_step = -1     # train step of the last build
-        self.index_epoch = -1           # epoch of the last build
-        self.hard_active = False
+        # index state (the index itself is rebuilt, never saved); index_version = builds so far (survives resume)
+        self.index, self.index_version, self.hard_active = None, 0, False
+        self.last_refresh_step, self.index_epoch = -1, -1  # train step and epoch of the last build
         self.refresh_steps_log = []     # steps at which the index was (re)built in this process (tests/diagnostics)
-        # timing
-        self.build_s = 0.0
-        self.query_s = 0.0
-        self.step_s = 0.0
+        self.build_s, self.query_s, self.step_s = 0.0, 0.0, 0.0  # timing
         self._prev_call = None          # (step, epoch, perf_counter) of the previous refresh call
 
     # ------------------------------------------------------------------ life cycle

@@ -50,7 +50,7 @@ def finish_wandb(exit_code=None):
 
 
 def resolve_ckpt(cfg, out_dir):
-    p = cfg.get("ckpt_path")
+    p = cfg.ckpt_path
     if p is None:
         return None
     if p == "last":
@@ -80,14 +80,14 @@ def run(cfg: DictConfig):
                "status": "running"}
     recorder = None
     t_start = time.perf_counter()
-    if is_multirun() and not cfg.get("ckpt_path"):
+    if is_multirun() and not cfg.ckpt_path:
         done = read_results(out_dir / "results.json")
         if done.get("status") == "completed":  # re-running a sweep only runs the jobs not yet completed
             log.info("skipping %s: results.json says completed", out_dir)
             return done.get("test", {}).get("P@1")
     try:
         check_multirun(cfg)
-        if cfg.hardware.get("num_threads"):
+        if cfg.hardware.num_threads:
             torch.set_num_threads(int(cfg.hardware.num_threads))
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm = build_datamodule(cfg)
@@ -98,11 +98,11 @@ def run(cfg: DictConfig):
         # `data` and `hardware` sections (model_config in xmcneg/evaluate.py) reach the rebuilt method
         module.run_config = {**OmegaConf.to_container(cfg, resolve=True),
                              "method": OmegaConf.to_container(cfg.method, resolve=False)}
-        sync = str(cfg.hardware.get("sparse_grad_sync", "auto"))
+        sync = str(cfg.hardware.sparse_grad_sync)
         if sync not in SPARSE_GRAD_SYNC:  # checked here, before any DDP process starts
             raise ConfigError("hardware.sparse_grad_sync", f"expected one of {', '.join(SPARSE_GRAD_SYNC)}, got {sync}")
         module.sparse_grad_sync = sync  # the module resolves auto once the process group exists (its setup hook)
-        if cfg.get("debug", {}).get("nan_at_step") is not None:
+        if cfg.debug.nan_at_step is not None:
             module.fault_step = int(cfg.debug.nan_at_step)
         results["num_labels"] = int(dm.num_labels)
         recorder = RunRecorder(out_dir)
@@ -112,12 +112,12 @@ def run(cfg: DictConfig):
         best = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="best", monitor="val/P@1", mode="max",
                                save_top_k=1, enable_version_counter=False)
         callbacks = [recorder, ckpt, best]
-        kill_in = cfg.get("debug", {}).get("kill_in")
+        kill_in = cfg.debug.kill_in
         if kill_in is not None:
             if kill_in not in KillSwitch.POINTS:
                 raise ConfigError("debug.kill_in", f"expected one of {', '.join(KillSwitch.POINTS)}, got {kill_in}")
             callbacks.append(KillSwitch(kill_in, cfg.debug.kill_epoch))
-        if cfg.get("debug", {}).get("record_train_rows"):
+        if cfg.debug.record_train_rows:
             callbacks.append(RankDebugRecorder(out_dir))
         t = cfg.trainer
         trainer = pl.Trainer(

@@ -29,6 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from xmcneg.data import formats
+from xmcneg.data.tfidf import smooth_idf, tfidf_l2
 from xmcneg.errors import ConfigError, DataFormatError, MissingFileError
 
 log = logging.getLogger("xmcneg")
@@ -115,11 +116,7 @@ def _weighted_rows(rows, idf, num_features):
     rid = np.repeat(np.arange(len(rows)), lens)
     tf = sp.csr_matrix((np.ones(len(cols), dtype=np.float64), (rid, cols)), shape=(len(rows), num_features))
     tf.sum_duplicates()
-    tf.data = (1.0 + np.log(tf.data)) * idf[tf.indices]
-    sq = np.asarray(tf.multiply(tf).sum(1)).ravel()
-    norms = np.sqrt(sq)
-    norms[norms == 0] = 1.0
-    X = sp.csr_matrix(sp.diags(1.0 / norms) @ tf, dtype=np.float32)
+    X = tfidf_l2(tf, idf, log_tf=True, dtype=np.float64)
     X.eliminate_zeros()
     X.sort_indices()
     return X
@@ -173,7 +170,7 @@ def bow_label_features(dm) -> sp.csr_matrix:
                 ids.append(int(m.group(1)))
             rows.append(ids)
         df, n = _train_df(dm, F)
-        idf = np.log((1.0 + n) / (1.0 + df)) + 1.0
+        idf = smooth_idf(df, n)
     X = _weighted_rows(rows, idf, F)
     empty = int((np.diff(X.indptr) == 0).sum())
     if empty:

@@ -60,6 +60,7 @@ __all__ = [
 _BLOCK_BYTES = 1 << 24
 MAX_LINE_BYTES = 1 << 26  # 64 MiB: a longer line is an error (a missing newline, or not a text file)
 _GZIP_MAGIC = b"\x1f\x8b"
+MAX_COUNT = 2 ** 31 - 1  # largest num_points / num_features / num_labels a header may give (int32 ids)
 _INT_RE = re.compile(r"[0-9]+\Z")
 
 
@@ -214,6 +215,8 @@ def _read_header(path, blocks, names):
     for name, v in zip(names, vals):
         if v < 1 and name != "num_points":
             raise DataFormatError(path, 1, f"bad header {_txt(line)}: {name} must be >= 1, got {v}")
+        if v > MAX_COUNT:
+            raise DataFormatError(path, 1, f"bad header {_txt(line)}: {name}={v} is beyond {MAX_COUNT}")
     return vals, first[1:]
 
 
@@ -663,10 +666,14 @@ def load_bow_cached(path, cache_dir, num_features=None, num_labels=None):
     X = Y = None
     if cf.exists():
         try:
-            with np.load(cf) as z:
+            with np.load(cf, allow_pickle=False) as z:
                 X = sp.csr_matrix((z["X_data"], z["X_indices"], z["X_indptr"]), shape=tuple(z["X_shape"]))
                 Y = sp.csr_matrix((z["Y_data"], z["Y_indices"], z["Y_indptr"]), shape=tuple(z["Y_shape"]))
-        except Exception:  # corrupt / old cache: parse again
+            for M in (X, Y):  # a consistent matrix (the zip CRCs catch damaged bytes; this, a foreign file)
+                M.check_format(full_check=True)
+                if M.dtype != np.float32 or M.shape[0] != X.shape[0] or not np.all(np.isfinite(M.data)):
+                    raise ValueError("inconsistent cache entry")
+        except Exception:  # noqa: BLE001  (corrupt / old / foreign cache entry: parse again)
             X = Y = None
     if X is None:
         X, Y = read_xc_bow(path)

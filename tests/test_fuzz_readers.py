@@ -376,15 +376,15 @@ class _Limits:
             setattr(formats, k, v)
 
 
-def run_case(fmt, path, read, reference):
+def run_case(fmt, path, read, reference, where=None):
     """Run the reader on the mutant; record the outcome; fail on a non-XMCError exception, an error that does not
-    name the file, or a parse that differs from the reference."""
+    name the file (or a file under ``where``), or a parse that differs from the reference."""
     COUNTS[fmt]["tried"] += 1
     try:
         got = read(path)
     except XMCError as e:
         msg = str(e)
-        if not msg.startswith(str(path)) or "\n" in msg:
+        if not msg.startswith(str(where or path)) or "\n" in msg:
             COUNTS[fmt]["failures"] += 1
             raise AssertionError(f"error does not start with the file name, or is not one line: {msg!r}")
         COUNTS[fmt]["clean_errors"] += 1
@@ -547,9 +547,79 @@ def check_bow_cache(draw):
     run_case("bow_cache", cf, lambda q: formats.load_bow_cached(src, cache), lambda: want)
 
 
+TINY = {"_target_": "xmcneg.encoders.transformer.TinyTransformerEncoder", "max_len": 6,
+        "text": {"tokenizer": "word", "min_df": 1}}
+
+
+def check_text_layout(draw):
+    """The text layout through the datamodule, one of its files mutated: files that disagree (line counts, label
+    counts) give a clean error; otherwise the splits hold the reference's labels and the reference's texts."""
+    from omegaconf import OmegaConf
+
+    from xmcneg.data.datamodule import XCDataModule
+    from xmcneg.data.token_cache import TokenRows
+
+    d = _tmp()
+    N, C, M = draw(st.integers(2, 5)), draw(st.integers(1, 4)), draw(st.integers(1, 3))
+
+    def xy(n):
+        return (f"{n} {C}\n" + "".join(" ".join(f"{x}:1" for x in draw(st.lists(st.integers(0, C - 1), max_size=2,
+                                                                                   unique=True))) + "\n"
+                                        for _ in range(n))).encode()
+
+    files = {"trn_X.txt": seed_lines(draw, N), "trn_X_Y.txt": xy(N), "tst_X.txt": seed_lines(draw, M),
+             "tst_X_Y.txt": xy(M), "lbl_X.txt": seed_lines(draw, C)}
+    target = draw(st.sampled_from(sorted(files)))
+    names = {}
+    for name, data in files.items():
+        if name == target:
+            names[name], raw = store(draw, mutate(draw, data), name)
+        else:
+            names[name], raw = name, data
+        (d / names[name]).write_bytes(raw)
+
+    def content(name):
+        return ref_bytes(names[name], (d / names[name]).read_bytes())
+
+    def texts(name, n):
+        ls = ref_lines(content(name))
+        if len(ls) > n and not any(s.strip() for s in ls[n:]):
+            ls = ls[:n]
+        if len(ls) != n:
+            raise RefError(f"{name}: {len(ls)} lines for {n} rows")
+        return ls
+
+    def reference():
+        Ytr, Yte = ref_xy(content("trn_X_Y.txt")), ref_xy(content("tst_X_Y.txt"))
+        if Yte.shape[1] != Ytr.shape[1]:
+            raise RefError("num_labels differ")
+        return Ytr, Yte, texts("trn_X.txt", Ytr.shape[0]), texts("tst_X.txt", Yte.shape[0]), \
+            texts("lbl_X.txt", Ytr.shape[1])
+
+    held = {}
+
+    def read(_):
+        dm = XCDataModule(OmegaConf.create({"name": "t", "format": "text", "dir": str(d)}),
+                          OmegaConf.create({"batch_size": 4, "num_workers": 0, "val_size": 1, "val_max_docs": 10}),
+                          OmegaConf.create({"cache_dir": str(d / "cache")}), OmegaConf.create(TINY), seed=0)
+        dm.setup()
+        held["dm"] = dm
+        return (dm.full_train_Y, dm.split("test")[1], dm.split("train")[0].ids, dm.split("test")[0].ids,
+                dm.label_inputs(np.arange(dm.num_labels))["input_ids"].numpy())
+
+    def expected():
+        Ytr, Yte, ttr, tte, tlb = reference()
+        dm = held["dm"]
+        enc = dm.inputs.tokenizer.encode
+        return (Ytr, Yte, TokenRows.from_lists(enc(ttr, 6))[dm.train_rows].ids, TokenRows.from_lists(enc(tte, 6)).ids,
+                TokenRows.from_lists(enc(tlb, 6)).padded(np.arange(len(tlb)))["input_ids"].numpy())
+
+    run_case("text_layout", d, read, expected, where=d)
+
+
 CHECKS = {"xc_bow": check_bow, "xy": check_xy, "text_lines": check_lines, "label_texts": check_label_texts,
           "vocab": check_vocab, "lf_json": check_lf, "filter_pairs": check_filter, "token_cache": check_token_cache,
-          "bow_cache": check_bow_cache}
+          "bow_cache": check_bow_cache, "text_layout": check_text_layout}
 
 
 def _fuzz(check, n, ci):
@@ -585,3 +655,82 @@ def _report():
     if os.environ.get("XMC_FUZZ_REPORT"):
         Path(os.environ["XMC_FUZZ_REPORT"]).write_text(json.dumps({f: dict(c) for f, c in COUNTS.items()},
                                                                   indent=1, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------------------ through the CLI
+FAST = ["logger=none", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "data.batch_size=8",
+        "encoder.dim=8", "eval.k=5"]
+
+
+def _cli_error(tmp, overrides, capsys):
+    """Run train.cli in-process; return (exit code, stderr lines)."""
+    from hydra import compose, initialize_config_dir
+
+    from xmcneg import train
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", overrides=[*FAST, *overrides, f"paths.output_dir={tmp / 'run'}",
+                                          f"paths.cache_dir={tmp / 'cache'}"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        train.cli(train.run, cfg)
+    return exc.value.code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+def _cli_case(fmt, d, path, overrides, capsys):
+    COUNTS[fmt]["tried"] += 1
+    code, lines = _cli_error(d.parent, [f"dataset.dir={d}", *overrides], capsys)
+    ok = code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}")
+    COUNTS[fmt]["clean_errors" if ok else "failures"] += 1
+    assert ok, (code, lines)
+
+
+@pytest.fixture
+def cli_env(monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_fuzz_cli_xc_bow(cli_env, capsys, data):
+    """Mutants of train.txt that the reader rejects give one `error: FILE...` line and exit code 2 via train.cli."""
+    root = _tmp()
+    d = root / "data"
+    d.mkdir()
+    good = b"4 5 3\n0 1:1 2:0.5\n1,2 0:1\n2 4:2\n0 3:1\n"
+    p, fname, raw = _write(d, data.draw, mutate(data.draw, good), "train.txt")
+    (d / "test.txt").write_bytes(good)
+    try:
+        formats.read_xc_bow(p)
+        assume(False)  # parses: nothing to check through the CLI
+    except XMCError:
+        pass
+    _cli_case("cli_xc_bow", d, p, ["dataset=xc"], capsys)
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_fuzz_cli_lf_json(cli_env, capsys, data):
+    """Mutants of trn.json.gz that the reader rejects give one `error: FILE...` line and exit code 2 via train.cli."""
+    root = _tmp()
+    d = root / "data"
+    d.mkdir()
+    rows = [{"uid": str(i), "title": f"pan egg {i}", "content": "", "target_ind": [i % 3]} for i in range(6)]
+    good = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    raw = gzip.compress(mutate(data.draw, good, json_lines=True), mtime=0)
+    if data.draw(st.booleans()):
+        raw = raw[:data.draw(st.integers(0, len(raw)))]
+    (d / "trn.json.gz").write_bytes(raw)
+    (d / "tst.json.gz").write_bytes(gzip.compress(good))
+    (d / "lbl.json.gz").write_bytes(gzip.compress(b"".join(b'{"title": "l%d"}\n' % i for i in range(3))))
+    try:
+        lf_json.read_lf_json(d / "trn.json.gz", 3)
+        assume(False)
+    except XMCError:
+        pass
+    _cli_case("cli_lf_json", d, d / "trn.json.gz", ["dataset=lf_json", "encoder=text_bow", "encoder.text.min_df=1"],
+              capsys)

@@ -177,6 +177,20 @@ def test_token_cache_hit_on_second_setup(tmp_path, monkeypatch):
     assert torch.equal(again.collate("test")([0, 1])["x"]["input_ids"], first)
 
 
+def test_damaged_token_and_vocabulary_caches_are_rebuilt(tmp_path):
+    d = _text_dir(tmp_path / "d")
+    dm = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    dm.setup()
+    first = dm.collate("test")([0, 1])["x"]["input_ids"]
+    for f in (tmp_path / "cache" / "tokens").iterdir():
+        b = f.read_bytes()
+        f.write_bytes(b[: len(b) // 2] if f.suffix == ".npz" else b"\xff\xfe" + b)
+    again = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    again.setup()
+    assert again.token_cache == {"train": "miss", "test": "miss"}
+    assert torch.equal(again.collate("test")([0, 1])["x"]["input_ids"], first)
+
+
 def test_token_rows_gather_and_pad():
     rows = TokenRows(np.array([5, 6, 7, 8, 9, 1], np.int32), np.array([0, 3, 3, 6]))
     sub = rows[[2, 0]]

@@ -226,8 +226,8 @@ class XCDataModule(pl.LightningDataModule):
     def _set_splits(self, Xtr, Ytr, Xte, Yte):
         """Carve the seeded validation split out of train (`data.val_size`, capped at `data.val_max_docs`) and set
         `splits`, `num_labels`, `full_train_Y`, `train_label_counts`, and `train_rows` / `val_rows` (rows of the
-        training file in each split). X may be any row-indexable object with `.shape` (CSR features here, token
-        rows in the text datamodule)."""
+        training file in each split). X may be any row-indexable object with `.shape` (CSR features, or token
+        rows for text inputs)."""
         self.num_labels = Ytr.shape[1]
         self.full_train_Y = Ytr
         n = Xtr.shape[0]

@@ -562,7 +562,7 @@ def read_lines(path, expected=None) -> list[str]:
         if n > expected and not any(s.strip() for s in out[expected:]):
             del out[expected:]
         if len(out) != expected:
-            raise DataFormatError(path, n, f"has {n} lines, expected {expected} (one per point/label)")
+            raise DataFormatError(path, max(n, 1), f"has {n} lines, expected {expected} (one per point/label)")
     return out
 
 

@@ -1,28 +1,18 @@
 """Input builders of the datamodule: what the encoder reads, built from the dataset's files.
 
-* :class:`BowInputs` — XC BoW files (``dataset.train_file`` / ``test_file``): sparse feature rows after
-  ``dataset.feature_transform`` (:class:`FeatureTransform`).
-* :class:`TextInputs` — raw text, in the text layout (``format: text``, or a ``bow`` / ``synthetic`` dataset when
-  the encoder reads text) or the LF json layout (``format: lf_json``):
+* :class:`BowInputs` — XC BoW files (``dataset.train_file`` / ``test_file``) after ``dataset.feature_transform``;
+  batches in EmbeddingBag form.
+* :class:`TextInputs` — raw text: the text layout (``trn_X.txt`` / ``trn_X_Y.txt`` / ``tst_X.txt`` /
+  ``tst_X_Y.txt`` / ``lbl_X.txt``, names from ``dataset.*_file``; one text line per point of the label file) or
+  the LF json layout (:mod:`xmcneg.data.lf_json`). A token encoder (class attribute ``input_kind = "tokens"``)
+  gets token ids cut to ``encoder.max_len`` (``encoder.text.tokenizer``: ``hf`` or ``word``), batches
+  ``{"input_ids", "attention_mask"}`` padded to the batch's longest row; a BoW encoder gets (1 + log tf) x idf bags
+  of words (``encoder.text.features``: ``tfidf`` or ``hashing``), rows L2-normalised. Token rows and vocabularies
+  are cached (:mod:`xmcneg.data.token_cache`).
 
-  - text layout: ``trn_X.txt`` / ``tst_X.txt`` (one document per line), ``trn_X_Y.txt`` / ``tst_X_Y.txt`` (XY
-    label files), ``lbl_X.txt`` (label i's text on line i); names from ``dataset.train_text_file``,
-    ``test_text_file``, ``train_label_file``, ``test_label_file``, ``label_text_file``. A text file must have one
-    line per point of its label file.
-  - LF json layout: ``trn.json.gz``, ``tst.json.gz``, ``lbl.json.gz`` (:mod:`xmcneg.data.lf_json`); the text is
-    the title (+ " " + content when ``dataset.use_content``).
-
-  What is built depends on the encoder (its class's ``input_kind`` and ``encoder.text``): ``tokens`` — token ids
-  (``encoder.text.tokenizer``: ``hf``, the tokenizer stored with the model in ``encoder.name_or_path``, or
-  ``word``, a vocabulary of the ``max_vocab`` most frequent training words with document frequency >= ``min_df``),
-  cut to ``encoder.max_len``, batches ``{"input_ids", "attention_mask"}`` (B, L) padded to the batch's longest
-  row; ``bow`` — a bag of words (``encoder.text.features``: ``tfidf``, words with ``min_df`` <= df <= ``max_df``
-  x N_train, at most ``max_vocab``; or ``hashing``, ``hash_dim`` buckets of crc32(word)) weighted (1 + log tf) x
-  idf (idf from the training split), rows L2-normalised, batches in EmbeddingBag form as :class:`BowInputs`.
-  Token rows and vocabularies are cached (:mod:`xmcneg.data.token_cache`).
-
-Both builders give the datamodule: ``load(dir)`` -> (X_train, Y_train, X_test, Y_test), ``x(X, rows)`` (a batch
-of encoder inputs), ``label_rows(dm)`` (label texts in the documents' input form), ``encoder_kwargs()``.
+Both give the datamodule ``load(dir)`` -> (X_train, Y_train, X_test, Y_test), ``x(X, rows)`` (a batch of encoder
+inputs), ``label_rows(dm)`` (label texts in the documents' input form), ``lengths(X)``, ``encoder_kwargs()``,
+``text_inputs(texts)`` and ``transform``.
 """
 from __future__ import annotations
 

@@ -225,6 +225,8 @@ CASES = [
      data_err("trn.json.gz", 2, r"'target_ind' must be a list of integer label ids, got 7")),
     ("lf_title_not_a_string", lf(trn=lf_rows(N_TRAIN).replace('"alpha beta doc1"', "12", 1)), LF,
      data_err("trn.json.gz", 2, r"'title' must be a string, got 12")),
+    ("lf_deeply_nested", lf(trn=lf_rows(N_TRAIN).replace('"alpha beta doc0"', "[" * 10 ** 5 + "]" * 10 ** 5, 1)), LF,
+     data_err("trn.json.gz", 1, r"not a JSON object: maximum recursion depth exceeded.*")),
     ("lf_cut_short", lf(**{"trn.json.gz": gz(lf_rows(N_TRAIN), cut=100)}), LF,
      missing_err(r"{d}/trn\.json\.gz: gzip data cut short .*")),
     ("lf_filter_bad_line", lf(**{"filter_labels_test.txt": "0 1\n2 x\n"}), LF,

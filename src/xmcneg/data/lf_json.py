@@ -37,8 +37,8 @@ def _objects(path):
             obj = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise DataFormatError(path, k, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-        except ValueError as e:
-            raise DataFormatError(path, k, f"not a JSON object: {e}") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+            raise DataFormatError(path, k, f"not a JSON object: {str(e)[:200]}") from None
         if not isinstance(obj, dict):
             raise DataFormatError(path, k, f"expected a JSON object {{\"title\": ..., \"target_ind\": [...]}}, got "
                                            f"{_show(obj)}")

@@ -523,10 +523,10 @@ def check_token_cache(draw):
     if got is None:
         COUNTS["token_cache"]["clean_errors"] += 1  # refused: rebuilt from the text
         return
-    ok = np.array_equal(got.ids, rows.ids) and np.array_equal(got.indptr, rows.indptr)
-    if not ok:  # a consistent foreign file is only acceptable as the same kind of rows
-        ok = len(got) == len(seqs) and (not len(got.ids) or (got.ids.min() >= 0 and got.ids.max() < 10))
-        ok = ok and raw == _npz_bytes(arrays)  # never from damaged bytes
+    written = (arrays.get("ids"), arrays.get("indptr"))
+    ok = any(np.array_equal(got.ids, a) and np.array_equal(got.indptr, p_) for a, p_ in
+             ((rows.ids, rows.indptr), written) if a is not None and p_ is not None)  # what was written, nothing else
+    ok = ok and len(got) == len(seqs) and (not len(got.ids) or (got.ids.min() >= 0 and got.ids.max() < 10))
     if not ok:
         COUNTS["token_cache"]["failures"] += 1
         raise AssertionError("token cache: damaged entry read as other rows")

@@ -191,6 +191,20 @@ def test_damaged_token_and_vocabulary_caches_are_rebuilt(tmp_path):
     assert torch.equal(again.collate("test")([0, 1])["x"]["input_ids"], first)
 
 
+def test_cache_key_includes_decoding(tmp_path):
+    """A .gz file holding the same bytes as a plain file of the dataset is read as gzip, not from the plain
+    file's cached tokens."""
+    d = _text_dir(tmp_path / "d")
+    _write(d / "tst_X.txt", ["apple sauce", "red cheese", "blue pie"])  # as many documents as labels
+    _write(d / "tst_X_Y.txt", ["3 3", "0:1 2:1", "1:1", "2:1"])
+    (d / "lbl_X.txt").unlink()
+    (d / "lbl_X.txt.gz").write_bytes((d / "tst_X.txt").read_bytes())  # plain text under a .gz name
+    dm = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    dm.setup()
+    with pytest.raises(DataFormatError, match=r"lbl_X\.txt\.gz: not gzip data"):
+        dm.label_inputs([0])
+
+
 def test_token_rows_gather_and_pad():
     rows = TokenRows(np.array([5, 6, 7, 8, 9, 1], np.int32), np.array([0, 3, 3, 6]))
     sub = rows[[2, 0]]

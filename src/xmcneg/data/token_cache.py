@@ -160,7 +160,8 @@ class TextSource:
 
     @property
     def key(self):
-        return file_sha1(self.path) + self.variant
+        """The file's content and how it is decoded (gzip or not, which fields)."""
+        return file_sha1(self.path) + ("-gz" if self.path.name.endswith(".gz") else "") + self.variant
 
     def texts(self):
         if self._texts is None:

@@ -7,6 +7,7 @@ API (no Hydra app around it, so HydraConfig is not initialised; `paths.output_di
 cases run `train.py` as a subprocess, as a user does. The readers' own leniencies (empty documents, documents
 without labels, repeated labels, CRLF) are covered in tests/test_formats.py.
 """
+import gzip
 import json
 import os
 import re
@@ -91,8 +92,32 @@ def missing_err(fmt):
     return lambda d: "error: " + fmt.format(d=re.escape(str(d)))
 
 
+def gz(text, cut=None, flip=None):
+    """gzip bytes of `text`, cut to `cut` bytes or with byte `flip` inverted."""
+    b = bytearray(gzip.compress(text.encode(), mtime=0))
+    if flip is not None:
+        b[flip] ^= 0xFF
+    return bytes(b[:cut])
+
+
+def lf_rows(n, bad=None, at=None):
+    """An LF json file of n documents; with `bad`, the document at line `at` gets target_ind = bad."""
+    rows = [{"uid": str(i), "title": f"alpha beta doc{i % 3}", "content": "", "target_ind": [i % C]}
+            for i in range(n)]
+    if bad is not None:
+        rows[at - 1]["target_ind"] = bad
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def lf(trn=None, **more):
+    files = {"trn.json.gz": gz(trn if trn is not None else lf_rows(N_TRAIN)), "tst.json.gz": gz(lf_rows(N_TEST)),
+             "lbl.json.gz": gz("".join(json.dumps({"title": f"label {i}"}) + "\n" for i in range(C))), **more}
+    return {k: v for k, v in files.items() if v is not None}
+
+
 XC = ["dataset=xc"]
 TEXT = ["dataset=eurlex57k_text", "encoder=bow_mlp"]  # text layout, BoW features built from the text
+LF = ["dataset=lf_json", "encoder=text_bow", "encoder.text.min_df=1"]
 
 # (id, files, overrides (dataset.dir is added), expected stderr line (regex, full match))
 CASES = [
@@ -170,6 +195,49 @@ CASES = [
     ("text_line_count_mismatch", text_layout(trn_X=texts(N_TRAIN - 2)), TEXT,
      data_err("trn_X.txt", N_TRAIN - 2, rf"has {N_TRAIN - 2} lines \(documents\) but .*trn_X_Y\.txt has "
                                          rf"{N_TRAIN} points.*")),
+    ("text_invalid_utf8", text_layout(trn_X=texts(2).encode() + b"caf\xe9\n" + texts(N_TRAIN - 3).encode()), TEXT,
+     data_err("trn_X.txt", 3, r"not valid UTF-8 text \(unexpected end of data at byte 3\)")),
+    ("header_count_absurd", xc(train=bow(train_lines(), header=f"{N_TRAIN} 99999999999 {C}")), XC,
+     data_err("train.txt", 1, rf"bad header '{N_TRAIN} 99999999999 {C}': num_features=99999999999 is beyond "
+                              r"2147483647")),
+    # ---- compression
+    ("gz_not_gzip", xc(train=None, **{"train.txt.gz": GOOD_TRAIN}), XC,
+     missing_err(r"{d}/train\.txt\.gz: not gzip data although the file name ends in \.gz \(Not a gzipped file "
+                 r"\(b'20'\)\)")),
+    ("gz_cut_short", xc(train=None, **{"train.txt.gz": gz(GOOD_TRAIN, cut=60)}), XC,
+     missing_err(r"{d}/train\.txt\.gz: gzip data cut short \(the compressed stream ends before its end marker: "
+                 r"an incomplete copy or download\?\)")),
+    ("gz_corrupt", xc(train=None, **{"train.txt.gz": gz(GOOD_TRAIN, flip=-6)}), XC,
+     missing_err(r"{d}/train\.txt\.gz: corrupt gzip data \(CRC check failed .*\)")),
+    ("gzip_data_plain_name", xc(train=gz(GOOD_TRAIN)), XC,
+     data_err("train.txt", 1, r"gzip-compressed data, but the file name does not end in \.gz \(rename it to end "
+                              r"in \.gz, or decompress it\)")),
+    # ---- LF json: label ids must be JSON integers, fields of the right type
+    ("lf_float_label_id", lf(trn=lf_rows(N_TRAIN, bad=[1.0], at=3)), LF,
+     data_err("trn.json.gz", 3, r"label id 1\.0 in 'target_ind' is not an integer")),
+    ("lf_bool_label_id", lf(trn=lf_rows(N_TRAIN, bad=[True], at=4)), LF,
+     data_err("trn.json.gz", 4, r"label id true in 'target_ind' is not an integer")),
+    ("lf_string_label_id", lf(trn=lf_rows(N_TRAIN, bad=["2"], at=5)), LF,
+     data_err("trn.json.gz", 5, r"label id '2' in 'target_ind' is not an integer")),
+    ("lf_nested_label_ids", lf(trn=lf_rows(N_TRAIN, bad=[[1, 2]], at=6)), LF,
+     data_err("trn.json.gz", 6, r"label id \[1, 2\] in 'target_ind' is not an integer")),
+    ("lf_target_not_a_list", lf(trn=lf_rows(N_TRAIN, bad=7, at=2)), LF,
+     data_err("trn.json.gz", 2, r"'target_ind' must be a list of integer label ids, got 7")),
+    ("lf_title_not_a_string", lf(trn=lf_rows(N_TRAIN).replace('"alpha beta doc1"', "12", 1)), LF,
+     data_err("trn.json.gz", 2, r"'title' must be a string, got 12")),
+    ("lf_deeply_nested", lf(trn=lf_rows(N_TRAIN).replace('"alpha beta doc0"', "[" * 10 ** 5 + "]" * 10 ** 5, 1)), LF,
+     data_err("trn.json.gz", 1, r"not a JSON object: maximum recursion depth exceeded.*")),
+    ("lf_cut_short", lf(**{"trn.json.gz": gz(lf_rows(N_TRAIN), cut=100)}), LF,
+     missing_err(r"{d}/trn\.json\.gz: gzip data cut short .*")),
+    ("lf_filter_bad_line", lf(**{"filter_labels_test.txt": "0 1\n2 x\n"}), LF,
+     data_err("filter_labels_test.txt", 2, r"expected 'doc_id label_id' \(two non-negative integers\), got "
+                                           r"'2 x'")),
+    ("lf_filter_doc_out_of_range", lf(**{"filter_labels_test.txt": f"0 1\n{N_TEST} 2\n"}), LF,
+     data_err("filter_labels_test.txt", 2, rf"document id {N_TEST} out of range \({N_TEST} documents\)")),
+    # ---- vocabulary of the label texts (NGAME on BoW data)
+    ("vocab_df_not_a_number", xc(**{"lbl_X.txt": "alpha\n" * C, "vocab.txt": "alpha\tnan\n" * F}),
+     XC + ["sampler=ngame"],
+     data_err("vocab.txt", 1, r"expected 'term<TAB>document frequency' \(a number >= 0\), got 'alpha\\tnan'")),
 ]
 
 XFAIL = {}  # every case gives its one-line error today
@@ -190,7 +258,10 @@ def test_at_least_15_distinct_cases():
 def _write(d, files):
     d.mkdir(parents=True)
     for name, text in files.items():
-        (d / name).write_text(text)
+        if isinstance(text, bytes):
+            (d / name).write_bytes(text)
+        else:
+            (d / name).write_text(text)
 
 
 def _compose(overrides):

@@ -277,3 +277,38 @@ def test_valid_files_take_the_vectorised_path(tmp_path, monkeypatch):
     text = "5 4 3\r\n2,0,2 1:1  3:2 \r\n 0:1\r\n1\r\n\r\n0 2:5e-07\r\n\r\n"
     assert formats.read_xc_bow(_write(tmp_path, "b.txt", text))[0].nnz == 4
     assert formats.read_xy(_write(tmp_path, "b_X_Y.txt", "2 3\n0 2:0.5\n1:1 1\n")).nnz == 3
+
+
+def test_line_longer_than_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "MAX_LINE_BYTES", 50)
+    p = _write(tmp_path, "trn_X.txt", "short\n" + "x" * 80 + "\n")
+    with pytest.raises(DataFormatError, match=r"trn_X\.txt:2: line longer than 50 bytes"):
+        formats.read_lines(p)
+    monkeypatch.setattr(formats, "_BLOCK_BYTES", 16)
+    p = _write(tmp_path, "train.txt", "1 3 2\n0 " + " ".join(["1:1"] * 30), gz=True)  # no newline at all
+    with pytest.raises(DataFormatError, match=r"train\.txt\.gz:2: line longer than 50 bytes"):
+        formats.read_xc_bow(p)
+
+
+@pytest.mark.parametrize("damage", ["cut", "flip", "foreign"])
+def test_damaged_parse_cache_is_reparsed(tmp_path, damage):
+    X, Y = _random_xy(np.random.default_rng(3))
+    p = tmp_path / "train.txt"
+    formats.write_xc_bow(p, X, Y)
+    want = formats.load_bow_cached(p, tmp_path / "cache")
+    (cf,) = (tmp_path / "cache").iterdir()
+    b = bytearray(cf.read_bytes())
+    if damage == "cut":
+        b = b[: len(b) // 2]
+    elif damage == "flip":
+        b[len(b) // 2] ^= 0xFF
+    else:  # a well-formed entry whose indices point outside the matrix
+        with np.load(cf) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["X_indices"] = arrays["X_indices"] + 1000
+        formats.save_npz_atomic(cf, arrays)
+        b = cf.read_bytes()
+    cf.write_bytes(bytes(b))
+    got = formats.load_bow_cached(p, tmp_path / "cache")
+    for a, w in zip(got, want):
+        assert (a != w).nnz == 0 and a.shape == w.shape

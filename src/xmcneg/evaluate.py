@@ -62,7 +62,7 @@ def predict(cfg, mcfg, dm, module):
     k = int(cfg.k)
     if k <= 0:
         raise ConfigError("k", f"must be > 0, got {k}")
-    if hasattr(dm, "text_inputs"):  # a model trained on raw text: one document per line, in its tokenisation
+    if dm.reads_text:  # a model trained on raw text: one document per line, in its tokenisation
         texts = formats.read_lines(cfg.input)
         n = len(texts)
 

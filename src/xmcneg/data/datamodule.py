@@ -1,7 +1,10 @@
-"""LightningDataModule for bag-of-words XC data (real benchmarks and the synthetic generator).
+"""The LightningDataModule of every dataset (XC BoW files, the synthetic generator, text and LF json layouts).
 
-Splits: train/test from the files; validation carved from train (seeded, `data.val_size`). Batches are dicts:
-  x:   {"indices", "offsets", "weights"}  sparse feature rows in EmbeddingBag form
+What the encoder reads is built by an input builder (:mod:`xmcneg.data.inputs`): sparse BoW features, token ids or
+bags of words built from text. Splits: train/test from the files; validation carved from train (seeded,
+`data.val_size`). Batches are dicts:
+  x:   the encoder's inputs: {"indices", "offsets", "weights"} (sparse rows in EmbeddingBag form) or
+       {"input_ids", "attention_mask"} (token ids)
   pos: LongTensor (B, P) positive label ids, padded with -1
   idx: LongTensor (B,) row ids within the split
 
@@ -21,19 +24,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xmcneg.data import formats, synthetic
+from xmcneg.data.inputs import FeatureTransform, csr_rows_to_bag, make_inputs  # noqa: F401 (re-exported)
+from xmcneg.data.lf_json import read_filter_pairs
 from xmcneg.errors import ConfigError, MissingFileError
-
-TRANSFORMS = ("none", "l2", "tfidf_l2")
-
-
-def csr_rows_to_bag(X: sp.csr_matrix, rows):
-    """EmbeddingBag inputs (indices, offsets, per-sample weights) for the given rows of a CSR matrix."""
-    sub = X[rows]
-    return {
-        "indices": torch.from_numpy(sub.indices.astype(np.int64)),
-        "offsets": torch.from_numpy(sub.indptr[:-1].astype(np.int64)),
-        "weights": torch.from_numpy(sub.data.astype(np.float32)),
-    }
 
 
 def pad_label_rows(Y: sp.csr_matrix, rows):
@@ -45,32 +38,6 @@ def pad_label_rows(Y: sp.csr_matrix, rows):
     col = np.arange(sub.indptr[-1]) - np.repeat(sub.indptr[:-1], lens)
     out[np.repeat(np.arange(len(lens)), lens), col] = sub.indices
     return torch.from_numpy(out)
-
-
-class FeatureTransform:
-    """none | l2 (row L2 normalisation) | tfidf_l2 (idf from the train split, then L2); fitted on train only."""
-
-    def __init__(self, name):
-        if name not in TRANSFORMS:
-            raise ConfigError("dataset.feature_transform",
-                              f"unknown '{name}', expected one of {', '.join(TRANSFORMS)}")
-        self.name, self.idf = name, None
-
-    def fit(self, X_train):
-        if self.name == "tfidf_l2":
-            df = np.bincount(X_train.indices, minlength=X_train.shape[1]).astype(np.float64)
-            self.idf = (np.log((1.0 + X_train.shape[0]) / (1.0 + df)) + 1.0).astype(np.float32)
-        return self
-
-    def __call__(self, X):
-        X = sp.csr_matrix(X, dtype=np.float32)
-        if self.name == "none":
-            return X
-        if self.idf is not None:
-            X = sp.csr_matrix(X @ sp.diags(self.idf))
-        norms = np.sqrt(np.asarray(X.multiply(X).sum(1)).ravel())
-        norms[norms == 0] = 1.0
-        return sp.csr_matrix(sp.diags((1.0 / norms).astype(np.float32)) @ X)
 
 
 class _Rows(Dataset):
@@ -167,8 +134,46 @@ class RankBatchSampler(Sampler):
             yield b.tolist()
 
 
+class LengthGroupedSampler(Sampler):
+    """Training order with little padding: each epoch, shuffle all rows, sort windows of ``window x batch_size``
+    rows by length, cut them into batches and shuffle the batches; the batch sampler then takes consecutive
+    ``batch_size`` indices as one batch (:class:`RankBatchSampler`, which under DDP deals these blocks out to the
+    ranks). Seeded by (seed, epoch), so the same on every rank; the epoch advances on every pass (or via
+    ``set_epoch``)."""
+
+    def __init__(self, lengths, batch_size, window=50, seed=0):
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.window, self.seed, self.epoch = int(batch_size), int(window), int(seed), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        perm = rng.permutation(len(self.lengths))
+        w = self.window * self.batch_size
+        chunks = [perm[i: i + w] for i in range(0, len(perm), w)]
+        order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]) if chunks else perm
+        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        last = batches.pop() if batches and len(batches[-1]) < self.batch_size else None
+        rng.shuffle(batches)  # full batches in random order; a short one stays last (batch boundaries kept)
+        if last is not None:
+            batches.append(last)
+        return iter(np.concatenate(batches).tolist() if batches else [])
+
+
 class XCDataModule(pl.LightningDataModule):
-    def __init__(self, dataset_cfg, data_cfg, paths_cfg, seed: int = 0):
+    """Splits, batches and the hooks methods use (``label_inputs``, ``text_inputs``, ``filter_pairs``,
+    ``encoder_kwargs``) for any dataset; ``encoder_cfg`` (the ``encoder`` config group) says which inputs to build
+    (see :func:`xmcneg.data.inputs.make_inputs`)."""
+
+    _FILTER_FILES = {"filter_test_file": "filter_labels_test.txt", "filter_train_file": "filter_labels_train.txt"}
+
+    def __init__(self, dataset_cfg, data_cfg, paths_cfg, encoder_cfg=None, seed: int = 0):
         super().__init__()
         self.dcfg, self.cfg, self.paths, self.seed = dataset_cfg, data_cfg, paths_cfg, seed
         self.name = dataset_cfg.name
@@ -176,19 +181,20 @@ class XCDataModule(pl.LightningDataModule):
         self.train_batch_sampler = None  # a method may install its own (e.g. NGAME's clustered batches)
         if int(data_cfg.batch_size) <= 0:
             raise ConfigError("data.batch_size", f"must be > 0, got {data_cfg.batch_size}")
+        self.inputs = make_inputs(dataset_cfg, paths_cfg, encoder_cfg)
+        self.reads_text = self.inputs.reads_text
+        self._label_X = None
+        self._filters = {}
 
     # ---------------------------------------------------------------- loading
     def dataset_dir(self) -> Path:
-        if self.dcfg.format == "synthetic":
+        if self.dcfg.get("format") == "synthetic":
             params = {k: self.dcfg[k] for k in ("num_labels", "num_features", "num_train", "num_test",
                                                  "avg_labels", "zipf_a", "doc_len")}
             params["seed"] = self.dcfg.gen_seed
             return Path(synthetic.ensure(params, Path(self.paths.cache_dir) / "synthetic"))
         d = Path(self.dcfg.dir)
-        if not d.is_dir():
-            raise MissingFileError(
-                f"dataset '{self.name}': directory {d} not found; put {self.dcfg.train_file} and "
-                f"{self.dcfg.test_file} there (set XMC_DATA_DIR or dataset.dir)")
+        self.inputs.check_dir(self.name, d)
         return d
 
     def prepare_data(self):
@@ -197,31 +203,31 @@ class XCDataModule(pl.LightningDataModule):
     def setup(self, stage=None):
         if self._loaded:
             return
-        d = self.dataset_dir()
-        cache = Path(self.paths.cache_dir) / "parsed"
-        train_file = self.dcfg.get("train_file", "train.txt")
-        test_file = self.dcfg.get("test_file", "test.txt")
-        Xtr, Ytr = formats.load_bow_cached(formats.resolve_path(d / train_file), cache)
-        Xte, Yte = formats.load_bow_cached(formats.resolve_path(d / test_file), cache,
-                                           num_features=Xtr.shape[1], num_labels=Ytr.shape[1])
-        self.transform = FeatureTransform(self.dcfg.get("feature_transform", "none")).fit(Xtr)
-        Xtr, Xte = self.transform(Xtr), self.transform(Xte)
-        self.num_features = Xtr.shape[1]
+        Xtr, Ytr, Xte, Yte = self.inputs.load(self.dataset_dir())
+        self.num_features = self.inputs.num_features
+        self.label_text_path = self.inputs.label_text_path
         self._set_splits(Xtr, Ytr, Xte, Yte)
-        label_file = self.dcfg.get("label_text_file")
-        self.label_text_path = None
-        if label_file:
-            try:
-                self.label_text_path = formats.resolve_path(d / label_file)
-            except MissingFileError:
-                self.label_text_path = None
         self._loaded = True
+
+    @property
+    def transform(self):
+        """The BoW feature transform fitted on the training file (for new XC BoW inputs, e.g. predictions)."""
+        return self.inputs.transform
+
+    @property
+    def tokenizer(self):
+        return getattr(self.inputs, "tokenizer", None)
+
+    @property
+    def token_cache(self):
+        """Text inputs: ``{"train": "hit" | "miss", ...}``, whether each split's token rows came from the cache."""
+        return getattr(self.inputs, "token_cache", {})
 
     def _set_splits(self, Xtr, Ytr, Xte, Yte):
         """Carve the seeded validation split out of train (`data.val_size`, capped at `data.val_max_docs`) and set
         `splits`, `num_labels`, `full_train_Y`, `train_label_counts`, and `train_rows` / `val_rows` (rows of the
-        training file in each split). X may be any row-indexable object with `.shape` (CSR features here, token
-        rows in the text datamodule)."""
+        training file in each split). X may be any row-indexable object with `.shape` (CSR features, or token
+        rows for text inputs)."""
         self.num_labels = Ytr.shape[1]
         self.full_train_Y = Ytr
         n = Xtr.shape[0]
@@ -248,11 +254,46 @@ class XCDataModule(pl.LightningDataModule):
     def label_inputs(self, label_ids):
         """Encoder inputs for the texts of the given labels, in the documents' input form (so one encoder embeds
         both), for methods that embed labels (NGAME). Built once from the dataset's label texts."""
-        from xmcneg.data.label_text import bow_label_features
+        if self._label_X is None:
+            self._label_X = self.inputs.label_rows(self)
+        return self.inputs.x(self._label_X, np.asarray(label_ids, dtype=np.int64))
 
-        if getattr(self, "_label_X", None) is None:
-            self._label_X = bow_label_features(self)
-        return csr_rows_to_bag(self._label_X, np.asarray(label_ids, dtype=np.int64))
+    def text_inputs(self, texts):
+        """Encoder inputs for arbitrary texts (prediction on new documents), one batch; a ConfigError for a model
+        that reads XC BoW features."""
+        return self.inputs.text_inputs(texts)
+
+    def encoder_kwargs(self) -> dict:
+        """Keyword arguments the encoder needs from the data (the vocabulary size, or nothing for a pretrained
+        tokenizer)."""
+        return self.inputs.encoder_kwargs()
+
+    def filter_pairs(self, split, idx=None):
+        """(doc, label) pairs to drop from ``split``'s predictions before scoring, int64 (M, 2), or None when
+        the dataset has none. Doc ids are rows of the split (test: ``dataset.filter_test_file``, default
+        ``filter_labels_test.txt``; val: the rows of ``dataset.filter_train_file``, default
+        ``filter_labels_train.txt``, that fall in the validation split). With ``idx`` (the split rows of the
+        evaluated documents, in order) doc ids are positions in ``idx`` instead, ready for
+        :func:`xmcneg.eval.metrics.filter_predictions`."""
+        if split not in self._filters:
+            self._filters[split] = self._read_filter(split)
+        pairs = self._filters[split]
+        if pairs is None or idx is None:
+            return pairs
+        return _rows_to_positions(pairs, idx, self.splits[split][1].shape[0])
+
+    def _read_filter(self, split):
+        if split not in ("test", "val"):
+            return None
+        key = "filter_test_file" if split == "test" else "filter_train_file"
+        try:
+            p = formats.resolve_path(self.dataset_dir() / (self.dcfg.get(key) or self._FILTER_FILES[key]))
+        except MissingFileError:
+            return None
+        if split == "test":
+            return read_filter_pairs(p, self.splits["test"][1].shape[0], self.num_labels)
+        pairs = read_filter_pairs(p, self.full_train_Y.shape[0], self.num_labels)
+        return _rows_to_positions(pairs, self.val_rows, self.full_train_Y.shape[0])
 
     # ---------------------------------------------------------------- batches
     def split(self, name):
@@ -260,10 +301,11 @@ class XCDataModule(pl.LightningDataModule):
 
     def collate(self, split):
         X, Y = self.splits[split]
+        x = self.inputs.x
 
         def fn(rows):
             rows = np.asarray(rows, dtype=np.int64)
-            return {"x": csr_rows_to_bag(X, rows), "pos": pad_label_rows(Y, rows), "idx": torch.from_numpy(rows)}
+            return {"x": x(X, rows), "pos": pad_label_rows(Y, rows), "idx": torch.from_numpy(rows)}
 
         return fn
 
@@ -273,11 +315,23 @@ class XCDataModule(pl.LightningDataModule):
         return (int(t.global_rank), int(t.world_size)) if t is not None else (0, 1)
 
     def train_order(self):
-        """Index sampler of the epoch's global training order (identical on every rank; it has `set_epoch`)."""
-        return EpochPermutation(self.splits["train"][0].shape[0], self.seed)
+        """Index sampler of the epoch's global training order (identical on every rank; it has `set_epoch`): for
+        token inputs with `encoder.text.sort_window` > 0 the length-grouped order of :class:`LengthGroupedSampler`
+        (batches of documents of similar length; the rank-aware batch sampler deals its consecutive batch_size
+        blocks out to the ranks, so the grouping holds under DDP too), otherwise a seeded permutation."""
+        X = self.splits["train"][0]
+        lengths = self.inputs.lengths(X)
+        window = int(self.inputs.text_cfg.get("sort_window", 50)) if lengths is not None else 0
+        if window > 0:
+            return LengthGroupedSampler(lengths, int(self.cfg.batch_size), window=window, seed=self.seed)
+        return EpochPermutation(X.shape[0], self.seed)
 
     def eval_order(self, split):
-        """Rows of an evaluation split in the order they are batched (before sharding)."""
+        """Rows of an evaluation split in the order they are batched (before sharding); token inputs: sorted by
+        length (the evaluation reads each batch's `idx`, so the order is free), so padding is small."""
+        lengths = self.inputs.lengths(self.splits[split][0])
+        if lengths is not None:
+            return np.argsort(-lengths, kind="stable")
         return np.arange(self.splits[split][0].shape[0])
 
     def _dataloader(self, split, **kwargs):
@@ -305,16 +359,17 @@ class XCDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._eval_loader("test")
 
-def build_datamodule(cfg):
-    """The datamodule for cfg.dataset + cfg.encoder. Text layouts (`format: text | lf_json`) always get the
-    TextDataModule; a `bow` / `synthetic` dataset gets it too when the encoder reads text (its class has
-    `input_kind = "tokens"`, or its config has a `text:` section, as encoder=text_bow), reading the dataset's
-    text files (`train_text_file`, ...); otherwise the BoW XCDataModule. See xmcneg.data.text."""
-    from xmcneg.data.text import TEXT_FORMATS, TextDataModule, wants_text
 
-    fmt = cfg.dataset.get("format", "bow")
-    if fmt in TEXT_FORMATS or (fmt in ("bow", "synthetic") and wants_text(cfg.get("encoder") or {})):
-        return TextDataModule(cfg.dataset, cfg.data, cfg.paths, cfg.get("encoder") or {}, seed=int(cfg.seed))
-    if fmt in ("bow", "synthetic"):
-        return XCDataModule(cfg.dataset, cfg.data, cfg.paths, seed=int(cfg.seed))
-    raise ConfigError("dataset.format", f"unknown format '{fmt}', expected bow, synthetic, text or lf_json")
+
+def _rows_to_positions(pairs, idx, n_rows):
+    """(row, label) pairs -> (position of row in idx, label), dropping rows not in idx."""
+    idx = np.asarray(idx, dtype=np.int64)
+    pos = np.full(n_rows, -1, dtype=np.int64)
+    pos[idx] = np.arange(len(idx))
+    mapped = np.stack([pos[pairs[:, 0]], pairs[:, 1]], axis=1) if len(pairs) else pairs
+    return mapped[mapped[:, 0] >= 0] if len(mapped) else mapped
+
+
+def build_datamodule(cfg):
+    """The datamodule for cfg.dataset + cfg.encoder (the encoder decides which inputs it builds)."""
+    return XCDataModule(cfg.dataset, cfg.data, cfg.paths, cfg.get("encoder") or {}, seed=int(cfg.seed))

@@ -17,6 +17,10 @@ value; a feature index >= num_features; a non-finite value (nan/inf, or beyond f
 index repeated on a line; fewer data lines than the header says (truncated file: the message gives the line
 where the data ended and how many points were expected) or more non-blank lines than it says.
 
+Every reader also rejects, with the same one-line error: a ``.gz`` file that is not gzip data, or whose
+compressed data is corrupt or cut short; gzip data in a file whose name does not end in ``.gz``; text that is not
+valid UTF-8; a line longer than :data:`MAX_LINE_BYTES` bytes.
+
 Documented leniencies (not errors):
 
 * a label repeated on a line is kept once (deduplicated; in XY files the largest value is kept);
@@ -40,6 +44,7 @@ import os
 import re
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +54,13 @@ from xmcneg.errors import DataFormatError, MissingFileError, XMCError  # noqa: F
 
 __all__ = [
     "open_text", "resolve_path", "read_xc_bow", "read_xy", "read_lines", "write_xc_bow", "write_xy",
-    "write_lines", "load_bow_cached", "DataFormatError", "MissingFileError",
+    "write_lines", "load_bow_cached", "iter_lines", "save_npz_atomic", "DataFormatError", "MissingFileError",
 ]
 
 _BLOCK_BYTES = 1 << 24
+MAX_LINE_BYTES = 1 << 26  # 64 MiB: a longer line is an error (a missing newline, or not a text file)
+_GZIP_MAGIC = b"\x1f\x8b"
+MAX_COUNT = 2 ** 31 - 1  # largest num_points / num_features / num_labels a header may give (int32 ids)
 _INT_RE = re.compile(r"[0-9]+\Z")
 
 
@@ -65,24 +73,84 @@ def _is_gz(path) -> bool:
     return str(path).endswith(".gz")
 
 
+class _CheckedGzipFile(gzip.GzipFile):
+    """A gzip reader whose decompression failures (not gzip data, corrupt or cut-short data, a CRC mismatch)
+    raise :class:`DataFormatError` naming the file instead of the gzip module's own exceptions."""
+
+    def _checked(self, fn, *args):
+        try:
+            return fn(*args)
+        except gzip.BadGzipFile as e:
+            if "Not a gzipped file" in str(e):
+                raise DataFormatError(self.name, None, f"not gzip data although the file name ends in .gz ({e})") \
+                    from None
+            raise DataFormatError(self.name, None, f"corrupt gzip data ({e})") from None
+        except EOFError:
+            raise DataFormatError(self.name, None, "gzip data cut short (the compressed stream ends before its "
+                                                   "end marker: an incomplete copy or download?)") from None
+        except zlib.error as e:
+            raise DataFormatError(self.name, None, f"corrupt gzip data ({e})") from None
+
+    def read(self, size=-1):
+        return self._checked(super().read, size)
+
+    def read1(self, size=-1):
+        return self._checked(super().read1, size)
+
+    def readline(self, size=-1):
+        return self._checked(super().readline, size)
+
+    def peek(self, n):
+        return self._checked(super().peek, n)
+
+
+def _open_plain_for_reading(path):
+    f = open(path, "rb")
+    if f.peek(2)[:2] == _GZIP_MAGIC:
+        f.close()
+        raise DataFormatError(path, 1, "gzip-compressed data, but the file name does not end in .gz (rename it "
+                                       "to end in .gz, or decompress it)")
+    return f
+
+
 def open_text(path, mode="rt"):
     """Open a plain or gzip (``.gz`` suffix) file. Text modes use UTF-8; reading uses universal newlines
     (``\\r\\n`` reads as ``\\n``), writing always writes ``\\n``. Gzip files are written without a name or time
-    stamp in the header, so identical content gives identical bytes."""
+    stamp in the header, so identical content gives identical bytes. Reading a ``.gz`` file that is not valid
+    gzip data, or a plain file that holds gzip data, raises :class:`DataFormatError`."""
     binary = "b" in mode
     writing = any(c in mode for c in "wax")
-    if _is_gz(path):
-        if writing:
+    if writing:
+        if _is_gz(path):
             raw = open(path, mode.replace("t", "").replace("b", "") + "b")
             gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
             gz.myfileobj = raw  # closed together with the gzip stream
             return gz if binary else io.TextIOWrapper(gz, encoding="utf-8", newline="\n")
         if binary:
-            return gzip.open(path, "rb")
-        return gzip.open(path, "rt", encoding="utf-8", newline=None)
-    if binary:
-        return open(path, mode)
-    return open(path, mode, encoding="utf-8", newline="\n" if writing else None)
+            return open(path, mode)
+        return open(path, mode, encoding="utf-8", newline="\n")
+    f = _CheckedGzipFile(path, "rb") if _is_gz(path) else _open_plain_for_reading(path)
+    return f if binary else io.TextIOWrapper(f, encoding="utf-8", newline=None)
+
+
+def iter_lines(path):
+    """Yield ``(line number, line)`` for each line of a plain or ``.gz`` file: bytes without the ``\\n`` and a
+    trailing ``\\r``. A line longer than :data:`MAX_LINE_BYTES` raises :class:`DataFormatError`."""
+    with open_text(path, "rb") as f:
+        k = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            k += 1
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            elif len(raw) > MAX_LINE_BYTES:
+                raise DataFormatError(path, k, f"line longer than {MAX_LINE_BYTES} bytes (not a text file of "
+                                               f"this format?)")
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            yield k, raw
 
 
 def resolve_path(path) -> Path:
@@ -100,6 +168,7 @@ def _iter_blocks(path):
     """Yield lists of raw lines (bytes, without ``\\n``, trailing ``\\r`` stripped), ~16 MB at a time."""
     with open_text(path, "rb") as f:
         carry = b""
+        lines_done = 0
         while True:
             block = f.read(_BLOCK_BYTES)
             if not block:
@@ -108,11 +177,15 @@ def _iter_blocks(path):
             cut = block.rfind(b"\n")
             if cut < 0:
                 carry = block
+                if len(carry) > MAX_LINE_BYTES:
+                    raise DataFormatError(path, lines_done + 1, f"line longer than {MAX_LINE_BYTES} bytes (not a "
+                                                                f"text file of this format?)")
                 continue
             carry = block[cut + 1:]
             lines = block[:cut].split(b"\n")
             if b"\r" in block:
                 lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in lines]
+            lines_done += len(lines)
             yield lines
         if carry:
             yield [carry[:-1] if carry.endswith(b"\r") else carry]
@@ -142,6 +215,8 @@ def _read_header(path, blocks, names):
     for name, v in zip(names, vals):
         if v < 1 and name != "num_points":
             raise DataFormatError(path, 1, f"bad header {_txt(line)}: {name} must be >= 1, got {v}")
+        if v > MAX_COUNT:
+            raise DataFormatError(path, 1, f"bad header {_txt(line)}: {name}={v} is beyond {MAX_COUNT}")
     return vals, first[1:]
 
 
@@ -476,23 +551,18 @@ def read_lines(path, expected=None) -> list[str]:
     ``expected``, blank lines beyond it at the end are ignored and any other count mismatch is an error."""
     path = resolve_path(path)
     out = []
-    with open_text(path, "rb") as f:
-        for k, raw in enumerate(f, start=1):
-            if raw.endswith(b"\n"):
-                raw = raw[:-1]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            try:
-                out.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataFormatError(path, k, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    for k, raw in iter_lines(path):
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataFormatError(path, k, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
     if expected is not None:
         expected = int(expected)
         n = len(out)
         if n > expected and not any(s.strip() for s in out[expected:]):
             del out[expected:]
         if len(out) != expected:
-            raise DataFormatError(path, n, f"has {n} lines, expected {expected} (one per point/label)")
+            raise DataFormatError(path, max(n, 1), f"has {n} lines, expected {expected} (one per point/label)")
     return out
 
 
@@ -572,7 +642,8 @@ def _cache_file(path: Path, cache_dir) -> Path:
     return Path(cache_dir) / f"{name}.{key}.npz"
 
 
-def _save_npz_atomic(target: Path, arrays: dict):
+def save_npz_atomic(target: Path, arrays: dict):
+    """``np.savez`` into a temporary file renamed onto ``target`` (readers never see a partial file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     try:
@@ -595,15 +666,19 @@ def load_bow_cached(path, cache_dir, num_features=None, num_labels=None):
     X = Y = None
     if cf.exists():
         try:
-            with np.load(cf) as z:
+            with np.load(cf, allow_pickle=False) as z:
                 X = sp.csr_matrix((z["X_data"], z["X_indices"], z["X_indptr"]), shape=tuple(z["X_shape"]))
                 Y = sp.csr_matrix((z["Y_data"], z["Y_indices"], z["Y_indptr"]), shape=tuple(z["Y_shape"]))
-        except Exception:  # corrupt / old cache: parse again
+            for M in (X, Y):  # a consistent matrix (the zip CRCs catch damaged bytes; this, a foreign file)
+                M.check_format(full_check=True)
+                if M.dtype != np.float32 or M.shape[0] != X.shape[0] or not np.all(np.isfinite(M.data)):
+                    raise ValueError("inconsistent cache entry")
+        except Exception:  # noqa: BLE001  (corrupt / old / foreign cache entry: parse again)
             X = Y = None
     if X is None:
         X, Y = read_xc_bow(path)
         try:
-            _save_npz_atomic(cf, {"X_data": X.data, "X_indices": X.indices, "X_indptr": X.indptr,
+            save_npz_atomic(cf, {"X_data": X.data, "X_indices": X.indices, "X_indptr": X.indptr,
                                   "X_shape": np.array(X.shape), "Y_data": Y.data, "Y_indices": Y.indices,
                                   "Y_indptr": Y.indptr, "Y_shape": np.array(Y.shape)})
         except OSError as e:  # read-only cache dir: still return the data

@@ -29,6 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from xmcneg.data import formats
+from xmcneg.data.tfidf import smooth_idf, tfidf_l2
 from xmcneg.errors import ConfigError, DataFormatError, MissingFileError
 
 log = logging.getLogger("xmcneg")
@@ -72,22 +73,25 @@ def read_label_texts(path, num_labels) -> list[str]:
 
 
 def read_vocab(path, num_features):
-    """(term -> feature id, df array) from `term<TAB>df` lines (line i = feature i)."""
+    """(term -> feature id, df array) from `term<TAB>df` lines (line i = feature i; a missing df counts as 1; a
+    repeated term keeps its first id); df must be a finite number >= 0."""
     lines = formats.read_lines(path)
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) != num_features:
-        raise DataFormatError(path, len(lines), f"has {len(lines)} terms, the documents have {num_features} "
-                                                "features (line i must be feature i)")
+        raise DataFormatError(path, max(len(lines), 1), f"has {len(lines)} terms, the documents have "
+                                                        f"{num_features} features (line i must be feature i)")
     vocab, df = {}, np.zeros(num_features, dtype=np.float64)
     for i, ln in enumerate(lines):
         parts = ln.split("\t")
-        term = parts[0].strip()
         try:
-            df[i] = float(parts[1]) if len(parts) > 1 else 1.0
+            df[i] = float(parts[1]) if len(parts) == 2 else 1.0 if len(parts) == 1 else np.nan
         except ValueError:
-            raise DataFormatError(path, i + 1, f"document frequency '{parts[1][:30]}' is not a number") from None
-        vocab.setdefault(term, i)
+            df[i] = np.nan
+        if not (np.isfinite(df[i]) and df[i] >= 0):
+            raise DataFormatError(path, i + 1, f"expected 'term<TAB>document frequency' (a number >= 0), got "
+                                               f"{ln[:60]!r}")
+        vocab.setdefault(parts[0].strip(), i)
     return vocab, df
 
 
@@ -115,11 +119,7 @@ def _weighted_rows(rows, idf, num_features):
     rid = np.repeat(np.arange(len(rows)), lens)
     tf = sp.csr_matrix((np.ones(len(cols), dtype=np.float64), (rid, cols)), shape=(len(rows), num_features))
     tf.sum_duplicates()
-    tf.data = (1.0 + np.log(tf.data)) * idf[tf.indices]
-    sq = np.asarray(tf.multiply(tf).sum(1)).ravel()
-    norms = np.sqrt(sq)
-    norms[norms == 0] = 1.0
-    X = sp.csr_matrix(sp.diags(1.0 / norms) @ tf, dtype=np.float32)
+    X = tfidf_l2(tf, idf, log_tf=True, dtype=np.float64)
     X.eliminate_zeros()
     X.sort_indices()
     return X
@@ -173,7 +173,7 @@ def bow_label_features(dm) -> sp.csr_matrix:
                 ids.append(int(m.group(1)))
             rows.append(ids)
         df, n = _train_df(dm, F)
-        idf = np.log((1.0 + n) / (1.0 + df)) + 1.0
+        idf = smooth_idf(df, n)
     X = _weighted_rows(rows, idf, F)
     empty = int((np.diff(X.indptr) == 0).sum())
     if empty:

@@ -41,6 +41,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from xmcneg.data import formats
+from xmcneg.data.tfidf import doc_freq, smooth_idf, tfidf_l2, weighted
 from xmcneg.errors import ConfigError
 
 GENERATOR_VERSION = 1
@@ -151,17 +152,6 @@ def _counts(n, F, tok_ptr, feats):
     return M
 
 
-def _tfidf(counts, idf):
-    X = counts.copy()
-    X.data = ((1.0 + np.log(X.data.astype(np.float64))) * idf[X.indices]).astype(np.float32)
-    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
-    norms = np.sqrt(np.bincount(rows, weights=X.data.astype(np.float64) ** 2, minlength=X.shape[0]))
-    norms[norms == 0] = 1.0
-    X.data = (X.data / np.repeat(norms, np.diff(X.indptr))).astype(np.float32)
-    X.sort_indices()
-    return X
-
-
 def _write_docs_text(path, words, tok_ptr, feats):
     n = len(tok_ptr) - 1
     with formats.open_text(path, "wt") as f:
@@ -261,9 +251,9 @@ def generate(out_dir, num_labels=1000, num_features=5000, num_train=20000, num_t
         Y, tok_ptr, feats = _make_split(np.random.default_rng(ss), S, n, p["avg_labels"], p["doc_len"])
         counts = _counts(n, F, tok_ptr, feats)
         if idf is None:  # training split comes first
-            df = np.bincount(counts.indices, minlength=F).astype(np.float64)
-            idf = np.log((1.0 + n) / (1.0 + df)) + 1.0
-        X = _tfidf(counts, idf)
+            idf = smooth_idf(doc_freq(counts), n)
+        X = tfidf_l2(weighted(counts, idf, log_tf=True, dtype=np.float64).astype(np.float32), dtype=np.float64)
+        X.sort_indices()
         del counts
         formats.write_xc_bow(out / f"{name}.txt", X, Y)
         files.append(f"{name}.txt")

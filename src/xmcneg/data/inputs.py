@@ -1,0 +1,412 @@
+"""Input builders of the datamodule: what the encoder reads, built from the dataset's files.
+
+* :class:`BowInputs` — XC BoW files (``dataset.train_file`` / ``test_file``) after ``dataset.feature_transform``;
+  batches in EmbeddingBag form.
+* :class:`TextInputs` — raw text: the text layout (``trn_X.txt`` / ``trn_X_Y.txt`` / ``tst_X.txt`` /
+  ``tst_X_Y.txt`` / ``lbl_X.txt``, names from ``dataset.*_file``; one text line per point of the label file) or
+  the LF json layout (:mod:`xmcneg.data.lf_json`). A token encoder (class attribute ``input_kind = "tokens"``)
+  gets token ids cut to ``encoder.max_len`` (``encoder.text.tokenizer``: ``hf`` or ``word``), batches
+  ``{"input_ids", "attention_mask"}`` padded to the batch's longest row; a BoW encoder gets (1 + log tf) x idf bags
+  of words (``encoder.text.features``: ``tfidf`` or ``hashing``), rows L2-normalised. Token rows and vocabularies
+  are cached (:mod:`xmcneg.data.token_cache`).
+
+Both give the datamodule ``load(dir)`` -> (X_train, Y_train, X_test, Y_test), ``x(X, rows)`` (a batch of encoder
+inputs), ``label_rows(dm)`` (label texts in the documents' input form), ``lengths(X)``, ``encoder_kwargs()``,
+``text_inputs(texts)`` and ``transform``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from xmcneg.data import formats
+from xmcneg.data.label_text import bow_label_features
+from xmcneg.data.lf_json import LF_FILES, count_lines, read_lf_json
+from xmcneg.data.tfidf import doc_freq, smooth_idf, tfidf_l2
+from xmcneg.data.token_cache import (TextSource, TokenRows, file_sha1, load_npz, load_token_rows, load_vocab,
+                                     save_cache, save_vocab)
+from xmcneg.data.tokenizers import N_SPECIAL, HashTokenizer, HFTokenizer, WordTokenizer
+from xmcneg.errors import ConfigError, DataFormatError, MissingFileError
+from xmcneg.hf_model import resolve_model_dir
+
+TEXT_FORMATS = ("text", "lf_json")
+BOW_FORMATS = ("bow", "synthetic")
+TOKENIZERS = ("hf", "word")
+BOW_FEATURES = ("tfidf", "hashing")
+TRANSFORMS = ("none", "l2", "tfidf_l2")
+
+
+def csr_rows_to_bag(X: sp.csr_matrix, rows):
+    """EmbeddingBag inputs (indices, offsets, per-sample weights) for the given rows of a CSR matrix."""
+    sub = X[rows]
+    return {
+        "indices": torch.from_numpy(sub.indices.astype(np.int64)),
+        "offsets": torch.from_numpy(sub.indptr[:-1].astype(np.int64)),
+        "weights": torch.from_numpy(sub.data.astype(np.float32)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ choosing
+def encoder_input_kind(enc_cfg) -> str:
+    """``input_kind`` class attribute of ``encoder._target_`` ("bow" or "tokens")."""
+    from hydra.utils import get_class
+
+    target = enc_cfg.get("_target_") if enc_cfg is not None else None
+    if not target:
+        return "bow"
+    try:
+        cls = get_class(target)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError("encoder._target_", f"cannot import '{target}': {e}") from None
+    return getattr(cls, "input_kind", "bow")
+
+
+def wants_text(enc_cfg) -> bool:
+    """Whether the encoder reads text: a token encoder, or a BoW encoder with an ``encoder.text`` section
+    (text_bow: features built from the raw text)."""
+    return encoder_input_kind(enc_cfg) == "tokens" or enc_cfg.get("text") is not None
+
+
+def make_inputs(dataset_cfg, paths_cfg, encoder_cfg):
+    """The input builder for this dataset and encoder: text layouts always get :class:`TextInputs`; a ``bow`` /
+    ``synthetic`` dataset gets it too when the encoder reads text (reading the dataset's text files), otherwise
+    :class:`BowInputs`."""
+    enc = encoder_cfg if encoder_cfg is not None else {}
+    fmt = dataset_cfg.get("format", "bow")
+    if fmt in TEXT_FORMATS or (fmt in BOW_FORMATS and wants_text(enc)):
+        return TextInputs(dataset_cfg, paths_cfg, enc)
+    if fmt in BOW_FORMATS:
+        return BowInputs(dataset_cfg, paths_cfg)
+    raise ConfigError("dataset.format", f"unknown format '{fmt}', expected bow, synthetic, text or lf_json")
+
+
+# ------------------------------------------------------------------------------------------------ XC BoW
+class FeatureTransform:
+    """none | l2 (row L2 normalisation) | tfidf_l2 (idf from the train split, then L2); fitted on train only."""
+
+    def __init__(self, name):
+        if name not in TRANSFORMS:
+            raise ConfigError("dataset.feature_transform",
+                              f"unknown '{name}', expected one of {', '.join(TRANSFORMS)}")
+        self.name, self.idf = name, None
+
+    def fit(self, X_train):
+        if self.name == "tfidf_l2":
+            self.idf = smooth_idf(doc_freq(X_train), X_train.shape[0]).astype(np.float32)
+        return self
+
+    def __call__(self, X):
+        if self.name == "none":
+            return sp.csr_matrix(X, dtype=np.float32)
+        return tfidf_l2(X, self.idf)
+
+
+class BowInputs:
+    """Sparse feature rows read from XC BoW files; see the module docstring."""
+
+    reads_text = False
+
+    def __init__(self, dataset_cfg, paths_cfg):
+        self.dcfg, self.paths = dataset_cfg, paths_cfg
+        self.transform = None
+        self.num_features = None
+        self.label_text_path = None
+
+    def check_dir(self, name, d):
+        if not d.is_dir():
+            raise MissingFileError(f"dataset '{name}': directory {d} not found; put {self.dcfg.train_file} and "
+                                   f"{self.dcfg.test_file} there (set XMC_DATA_DIR or dataset.dir)")
+
+    def load(self, d):
+        cache = Path(self.paths.cache_dir) / "parsed"
+        train_file = self.dcfg.get("train_file", "train.txt")
+        test_file = self.dcfg.get("test_file", "test.txt")
+        Xtr, Ytr = formats.load_bow_cached(formats.resolve_path(d / train_file), cache)
+        Xte, Yte = formats.load_bow_cached(formats.resolve_path(d / test_file), cache,
+                                           num_features=Xtr.shape[1], num_labels=Ytr.shape[1])
+        self.transform = FeatureTransform(self.dcfg.get("feature_transform", "none")).fit(Xtr)
+        Xtr, Xte = self.transform(Xtr), self.transform(Xte)
+        self.num_features = Xtr.shape[1]
+        label_file = self.dcfg.get("label_text_file")
+        if label_file:
+            try:
+                self.label_text_path = formats.resolve_path(d / label_file)
+            except MissingFileError:
+                self.label_text_path = None
+        return Xtr, Ytr, Xte, Yte
+
+    def x(self, X, rows):
+        return csr_rows_to_bag(X, rows)
+
+    def label_rows(self, dm):
+        return bow_label_features(dm)
+
+    def lengths(self, X):
+        return None
+
+    def encoder_kwargs(self):
+        return {"num_features": int(self.num_features)}
+
+    def text_inputs(self, texts):
+        raise ConfigError("input", "this model reads XC BoW features, not text: give it an XC BoW file")
+
+
+# ------------------------------------------------------------------------------------------------ text
+def _no_bow_transform(X):
+    raise ConfigError("input", "this model reads text, not XC BoW features: give it texts (one document per line) "
+                               "through the datamodule's text_inputs(texts)")
+
+
+class TextInputs:
+    """Token ids or bags of words built from raw text; see the module docstring."""
+
+    reads_text = True
+    _DEFAULTS = {"train_text_file": "trn_X.txt", "test_text_file": "tst_X.txt", "train_label_file": "trn_X_Y.txt",
+                 "test_label_file": "tst_X_Y.txt", "label_text_file": "lbl_X.txt"}
+
+    def __init__(self, dataset_cfg, paths_cfg, encoder_cfg):
+        self.dcfg, self.paths, self.enc_cfg = dataset_cfg, paths_cfg, encoder_cfg
+        self.fmt = dataset_cfg.get("format", "text")
+        self.input_kind = encoder_input_kind(encoder_cfg)
+        text = encoder_cfg.get("text") or {}
+        self.text_cfg = text
+        if self.input_kind == "tokens":
+            self.tokenizer_kind = str(text.get("tokenizer", "hf"))
+            if self.tokenizer_kind not in TOKENIZERS:
+                raise ConfigError("encoder.text.tokenizer",
+                                  f"unknown '{self.tokenizer_kind}', expected one of {', '.join(TOKENIZERS)}")
+            ml = encoder_cfg.get("max_len", 128)
+            self.max_len = None if ml is None else int(ml)
+            if self.max_len is not None and self.max_len < 2:
+                raise ConfigError("encoder.max_len", f"must be >= 2, got {ml}")
+        else:
+            self.tokenizer_kind = str(text.get("features", "tfidf"))
+            if self.tokenizer_kind not in BOW_FEATURES:
+                raise ConfigError("encoder.text.features",
+                                  f"unknown '{self.tokenizer_kind}', expected one of {', '.join(BOW_FEATURES)}")
+            self.max_len = None
+        self.token_cache = {}
+        self.tokenizer = self.idf = self.num_features = self.label_text_path = self._label_src = None
+        self.transform = _no_bow_transform  # the BoW feature transform has no meaning for text inputs
+
+    # ---------------------------------------------------------------- files
+    def _file(self, key):
+        return self.dcfg.get(key) or self._DEFAULTS[key]
+
+    def check_dir(self, name, d):
+        if self.fmt == "lf_json":
+            missing = [f for f in LF_FILES if not (d / f).exists()]
+            if missing:
+                raise MissingFileError(
+                    f"dataset '{name}': {', '.join(missing)} not found in {d}; an LF dataset needs "
+                    f"{', '.join(LF_FILES)} (+ filter_labels_test.txt) from the Extreme Classification Repository "
+                    f"unpacked into {d} (set XMC_DATA_DIR or dataset.dir)")
+        elif not d.is_dir():
+            raise MissingFileError(
+                f"dataset '{name}': directory {d} not found; put {self._file('train_text_file')}, "
+                f"{self._file('train_label_file')}, {self._file('test_text_file')}, "
+                f"{self._file('test_label_file')} there (set XMC_DATA_DIR or dataset.dir)")
+
+    def _resolve(self, d, key, what):
+        try:
+            return formats.resolve_path(d / self._file(key))
+        except MissingFileError:
+            raise MissingFileError(
+                f"dataset '{self.dcfg.name}': {what} {d / self._file(key)} not found (dataset.{key}; the encoder "
+                f"reads text, so the dataset dir needs the text layout: trn_X.txt, trn_X_Y.txt, tst_X.txt, "
+                f"tst_X_Y.txt)") from None
+
+    # ---------------------------------------------------------------- loading
+    def load(self, d):
+        if self.fmt == "lf_json":
+            (src_tr, Ytr), (src_te, Yte), self._label_src = self._lf_sources(d)
+        else:
+            (src_tr, Ytr), (src_te, Yte), self._label_src = self._text_sources(d)
+        self.tokenizer = self._make_tokenizer(src_tr)
+        if self.input_kind == "tokens":
+            Xtr, Xte = self._tokens(src_tr, Ytr.shape[0]), self._tokens(src_te, Yte.shape[0])
+            self.num_features = int(self.tokenizer.vocab_size)
+        else:
+            Btr, Bte = self._tokens(src_tr, Ytr.shape[0]), self._tokens(src_te, Yte.shape[0])
+            self.num_features = self._bow_dim()
+            C = self._counts(Btr)
+            self.idf = smooth_idf(doc_freq(C), C.shape[0]).astype(np.float32)
+            Xtr, Xte = self._bag(Btr), self._bag(Bte)
+        src_tr.release()
+        src_te.release()
+        self.label_text_path = self._label_src.path if self._label_src is not None else None
+        return Xtr, Ytr, Xte, Yte
+
+    @staticmethod
+    def _check_count(text_path, n_lines, label_path, n_points):
+        if n_lines != n_points:
+            # the line where the two files stop matching: the text file's end, or the first extra text line
+            raise DataFormatError(text_path, min(n_lines, n_points + 1) if n_lines else 1,
+                                  f"has {n_lines} lines (documents) but {label_path} has {n_points} points: text "
+                                  f"and label files must match line for line")
+
+    def _text_sources(self, d):
+        out = []
+        for split in ("train", "test"):
+            tp = self._resolve(d, f"{split}_text_file", f"{split} texts")
+            yp = self._resolve(d, f"{split}_label_file", f"{split} labels")
+            Y = formats.read_xy(yp, num_labels=None if split == "train" else out[0][1].shape[1])
+
+            def read(tp=tp, yp=yp, n=Y.shape[0]):
+                lines = formats.read_lines(tp)
+                if len(lines) > n and not any(s.strip() for s in lines[n:]):
+                    del lines[n:]
+                self._check_count(tp, len(lines), yp, n)
+                return lines
+
+            out.append((TextSource(split, tp, read), Y))
+        C = out[0][1].shape[1]
+        label_src = None
+        try:
+            lp = formats.resolve_path(d / self._file("label_text_file"))
+        except MissingFileError:
+            lp = None
+        if lp is not None:
+            def read_labels(lp=lp):
+                lines = formats.read_lines(lp)
+                if len(lines) > C and not any(s.strip() for s in lines[C:]):
+                    del lines[C:]
+                if len(lines) != C:
+                    raise DataFormatError(lp, None, f"has {len(lines)} lines (label texts) but the label files "
+                                                    f"have num_labels={C}: line i must be label i's text")
+                return lines
+
+            label_src = TextSource("labels", lp, read_labels)
+        return out[0], out[1], label_src
+
+    def _lf_sources(self, d):
+        use_content = bool(self.dcfg.get("use_content", False))
+        variant = "-content" if use_content else "-title"
+        lbl = d / "lbl.json.gz"
+        C = count_lines(lbl)
+        if C == 0:
+            raise DataFormatError(lbl, 1, "no labels (empty file)")
+        out = []
+        for split, fname in (("train", "trn.json.gz"), ("test", "tst.json.gz")):
+            p = d / fname
+            cf = Path(self.paths.cache_dir) / "parsed" / f"lf-{fname.split('.')[0]}-{file_sha1(p)[:20]}-C{C}.npz"
+            Y = _load_labels(cf, C)
+            src = TextSource(split, p, lambda p=p: read_lf_json(p, C, use_content, want_labels=False)[0], variant)
+            if Y is None:
+                texts, Y = read_lf_json(p, C, use_content)
+                save_cache(cf, {"data": Y.data, "indices": Y.indices, "indptr": Y.indptr,
+                                "shape": np.array(Y.shape)})
+                src._texts = texts
+            out.append((src, Y))
+        label_src = TextSource("labels", lbl, lambda: read_lf_json(lbl, None, use_content, want_labels=False)[0],
+                               variant)
+        return out[0], out[1], label_src
+
+    # ---------------------------------------------------------------- tokens
+    def _make_tokenizer(self, src_tr):
+        k, t = self.tokenizer_kind, self.text_cfg
+        if k == "hf":
+            return HFTokenizer(resolve_model_dir(self.enc_cfg.get("name_or_path")))
+        if k == "hashing":
+            return HashTokenizer(t.get("hash_dim", 1 << 18))
+        # word vocabulary from the training texts, cached
+        bow = self.input_kind == "bow"
+        min_df = int(t.get("min_df", 2 if bow else 1))
+        max_df = float(t.get("max_df", 0.5 if bow else 1.0))
+        max_vocab = t.get("max_vocab", None)
+        max_vocab = int(max_vocab) if max_vocab else None
+        cf = Path(self.paths.cache_dir) / "tokens" / (
+            f"vocab-{src_tr.key}-df{min_df}-{max_df:g}-v{max_vocab or 'all'}.txt")
+        vocab = load_vocab(cf) if cf.exists() else None
+        if vocab is not None:
+            return WordTokenizer(vocab)
+        tok = WordTokenizer.build(src_tr.texts(), max_vocab=max_vocab, min_df=min_df, max_df=max_df)
+        save_vocab(cf, tok.vocab)
+        return tok
+
+    def _tokens(self, src, n_expected=None) -> TokenRows:
+        """The source's token rows: from the cache, or tokenised once and cached."""
+        cls = self.input_kind == "tokens"
+        key = f"{self.tokenizer.name}-L{self.max_len if self.max_len is not None else 'all'}" \
+              f"{'' if cls else '-bag'}-{src.key}"
+        cf = Path(self.paths.cache_dir) / "tokens" / f"{key}.npz"
+        rows = load_token_rows(cf, n_expected, self._id_bound())
+        if rows is not None:
+            self.token_cache[src.name] = "hit"
+            return rows
+        texts = src.texts()
+        if n_expected is not None:
+            self._check_count(src.path, len(texts), "the label data", n_expected)
+        rows = TokenRows.from_lists(self.tokenizer.encode(texts, self.max_len, cls=cls))
+        save_cache(cf, {"ids": rows.ids, "indptr": rows.indptr})
+        self.token_cache[src.name] = "miss"
+        return rows
+
+    def _id_bound(self):
+        return self.tokenizer.dim if self.tokenizer_kind == "hashing" else self.tokenizer.vocab_size
+
+    # ---------------------------------------------------------------- bag of words
+    def _bow_dim(self):
+        return self.tokenizer.dim if self.tokenizer_kind == "hashing" else len(self.tokenizer.vocab)
+
+    def _counts(self, rows: TokenRows) -> sp.csr_matrix:
+        ids = rows.ids.astype(np.int64)
+        r = np.repeat(np.arange(len(rows)), rows.lengths)
+        if self.tokenizer_kind != "hashing":  # drop [PAD]/[UNK]/[CLS]; vocabulary words start at 3
+            keep = ids >= N_SPECIAL
+            ids, r = ids[keep] - N_SPECIAL, r[keep]
+        X = sp.csr_matrix((np.ones(len(ids), np.float32), (r, ids)), shape=(len(rows), self._bow_dim()))
+        X.sum_duplicates()
+        return X
+
+    def _bag(self, rows) -> sp.csr_matrix:
+        X = tfidf_l2(self._counts(rows), self.idf, log_tf=True)
+        X.sort_indices()
+        return X
+
+    # ---------------------------------------------------------------- for the datamodule
+    def x(self, X, rows):
+        if self.input_kind == "tokens":
+            return X.padded(rows, self.tokenizer.pad_id)
+        return csr_rows_to_bag(X, rows)
+
+    def label_rows(self, dm):
+        if self._label_src is None:
+            raise MissingFileError(
+                f"dataset '{dm.name}': no label texts ({self._file('label_text_file')} not found in "
+                f"{dm.dataset_dir()}); set dataset.label_text_file")
+        rows = self._tokens(self._label_src, dm.num_labels)
+        self._label_src.release()
+        return rows if self.input_kind == "tokens" else self._bag(rows)
+
+    def lengths(self, X):
+        """Row lengths for length-grouped batches (token inputs), else None."""
+        return X.lengths if self.input_kind == "tokens" else None
+
+    def encoder_kwargs(self):
+        if self.input_kind == "tokens" and self.tokenizer_kind == "hf":
+            return {}
+        return {"num_features": int(self.num_features)}
+
+    def text_inputs(self, texts):
+        """Encoder inputs for arbitrary texts (e.g. prediction on new documents), one batch."""
+        cls = self.input_kind == "tokens"
+        rows = TokenRows.from_lists(self.tokenizer.encode(list(texts), self.max_len, cls=cls))
+        return self.x(rows if cls else self._bag(rows), np.arange(len(rows)))
+
+
+def _load_labels(path, num_labels):
+    """A cached label matrix (CSR with num_labels columns, valid structure), or None."""
+    z = load_npz(path, ("data", "indices", "indptr", "shape"))
+    if z is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in z["shape"])
+        Y = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
+        Y.check_format(full_check=True)
+    except (ValueError, TypeError, IndexError):
+        return None
+    return Y if len(shape) == 2 and shape[1] == num_labels else None

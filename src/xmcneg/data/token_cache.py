@@ -1,0 +1,172 @@
+"""Token rows and their on-disk cache.
+
+:class:`TokenRows` holds ragged rows of token ids (flat int32 ids + int64 row pointers). Tokenising a text file
+runs once per (tokenizer, max_len, file content): the rows are saved as ``.npz`` under
+``${paths.cache_dir}/tokens/<tokenizer>-L<max_len>-<sha1 of the file bytes>.npz`` and read back by later setups;
+word vocabularies are cached next to them as text (one word per line). Cache entries are written atomically and
+checked when read (zip CRCs, array shapes, id ranges, row counts): an entry that fails a check is rebuilt from the
+text, never used.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmcneg.data.formats import save_npz_atomic
+
+log = logging.getLogger("xmcneg")
+
+
+class TokenRows:
+    """Ragged rows of token ids: ``ids`` (flat int32) and ``indptr`` (int64, N + 1). ``rows[idx]`` gives a
+    TokenRows of those rows; ``shape`` = (N, longest row)."""
+
+    def __init__(self, ids, indptr):
+        self.ids = np.ascontiguousarray(ids, dtype=np.int32)
+        self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+        self.lengths = np.diff(self.indptr)
+
+    @property
+    def shape(self):
+        return (len(self.lengths), int(self.lengths.max()) if len(self.lengths) else 0)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, rows):
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        lens = self.lengths[rows]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        src = np.repeat(self.indptr[:-1][rows] - indptr[:-1], lens) + np.arange(indptr[-1])
+        return TokenRows(self.ids[src], indptr)
+
+    def padded(self, rows, pad_id=0):
+        """``{"input_ids", "attention_mask"}`` (B, L) LongTensors, L = the longest of these rows (>= 1)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lens = self.lengths[rows]
+        L = max(int(lens.max()) if len(lens) else 0, 1)
+        pos = np.arange(L)
+        mask = pos[None, :] < lens[:, None]
+        at = np.minimum(self.indptr[:-1][rows][:, None] + pos[None, :], max(len(self.ids) - 1, 0))
+        ids = np.where(mask, self.ids[at] if len(self.ids) else pad_id, pad_id).astype(np.int64)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+
+    @classmethod
+    def from_lists(cls, seqs):
+        """TokenRows of a list of id lists."""
+        lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        indptr = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        ids = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(indptr[-1]))
+        return cls(ids, indptr)
+
+
+# ------------------------------------------------------------------------------------------------ files
+_SHA_MEMO: dict = {}
+
+
+def file_sha1(path) -> str:
+    """sha1 of the file's bytes (memoised by path, size and mtime)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha1()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
+
+
+def load_npz(path, keys):
+    """The arrays ``keys`` of a cache file, or None when it is missing, unreadable, fails its CRC check or lacks
+    one of the keys (the caller then rebuilds the entry)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except Exception:  # noqa: BLE001  (corrupt / partial / foreign cache entry: re-make it)
+        return None
+
+
+def save_cache(path, arrays):
+    """:func:`save_npz_atomic`, logging instead of failing when the cache dir is not writable."""
+    try:
+        save_npz_atomic(path, arrays)
+    except OSError as e:
+        log.warning("could not write cache %s: %s", path, e)
+
+
+def load_token_rows(path, num_rows=None, vocab_size=None):
+    """Cached :class:`TokenRows`, or None when the entry is missing or not a consistent set of rows (integer
+    ids in [0, vocab_size), row pointers from 0 to the number of ids, never decreasing, ``num_rows`` rows)."""
+    z = load_npz(path, ("ids", "indptr"))
+    if z is None:
+        return None
+    ids, ptr = z["ids"], z["indptr"]
+    if ids.ndim != 1 or ptr.ndim != 1 or ids.dtype.kind not in "iu" or ptr.dtype.kind not in "iu" or len(ptr) < 1:
+        return None
+    if ptr[0] != 0 or ptr[-1] != len(ids) or np.any(np.diff(ptr) < 0):
+        return None
+    if num_rows is not None and len(ptr) - 1 != num_rows:
+        return None
+    if len(ids) and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
+        return None
+    return TokenRows(ids, ptr)
+
+
+_VOCAB_WORD = re.compile(r"\w+(?:['-]\w+)*\Z")
+
+
+def load_vocab(path):
+    """A cached word vocabulary (one word per line), or None when missing or not a list of distinct words."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    vocab = text.split("\n") if text else []
+    if len(set(vocab)) != len(vocab) or not all(_VOCAB_WORD.match(w) for w in vocab):
+        return None
+    return vocab
+
+
+def save_vocab(path, vocab):
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text("\n".join(vocab), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not write vocabulary cache %s: %s", path, e)
+
+
+class TextSource:
+    """One split's text: the file it comes from (its content keys the cache) and how to read it (memoised)."""
+
+    def __init__(self, name, path, read, variant=""):
+        self.name, self.path, self._read, self.variant = name, Path(path), read, variant
+        self._texts = None
+
+    @property
+    def key(self):
+        """The file's content and how it is decoded (gzip or not, which fields)."""
+        return file_sha1(self.path) + ("-gz" if self.path.name.endswith(".gz") else "") + self.variant
+
+    def texts(self):
+        if self._texts is None:
+            self._texts = self._read()
+        return self._texts
+
+    def release(self):
+        self._texts = None

@@ -61,10 +61,13 @@ def read_checkpoint(path, for_training=False):
     if not path.is_file():
         raise MissingFileError(f"ckpt_path: {path} not found")
     try:
-        # mmap: the tensors are not read into memory (train.py checks the checkpoint before Lightning loads it)
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as f:
+            f.read(1)
     except OSError as e:
         raise CheckpointError(path, f"cannot read it ({e.strerror or _short(e)})") from None
+    try:
+        # mmap: the tensors are not read into memory (train.py checks the checkpoint before Lightning loads it)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001  (any failure to decode an untrusted file means it is unusable)
         raise CheckpointError(path, f"not a readable checkpoint: truncated, corrupt or not written by torch.save "
                                     f"({_short(e)}); {WHAT_TO_DO}") from None

@@ -13,9 +13,14 @@ uniform, mips and ngame run again with `hardware.sparse_grad_sync=all_gather` (t
 sparse gradients all-gathered with dense collectives: the path NCCL takes) under the same checks, and must end with
 the same weights as the default (`auto` = DDP's sparse all-reduce on gloo).
 
+A mid-epoch resume retraces the uninterrupted run (slow): the preemption signal in batch 2 of epoch 1 on both ranks
+saves a mid-epoch checkpoint holding each rank's own RNG streams; the resumed run skips the batches already done
+and ends with the same weights, optimiser states and test metrics, bit for bit, on both ranks.
+
 Plus cheap unit tests of the rank-aware batching, of the per-rank sampler streams and of the sparse all-gather.
 """
 import json
+import signal
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -130,6 +135,31 @@ def test_all_gather_equals_ddp_sparse_allreduce(sampler, cache_dir, tmp_path_fac
     assert set(states[0]) == set(states[1])
     for k in ("label_w.weight", "label_b.weight", *sorted(k for k in states[0] if k.startswith("encoder."))):
         torch.testing.assert_close(states[1][k], states[0][k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_retraces_the_uninterrupted_run(cache_dir, tmp_path_factory, tmp_path):
+    ref = _train("uniform", "auto", cache_dir, tmp_path_factory)
+    out = tmp_path / "run"
+    args = [*DATA, "hardware=ddp_cpu", "hardware.sparse_grad_sync=auto", "sampler=uniform", "trainer.max_epochs=2",
+            "logger=csv", "trainer.enable_progress_bar=false", "debug.record_train_rows=true", f"hydra.run.dir={out}"]
+    p = run("train.py", [*args, "debug.kill_in=preempt", "debug.kill_epoch=1"], cache_dir, timeout=300)
+    assert p.returncode == -signal.SIGUSR2, p.stderr[-4000:]
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and len(ckpt["rank_states"]) == 2  # mid-epoch 1, with both ranks' streams
+    gens = [st["sampler_generator"] for st in ckpt["rank_states"]]
+    assert not torch.equal(*gens)  # each rank's own negative stream
+    p = run("train.py", [*args, "ckpt_path=last"], cache_dir, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "skipping the 3 training batches of epoch 1" in p.stderr + p.stdout
+    res, want = _load(out / "results.json"), _load(ref / "results.json")
+    assert res["test"] == want["test"] and res["global_step"] == want["global_step"]
+    for r in (0, 1):
+        done, full = _load(out / "debug" / f"train_rows_e1_r{r}.json"), _load(ref / "debug" / f"train_rows_e1_r{r}.json")
+        assert done == full[3:]  # the rest of epoch 1, in the uninterrupted order
+        s, w = _load(out / "debug" / f"fit_end_r{r}.json"), _load(ref / "debug" / f"fit_end_r{r}.json")
+        for key in ("state_dict", "optimizers", "debug_state", "global_step"):
+            assert s[key] == w[key], f"rank {r}: {key} differs from the uninterrupted run"
 
 
 # ------------------------------------------------------------------------------------------------ unit tests

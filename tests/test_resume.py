@@ -62,3 +62,34 @@ def test_preemption_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_pa
 def test_resume_after_kill_in_validation_or_checkpoint_save(point, reference, tmp_path):
     cache_tmp, ref = reference
     check_matches(kill_and_resume(point, tmp_path, cache_tmp), ref)
+
+
+def test_preemption_checkpoint_saves_then_hands_the_signal_to_submitit():
+    """Under the SLURM launcher the signal's previous handler is submitit's (it requeues the job): it gets the
+    signal after the checkpoint is saved, and is the handler again afterwards."""
+    import os
+    from types import SimpleNamespace
+
+    from xmcneg.resume import PreemptionCheckpoint
+
+    events = []
+
+    def submitit_handler(signum, frame):
+        events.append(("requeue", signum))
+
+    old = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        cb = PreemptionCheckpoint("run/checkpoints/last.ckpt", signal.SIGUSR2)
+        trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=lambda d, all=True: d),
+                                  save_checkpoint=lambda path: events.append(("save", path)),
+                                  current_epoch=1, global_step=7)
+        cb.on_fit_start(trainer, None)
+        cb.on_train_batch_end(trainer, None, None, None, 0)
+        assert events == []  # no signal yet
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert events == []  # the handler only takes note; the save waits for the batch end
+        cb.on_train_batch_end(trainer, None, None, None, 1)
+        assert events == [("save", "run/checkpoints/last.ckpt"), ("requeue", signal.SIGUSR2)]
+        assert signal.getsignal(signal.SIGUSR2) is submitit_handler
+    finally:
+        signal.signal(signal.SIGUSR2, old)

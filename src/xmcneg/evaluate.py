@@ -10,15 +10,13 @@ from omegaconf import OmegaConf
 
 from xmcneg.errors import ConfigError
 from xmcneg.records import peak_rss_mb, write_json
-from xmcneg.resume import check_fits
+from xmcneg.resume import check_fits, read_checkpoint
 
 log = logging.getLogger("xmcneg")
 
 
 def load_checkpoint(path):
     """The checkpoint at `path`, checked (xmcneg.resume.read_checkpoint: one error line naming the file)."""
-    from xmcneg.resume import read_checkpoint
-
     return read_checkpoint(path)
 
 

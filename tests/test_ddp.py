@@ -220,6 +220,52 @@ def test_all_gather_sparse_mean_matches_sparse_allreduce(tmp_path):
         assert out["w_maxdiff"] <= 1e-6 and out["b_maxdiff"] <= 1e-6, out
 
 
+# one rank of the per-rank RNG stream check: checkpoint written by rank 0, loaded by both
+RANK_STATES_WORKER = """
+import json, sys
+from types import SimpleNamespace
+import torch, torch.distributed as dist
+from xmcneg.methods.classifier import get_rng_state
+from xmcneg.records import AtomicCheckpointIO
+from xmcneg.resume import RankStates
+
+rank, world, port, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+torch.manual_seed(100 + rank)
+module = SimpleNamespace(sampler=SimpleNamespace(generator=torch.Generator().manual_seed(10 + rank)))
+torch.randint(0, 9, (rank + 1,), generator=module.sampler.generator)  # each rank at its own stream position
+own = {"gen": module.sampler.generator.get_state(), "torch": get_rng_state()["torch"]}
+ckpt = {"rng_state": get_rng_state(), "sampler_state": {"generator": module.sampler.generator.get_state()}}
+RankStates().on_save_checkpoint(None, module, ckpt)  # collective: every rank's streams into the checkpoint
+io = AtomicCheckpointIO()
+if rank == 0:  # as Lightning does: only rank 0 writes
+    io.save_checkpoint(ckpt, path)
+dist.barrier()
+loaded = io.load_checkpoint(path, weights_only=True)
+res = {"n_states": len(ckpt["rank_states"]), "no_states_left": "rank_states" not in loaded,
+       "own_generator": torch.equal(loaded["sampler_state"]["generator"], own["gen"]),
+       "own_rng": torch.equal(loaded["rng_state"]["torch"], own["torch"])}
+open(out, "w").write(json.dumps(res))
+dist.destroy_process_group()
+"""
+
+
+def test_each_rank_restores_its_own_rng_streams(tmp_path):
+    import subprocess
+    import sys
+
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_STATES_WORKER, str(r), "2", str(port),
+                               str(tmp_path / "c.ckpt"), str(tmp_path / f"r{r}.json")], stderr=subprocess.PIPE,
+                              text=True) for r in (0, 1)]
+    for pr in procs:
+        _, err = pr.communicate(timeout=120)
+        assert pr.returncode == 0, err[-3000:]
+    for r in (0, 1):
+        assert _load(tmp_path / f"r{r}.json") == {"n_states": 2, "no_states_left": True, "own_generator": True,
+                                                   "own_rng": True}, r
+
+
 @pytest.mark.parametrize("N", [1, 2, 3, 127, 128, 129, 130, 131, 570, 1000])
 @pytest.mark.parametrize("W", [1, 2, 3])
 def test_rank_batches_cover_every_row_once_with_equal_counts(N, W):

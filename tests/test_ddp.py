@@ -13,9 +13,14 @@ uniform, mips and ngame run again with `hardware.sparse_grad_sync=all_gather` (t
 sparse gradients all-gathered with dense collectives: the path NCCL takes) under the same checks, and must end with
 the same weights as the default (`auto` = DDP's sparse all-reduce on gloo).
 
+A mid-epoch resume retraces the uninterrupted run (slow): the preemption signal in batch 2 of epoch 1 on both ranks
+saves a mid-epoch checkpoint holding each rank's own RNG streams; the resumed run skips the batches already done
+and ends with the same weights, optimiser states and test metrics, bit for bit, on both ranks.
+
 Plus cheap unit tests of the rank-aware batching, of the per-rank sampler streams and of the sparse all-gather.
 """
 import json
+import signal
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -132,6 +137,31 @@ def test_all_gather_equals_ddp_sparse_allreduce(sampler, cache_dir, tmp_path_fac
         torch.testing.assert_close(states[1][k], states[0][k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.slow
+def test_mid_epoch_resume_retraces_the_uninterrupted_run(cache_dir, tmp_path_factory, tmp_path):
+    ref = _train("uniform", "auto", cache_dir, tmp_path_factory)
+    out = tmp_path / "run"
+    args = [*DATA, "hardware=ddp_cpu", "hardware.sparse_grad_sync=auto", "sampler=uniform", "trainer.max_epochs=2",
+            "logger=csv", "trainer.enable_progress_bar=false", "debug.record_train_rows=true", f"hydra.run.dir={out}"]
+    p = run("train.py", [*args, "debug.kill_in=preempt", "debug.kill_epoch=1"], cache_dir, timeout=300)
+    assert p.returncode == -signal.SIGUSR2, p.stderr[-4000:]
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and len(ckpt["rank_states"]) == 2  # mid-epoch 1, with both ranks' streams
+    gens = [st["sampler_generator"] for st in ckpt["rank_states"]]
+    assert not torch.equal(*gens)  # each rank's own negative stream
+    p = run("train.py", [*args, "ckpt_path=last"], cache_dir, timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "skipping the 3 training batches of epoch 1" in p.stderr + p.stdout
+    res, want = _load(out / "results.json"), _load(ref / "results.json")
+    assert res["test"] == want["test"] and res["global_step"] == want["global_step"]
+    for r in (0, 1):
+        done, full = _load(out / "debug" / f"train_rows_e1_r{r}.json"), _load(ref / "debug" / f"train_rows_e1_r{r}.json")
+        assert done == full[3:]  # the rest of epoch 1, in the uninterrupted order
+        s, w = _load(out / "debug" / f"fit_end_r{r}.json"), _load(ref / "debug" / f"fit_end_r{r}.json")
+        for key in ("state_dict", "optimizers", "debug_state", "global_step"):
+            assert s[key] == w[key], f"rank {r}: {key} differs from the uninterrupted run"
+
+
 # ------------------------------------------------------------------------------------------------ unit tests
 def _free_port():
     with socket.socket() as s:
@@ -188,6 +218,52 @@ def test_all_gather_sparse_mean_matches_sparse_allreduce(tmp_path):
         out = _load(tmp_path / f"r{r}.json")
         assert out["unused_none"] and out["coalesced"]
         assert out["w_maxdiff"] <= 1e-6 and out["b_maxdiff"] <= 1e-6, out
+
+
+# one rank of the per-rank RNG stream check: checkpoint written by rank 0, loaded by both
+RANK_STATES_WORKER = """
+import json, sys
+from types import SimpleNamespace
+import torch, torch.distributed as dist
+from xmcneg.methods.classifier import get_rng_state
+from xmcneg.records import AtomicCheckpointIO
+from xmcneg.resume import RankStates
+
+rank, world, port, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+torch.manual_seed(100 + rank)
+module = SimpleNamespace(sampler=SimpleNamespace(generator=torch.Generator().manual_seed(10 + rank)))
+torch.randint(0, 9, (rank + 1,), generator=module.sampler.generator)  # each rank at its own stream position
+own = {"gen": module.sampler.generator.get_state(), "torch": get_rng_state()["torch"]}
+ckpt = {"rng_state": get_rng_state(), "sampler_state": {"generator": module.sampler.generator.get_state()}}
+RankStates().on_save_checkpoint(None, module, ckpt)  # collective: every rank's streams into the checkpoint
+io = AtomicCheckpointIO()
+if rank == 0:  # as Lightning does: only rank 0 writes
+    io.save_checkpoint(ckpt, path)
+dist.barrier()
+loaded = io.load_checkpoint(path, weights_only=True)
+res = {"n_states": len(ckpt["rank_states"]), "no_states_left": "rank_states" not in loaded,
+       "own_generator": torch.equal(loaded["sampler_state"]["generator"], own["gen"]),
+       "own_rng": torch.equal(loaded["rng_state"]["torch"], own["torch"])}
+open(out, "w").write(json.dumps(res))
+dist.destroy_process_group()
+"""
+
+
+def test_each_rank_restores_its_own_rng_streams(tmp_path):
+    import subprocess
+    import sys
+
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_STATES_WORKER, str(r), "2", str(port),
+                               str(tmp_path / "c.ckpt"), str(tmp_path / f"r{r}.json")], stderr=subprocess.PIPE,
+                              text=True) for r in (0, 1)]
+    for pr in procs:
+        _, err = pr.communicate(timeout=120)
+        assert pr.returncode == 0, err[-3000:]
+    for r in (0, 1):
+        assert _load(tmp_path / f"r{r}.json") == {"n_states": 2, "no_states_left": True, "own_generator": True,
+                                                   "own_rng": True}, r
 
 
 @pytest.mark.parametrize("N", [1, 2, 3, 127, 128, 129, 130, 131, 570, 1000])

@@ -8,19 +8,16 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from xmcneg.errors import ConfigError, MissingFileError
+from xmcneg.errors import ConfigError
 from xmcneg.records import peak_rss_mb, write_json
+from xmcneg.resume import check_fits, read_checkpoint
 
 log = logging.getLogger("xmcneg")
 
 
 def load_checkpoint(path):
-    if not Path(path).exists():
-        raise MissingFileError(f"ckpt_path: {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "xmcneg_config" not in ckpt:
-        raise ConfigError("ckpt_path", f"{path} was not written by xmcneg's train.py (no stored config)")
-    return ckpt
+    """The checkpoint at `path`, checked (xmcneg.resume.read_checkpoint: one error line naming the file)."""
+    return read_checkpoint(path)
 
 
 def model_config(cfg, ckpt):
@@ -35,7 +32,7 @@ def model_config(cfg, ckpt):
     return mcfg
 
 
-def build_trained(cfg, ckpt):
+def build_trained(cfg, ckpt, path=None):
     from xmcneg.data.datamodule import build_datamodule
     from xmcneg.factory import build_module
 
@@ -43,10 +40,9 @@ def build_trained(cfg, ckpt):
     dm.prepare_data()
     dm.setup("test")
     module = build_module(cfg, dm)
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
-    if missing or unexpected:
-        raise ConfigError("dataset", f"checkpoint does not fit this model/dataset (missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]}); evaluate on a dataset with the same labels")
+    check_fits(path, ckpt, module, hint="evaluate it on a dataset with the labels and features it was trained on, "
+                                        "or point ckpt_path to a checkpoint trained on this dataset")
+    module.load_state_dict(ckpt["state_dict"])
     if getattr(module, "sampler", None) is not None and ckpt.get("sampler_state") is not None:
         module.sampler.setup(dm, None, state=ckpt["sampler_state"])
     module.eval()
@@ -96,7 +92,7 @@ def run(cfg):
     out_dir = Path(cfg.paths.output_dir)
     ckpt = load_checkpoint(cfg.ckpt_path)
     mcfg = model_config(cfg, ckpt)
-    dm, module = build_trained(mcfg, ckpt)
+    dm, module = build_trained(mcfg, ckpt, cfg.ckpt_path)
     if cfg.mode == "predict":
         return predict(cfg, mcfg, dm, module)
     if cfg.mode != "test":

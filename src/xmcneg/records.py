@@ -4,19 +4,25 @@ The clock runs from fit start (so a sampler's one-time fitting, e.g. the adversa
 time, as in the paper's plots) and pauses during validation. Its state is saved in checkpoints, so a resumed run
 keeps counting from where it stopped. Files are written atomically (temp file + os.replace).
 """
+import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
 import resource
 import signal
+import sys
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from xmcneg.errors import XMCError
 
 
 def atomic_write_text(path, text):
@@ -33,47 +39,115 @@ def write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+class CheckpointWriteError(XMCError):
+    """A checkpoint could not be written (disk full, unwritable dir): the previous checkpoint is kept."""
+
+    resumable = True  # a re-run sweep resumes the job from its previous checkpoint
+
+    def __init__(self, path, err):
+        reason = err.strerror or str(err) if isinstance(err, OSError) else str(err)
+        super().__init__(f"{path}: cannot write the checkpoint ({reason}); the previous checkpoint is kept and "
+                         f"loadable: free space or make {Path(path).parent} writable, then resume with ckpt_path=last "
+                         f"and the same hydra.run.dir")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temp file, fsynced, then renamed: a kill never leaves a corrupt checkpoint."""
+    """Checkpoints written to a temp file, fsynced, then renamed: a kill never leaves a corrupt checkpoint, and a
+    failed write (OSError: disk full, unwritable dir) removes the temp file, keeps the previous checkpoint and stops
+    the run with CheckpointWriteError. Loading picks this rank's RNG streams (xmcneg.resume.select_rank_state)."""
 
     kill_before_rename = False  # test hook (debug.kill_in=ckpt): die between writing and renaming
+    fail_write = False  # test hook (debug.kill_in=enospc): the write fails with ENOSPC after some bytes
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                if self.fail_write:
+                    f.write(b"\x80\x02" * 512)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise CheckpointWriteError(path, e) from None
         if self.kill_before_rename:
             os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)
 
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        from xmcneg.resume import select_rank_state
+
+        return select_rank_state(super().load_checkpoint(path, map_location=map_location, weights_only=weights_only))
+
 
 class KillSwitch(pl.Callback):
-    """Test hook (debug.kill_in / debug.kill_epoch): SIGKILL this process in the middle of a training epoch
-    (`train`), at the start of a validation (`val`), or while a checkpoint is being saved (`ckpt`)."""
+    """Test hook (debug.kill_in / debug.kill_epoch), in epoch `kill_epoch` of a run that was not resumed: SIGKILL
+    this process in the middle of a training epoch (`train`), at the start of a validation (`val`) or while a
+    checkpoint is being saved (`ckpt`); send it the preemption signal in the middle of a training epoch (`preempt`,
+    every rank: see xmcneg.resume.PreemptionCheckpoint); or make the epoch-end checkpoint write fail with ENOSPC
+    (`enospc`)."""
 
-    POINTS = ("train", "val", "ckpt")
+    POINTS = ("train", "val", "ckpt", "preempt", "enospc")
 
     def __init__(self, point, epoch):
         self.point, self.epoch = point, int(epoch)
+        self.armed = True
 
     def _die(self):
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def on_fit_start(self, trainer, pl_module):
+        self.armed = trainer.ckpt_path is None  # a resumed run is not killed again
+
+    def _now(self, trainer, point):
+        return self.armed and self.point == point and trainer.current_epoch == self.epoch
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.point == "train" and trainer.current_epoch == self.epoch and batch_idx == 2:
+        if self._now(trainer, "train") and batch_idx == 2:
             self._die()
+        if self._now(trainer, "preempt") and batch_idx == 2:
+            from xmcneg.resume import preempt_signal
+
+            os.kill(os.getpid(), preempt_signal())
 
     def on_validation_start(self, trainer, pl_module):
-        if self.point == "val" and trainer.current_epoch == self.epoch:
+        if self._now(trainer, "val"):
             self._die()
 
     def on_train_epoch_start(self, trainer, pl_module):
-        if self.point == "ckpt" and trainer.current_epoch == self.epoch:
+        if self._now(trainer, "ckpt"):
             trainer.strategy.checkpoint_io.kill_before_rename = True
+        if self._now(trainer, "enospc"):
+            trainer.strategy.checkpoint_io.fail_write = True
+
+
+class OutputDirCheck(HydraCallback):
+    """Hydra callback (conf/train.yaml hydra.callbacks): before Hydra writes into the run dir (the sweep dir for
+    -m), check that it can be created and written; if not, one line `error: DIR: ...` and exit code 2."""
+
+    def on_run_start(self, config, **kwargs):
+        check_writable_dir(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs):
+        check_writable_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def check_writable_dir(d, key):
+    d = Path(str(d))
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write_test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        print(f"error: {d}: cannot write the run's output there ({e.strerror or e}); set {key} to a writable dir",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def tensor_digest(t) -> str:
@@ -172,13 +246,14 @@ def time_to_target(rows, target, key="val/P@1"):
 class RunRecorder(pl.Callback):
     """Keeps the train-time clock and writes metrics.csv rows; logs train_time_s to every logger."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, resume=True):
         self.out_dir = Path(out_dir)
         self.csv_path = self.out_dir / "metrics.csv"
         self.train_time = 0.0
         self.samples = 0
         self._started = None
-        self.rows = read_metrics_csv(self.csv_path)
+        # a resumed run keeps the rows up to its checkpoint (load_state_dict); a fresh one starts a new file
+        self.rows = read_metrics_csv(self.csv_path) if resume else []
 
     # clock
     def start(self):

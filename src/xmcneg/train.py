@@ -72,6 +72,7 @@ def run(cfg: DictConfig):
     from xmcneg.factory import build_module
     from xmcneg.methods.label_table import SPARSE_GRAD_SYNC
     from xmcneg.records import AtomicCheckpointIO, KillSwitch, RankDebugRecorder, RunRecorder
+    from xmcneg import resume
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,13 +81,18 @@ def run(cfg: DictConfig):
                "status": "running"}
     recorder = None
     t_start = time.perf_counter()
-    if is_multirun() and not cfg.ckpt_path:
+    sweep_job = is_multirun() and not cfg.ckpt_path
+    if sweep_job:
         done = read_results(out_dir / "results.json")
         if done.get("status") == "completed":  # re-running a sweep only runs the jobs not yet completed
             log.info("skipping %s: results.json says completed", out_dir)
             return done.get("test", {}).get("P@1")
     try:
         check_multirun(cfg)
+        # a re-run sweep job resumes from its own last.ckpt (xmcneg.resume.sweep_resume_ckpt); checkpoints are
+        # untrusted input: checked before anything is built
+        ckpt_path = resume.sweep_resume_ckpt(out_dir) if sweep_job else resolve_ckpt(cfg, out_dir)
+        resume_ckpt = resume.read_checkpoint(ckpt_path, for_training=True) if ckpt_path else None
         if cfg.hardware.num_threads:
             torch.set_num_threads(int(cfg.hardware.num_threads))
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -105,13 +111,20 @@ def run(cfg: DictConfig):
         if cfg.debug.nan_at_step is not None:
             module.fault_step = int(cfg.debug.nan_at_step)
         results["num_labels"] = int(dm.num_labels)
-        recorder = RunRecorder(out_dir)
+        if resume_ckpt is not None:
+            resume.check_fits(ckpt_path, resume_ckpt, module, cfg)
+            at = {"epoch": int(resume_ckpt["epoch"]), "global_step": int(resume_ckpt["global_step"])}
+            results["resumed_from"] = {"ckpt": ckpt_path, **at}
+            log.info("resuming from %s (epoch %d, step %d)", ckpt_path, at["epoch"], at["global_step"])
+            resume_ckpt = None
+        recorder = RunRecorder(out_dir, resume=ckpt_path is not None)
         # one rolling checkpoint, checkpoints/last.ckpt, replaced atomically at every epoch end
         ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="last", save_top_k=1, monitor=None,
                                enable_version_counter=False, every_n_epochs=1, save_on_train_epoch_end=True)
         best = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="best", monitor="val/P@1", mode="max",
                                save_top_k=1, enable_version_counter=False)
-        callbacks = [recorder, ckpt, best]
+        callbacks = [recorder, ckpt, best, resume.RankStates(), resume.SkipDoneBatches(),
+                     resume.PreemptionCheckpoint(out_dir / "checkpoints" / "last.ckpt")]
         kill_in = cfg.debug.kill_in
         if kill_in is not None:
             if kill_in not in KillSwitch.POINTS:
@@ -135,7 +148,7 @@ def run(cfg: DictConfig):
             # would pad the training split with duplicates and could re-create a method's batch sampler
             use_distributed_sampler=False,
         )
-        trainer.fit(module, datamodule=dm, ckpt_path=resolve_ckpt(cfg, out_dir), weights_only=True)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         fit_wall = time.perf_counter() - t_start
         # snapshot the run's accounting now: testing the best checkpoint restores the recorder's state from it
         train_time, samples, rows = recorder.train_time, recorder.samples, list(recorder.rows)
@@ -165,7 +178,9 @@ def run(cfg: DictConfig):
         vals = [r["val/P@1"] for r in rows if isinstance(r.get("val/P@1"), float)]
         return max(vals) if vals else None
     except BaseException as e:
-        results.update({"status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0],
+        # "input": bad input or config, which a re-run sweep does not resume from (see xmcneg.resume)
+        kind = "input" if isinstance(e, XMCError) and not getattr(e, "resumable", False) else "crash"
+        results.update({"status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0], "error": kind,
                         "peak_rss_mb": round(peak_rss_mb(), 1)})
         if recorder is not None:
             results.update({"train_time_s": round(recorder.elapsed(), 3), "epochs_logged": len(recorder.rows)})

@@ -85,7 +85,7 @@ def run_omikuji(Xtr, Ytr, Xte, threads):
     hp.linear_loss_type = omikuji.LossType.HINGE.value
     hp.linear_c, hp.linear_eps, hp.linear_weight_threshold = p["linear_c"], p["linear_eps"], \
         p["linear_weight_threshold"]
-    keep = Ytr.getnnz(axis=1) > 0  # omikuji's reader needs at least one label per line
+    keep = (Ytr.getnnz(axis=1) > 0) & (Xtr.getnnz(axis=1) > 0)  # omikuji's reader needs a label and a feature
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "train.txt")
@@ -177,6 +177,7 @@ def evaluate(library, data, threads):
 
 
 def _child(library, data, threads, conn):
+    os.dup2(2, 1)  # the libraries' own logs go to stderr; stdout carries only the JSON lines
     try:
         conn.send(("ok", evaluate(library, data, threads)))
     except Exception as e:  # noqa: BLE001 - reported as the library's line, the other libraries go on
@@ -229,7 +230,7 @@ def main(argv=None):
     try:
         data = load_split(a.overrides)
     except (XMCError, HydraException) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)  # Hydra's messages list the options
         return 2
     failed = False
     for library in a.libraries:

@@ -13,7 +13,9 @@ of the "test" split. Scores come from `xmcneg.eval.metrics.xc_metrics` with the 
 
 The libraries come with the optional extra: pip install -e .[peers]. Their hyper-parameters are the libraries'
 standard ones (Parabel's for omikuji, PECOS's XR-Linear defaults, napkinXC's PLT defaults); they are printed with
-every line.
+every line. PECOS and napkinXC are seeded (seed 0); omikuji has no seed, so its figures vary slightly between runs
+(Bibtex P@1 .630-.633 in three runs). omikuji's file reader needs a label and a feature on every line: training rows
+without either are left out for omikuji only.
 """
 import argparse
 import importlib.util
@@ -31,7 +33,8 @@ LIBRARIES = ("omikuji", "pecos", "napkinxc")
 PACKAGES = {"omikuji": "omikuji", "pecos": "libpecos", "napkinxc": "napkinxc"}
 TOP_K = 5
 
-# Parabel's settings (omikuji's defaults): 3 trees, 2-means splits down to 100 labels, squared-hinge SVMs, C=1.
+# Parabel's settings (omikuji's defaults): 3 trees, balanced 2-means splits down to 100 labels, hinge-loss linear
+# classifiers (C=1), weights pruned below 0.1, beam 10.
 OMIKUJI_PARAMS = {"n_trees": 3, "cluster_k": 2, "min_branch_size": 100, "max_depth": 20, "linear_loss": "hinge",
                   "linear_c": 1.0, "linear_eps": 0.1, "linear_weight_threshold": 0.1, "beam_size": 10}
 # PECOS XR-Linear defaults: PIFA label embeddings, 16-way hierarchical k-means to leaves of <= 100 labels,

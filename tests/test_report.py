@@ -313,14 +313,19 @@ def test_report_peers_table_and_reference_lines(sweep, tmp_path, monkeypatch):
         {"dataset": "synthetic", "library": "pecos", "status": "failed", "reason": "RuntimeError: boom"},
         _peer("bibtex", "omikuji", 0.6311, 0.28),
     ]) + "\n\n")
-    drawn = []
-    axhline = matplotlib.axes.Axes.axhline
+    drawn, notes = [], []
+    axhline, annotate = matplotlib.axes.Axes.axhline, matplotlib.axes.Axes.annotate
 
-    def spy(ax, y=0, *args, **kwargs):
+    def spy_line(ax, y=0, *args, **kwargs):
         drawn.append((ax.get_ylabel(), round(y, 4), kwargs.get("label")))
         return axhline(ax, y, *args, **kwargs)
 
-    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", spy)
+    def spy_note(ax, text, *args, **kwargs):
+        notes.append((ax.get_ylabel(), text))
+        return annotate(ax, text, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", spy_line)
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", spy_note)
     out = tmp_path / "rep"
     assert report.main([str(sweep), "--out", str(out), "--peers", str(peers)]) == 0
 
@@ -329,21 +334,20 @@ def test_report_peers_table_and_reference_lines(sweep, tmp_path, monkeypatch):
     assert "| synthetic | omikuji | 1.0 | 0.7123 |" in section and "| 0.4100 |" in section
     assert "| synthetic | napkinxc |" in section and "failed: RuntimeError: boom" in section
     assert "bibtex" not in section
-    lines = [d for d in drawn if d[2] and "target" not in d[2]]
-    # each peer on both panels of its metric (time and epoch axes)
-    assert sorted(lines) == sorted([
-        ("val/P@1", 0.7123, "omikuji (synthetic) test 0.712"), ("val/P@1", 0.7123, "omikuji (synthetic) test 0.712"),
-        ("val/P@1", 0.6987, "napkinxc (synthetic) test 0.699"), ("val/P@1", 0.6987, "napkinxc (synthetic) test 0.699"),
-        ("val/P@5", 0.41, "omikuji (synthetic) test 0.410"), ("val/P@5", 0.41, "omikuji (synthetic) test 0.410"),
-        ("val/P@5", 0.40, "napkinxc (synthetic) test 0.400"), ("val/P@5", 0.40, "napkinxc (synthetic) test 0.400"),
-    ])
+    lines = [d for d in drawn if "target" not in (d[2] or "")]
+    # each peer on both panels of its metric (time and epoch axes), one legend entry per library and panel
+    assert sorted(d[:2] for d in lines) == sorted(2 * [("val/P@1", 0.7123), ("val/P@1", 0.6987),
+                                                       ("val/P@5", 0.41), ("val/P@5", 0.40)])
+    assert sorted(d[2] for d in lines if d[2] != "_nolegend_") == sorted(4 * ["omikuji (test)", "napkinxc (test)"])
+    assert sorted(notes) == sorted(2 * [("val/P@1", "omikuji 0.712"), ("val/P@1", "napkinxc 0.699"),
+                                        ("val/P@5", "omikuji 0.410"), ("val/P@5", "napkinxc 0.400")])
     assert [p["library"] for p in json.loads((out / "summary.json").read_text())["peers"]] == \
         ["omikuji", "napkinxc", "pecos"]
     # without --peers: no section, no reference lines
-    drawn.clear()
+    drawn.clear(), notes.clear()
     assert report.main([str(sweep), "--out", str(tmp_path / "plain")]) == 0
     assert "Linear baselines" not in (tmp_path / "plain" / "summary.md").read_text()
-    assert all("test" not in (d[2] or "") for d in drawn)
+    assert all("target" in (d[2] or "") for d in drawn) and not notes
 
 
 def test_report_peers_bad_file(sweep, tmp_path, capsys):

@@ -486,6 +486,28 @@ def _band(curves, log_x=False, n_grid=200):
     return grid, np.nanmean(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
 
 
+PEER_STYLES = ((0, (6, 2)), (0, (2, 2)), (0, (6, 2, 2, 2)), (0, (1, 1)))
+
+
+def draw_peers(ax, peers, key):
+    """Each peer's test `key` (P@1 / P@5) as a horizontal line, one style per library (one legend entry each),
+    annotated at the right edge with the library (and the dataset when there are several) and the value."""
+    libraries = sorted({p["library"] for p in peers})
+    several = len({p["dataset"] for p in peers}) > 1
+    seen = set()
+    for peer in peers:
+        y = _float(peer.get(key))
+        if math.isnan(y):
+            continue
+        lib = peer["library"]
+        ax.axhline(y, color="black", linewidth=0.9, linestyle=PEER_STYLES[libraries.index(lib) % len(PEER_STYLES)],
+                   label="_nolegend_" if lib in seen else f"{lib} (test)")
+        seen.add(lib)
+        text = f"{peer_label(peer) if several else lib} {y:.3f}"
+        ax.annotate(text, (1.0, y), xycoords=ax.get_yaxis_transform(), xytext=(-2, 1),
+                    textcoords="offset points", ha="right", va="bottom", fontsize="x-small")
+
+
 def plot_convergence(groups, path, log_time=False, target=None, peers=()):
     import matplotlib
     matplotlib.use("Agg", force=True)
@@ -522,13 +544,7 @@ def plot_convergence(groups, path, log_time=False, target=None, peers=()):
                 ax.set_xscale("log")
             if target is not None and metric == "val/P@1":
                 ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
-            key = metric.split("/", 1)[1]  # the peer's test value of the same metric
-            for pi, peer in enumerate(p for p in peers if not math.isnan(_float(p.get(key)))):
-                y = _float(peer[key])
-                ax.axhline(y, color="black", linestyle=(0, (1 + pi, 2)), linewidth=1,
-                           label=f"{peer_label(peer)} test {y:.3f}")
-                ax.annotate(peer["library"], (1.0, y), xycoords=ax.get_yaxis_transform(), xytext=(-2, 2),
-                            textcoords="offset points", ha="right", va="bottom", fontsize="x-small")
+            draw_peers(ax, peers, metric.split("/", 1)[1])
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         axes[0][0].legend(loc="lower right", fontsize="small")

@@ -291,3 +291,74 @@ def test_each_job_in_one_process_gets_its_own_wandb_run(tmp_path, monkeypatch):
         assert len(runs) == 1, runs
         run_ids.append(runs[0].name.rsplit("-", 1)[-1])
     assert run_ids[0] != run_ids[1]
+
+
+# ---------------------------------------------------------------------------------------------------- peers
+def _peer(dataset, library, p1, p5, **extra):
+    line = {"dataset": dataset, "library": library, "version": "1.0", "P@1": p1, "P@3": p1 * 0.8, "P@5": p5,
+            "nDCG@5": p1 * 0.9, "PSP@5": p1 * 0.7, "train_s": 2.5, "predict_s": 0.5, "peak_rss_mb": 300.0}
+    line.update(extra)
+    return line
+
+
+def test_report_peers_table_and_reference_lines(sweep, tmp_path, monkeypatch):
+    """--peers: the sweep's dataset's peer lines (not another dataset's) in summary.md and as labelled horizontal
+    lines at their test P@1 / P@5 on the P@1 / P@5 panels; a failed peer is listed, not drawn."""
+    import matplotlib.axes
+
+    peers = tmp_path / "peers.jsonl"
+    peers.write_text("\n".join(json.dumps(p) for p in [
+        _peer("synthetic", "omikuji", 0.7123, 0.41),
+        _peer("synthetic", "napkinxc", 0.6987, 0.40),
+        {"dataset": "synthetic", "library": "pecos", "status": "failed", "reason": "RuntimeError: boom"},
+        _peer("bibtex", "omikuji", 0.6311, 0.28),
+    ]) + "\n\n")
+    drawn, notes = [], []
+    axhline, annotate = matplotlib.axes.Axes.axhline, matplotlib.axes.Axes.annotate
+
+    def spy_line(ax, y=0, *args, **kwargs):
+        drawn.append((ax.get_ylabel(), round(y, 4), kwargs.get("label")))
+        return axhline(ax, y, *args, **kwargs)
+
+    def spy_note(ax, text, *args, **kwargs):
+        notes.append((ax.get_ylabel(), text))
+        return annotate(ax, text, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", spy_line)
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", spy_note)
+    out = tmp_path / "rep"
+    assert report.main([str(sweep), "--out", str(out), "--peers", str(peers)]) == 0
+
+    md = (out / "summary.md").read_text()
+    section = md.split("## Linear baselines (benchmarks/peers.py)")[1].split("## Failed / unfinished runs")[0]
+    assert "| synthetic | omikuji | 1.0 | 0.7123 |" in section and "| 0.4100 |" in section
+    assert "| synthetic | napkinxc |" in section and "failed: RuntimeError: boom" in section
+    assert "bibtex" not in section
+    lines = [d for d in drawn if "target" not in (d[2] or "")]
+    # each peer on both panels of its metric (time and epoch axes), one legend entry per library and panel
+    assert sorted(d[:2] for d in lines) == sorted(2 * [("val/P@1", 0.7123), ("val/P@1", 0.6987),
+                                                       ("val/P@5", 0.41), ("val/P@5", 0.40)])
+    assert sorted(d[2] for d in lines if d[2] != "_nolegend_") == sorted(4 * ["omikuji (test)", "napkinxc (test)"])
+    assert sorted(notes) == sorted(2 * [("val/P@1", "omikuji 0.712"), ("val/P@1", "napkinxc 0.699"),
+                                        ("val/P@5", "omikuji 0.410"), ("val/P@5", "napkinxc 0.400")])
+    assert [p["library"] for p in json.loads((out / "summary.json").read_text())["peers"]] == \
+        ["omikuji", "napkinxc", "pecos"]
+    # without --peers: no section, no reference lines
+    drawn.clear(), notes.clear()
+    assert report.main([str(sweep), "--out", str(tmp_path / "plain")]) == 0
+    assert "Linear baselines" not in (tmp_path / "plain" / "summary.md").read_text()
+    assert all("target" in (d[2] or "") for d in drawn) and not notes
+
+
+def test_report_peers_bad_file(sweep, tmp_path, capsys):
+    bad = tmp_path / "peers.jsonl"
+    bad.write_text(json.dumps(_peer("synthetic", "omikuji", 0.7, 0.4)) + "\n{not json\n")
+    assert report.main([str(sweep), "--out", str(tmp_path / "o"), "--peers", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}:2: not a JSON line") and "\n" not in err
+    bad.write_text(json.dumps({"library": "omikuji"}) + "\n")
+    assert report.main([str(sweep), "--peers", str(bad)]) == 2
+    assert f"{bad}:1: expected a JSON object" in capsys.readouterr().err
+    assert report.main([str(sweep), "--peers", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,7 @@
 """Sweep report: run dirs -> convergence.png, summary.md, summary.csv (DESIGN.md sections 1 and 3).
 
     python -m xmcneg.report SWEEP_DIR [MORE_DIRS ...] [--target P1] [--log-time] [--out DIR] [--group-by KEY]
+                            [--peers PEERS.jsonl]
 
 Every run dir found (recursively) under the given dirs is read; a run dir is a dir holding `.hydra/`,
 `results.json` or `metrics.csv` (the search does not descend into a run dir, so its `csv/` logger dir or
@@ -19,6 +20,9 @@ Every run dir found (recursively) under the given dirs is read; a run dir is a d
 - convergence.png: 2x2, validation P@1 / P@5 against train time and against epoch; per group the mean over seeds
   with a min-max band, and each run's own validation points as faint dots. Each run's curve is linearly
   interpolated onto a common grid over the range all runs of the group cover (never extrapolated).
+- --peers: the JSON lines of `benchmarks/peers.py` (linear baselines). The lines of the sweep's datasets (the
+  completed runs' results.json "dataset"; all lines when no run names one) get a table in summary.md and are drawn
+  as labelled horizontal lines (their test P@1 / P@5) on the P@1 / P@5 panels of convergence.png.
 """
 import argparse
 import csv
@@ -223,6 +227,36 @@ def group_label(run, group_by=()):
     return label + (" " + ",".join(extra) if extra else "")
 
 
+def read_peers(path):
+    """The JSON lines of benchmarks/peers.py (one dict per line; blank lines skipped). A line that is not a JSON
+    object with "dataset" and "library" raises ValueError("FILE:LINE: ...")."""
+    lines = []
+    with open(path) as f:
+        for n, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+            if not isinstance(line, dict) or "dataset" not in line or "library" not in line:
+                raise ValueError(f"{path}:{n}: expected a JSON object with \"dataset\" and \"library\"")
+            lines.append(line)
+    return lines
+
+
+def peers_for_runs(peers, runs):
+    """The peer lines of the datasets of the completed runs (all lines if no run names its dataset)."""
+    datasets = {str(r.results["dataset"]) for r in runs if r.completed and r.results.get("dataset")}
+    if not datasets:
+        return list(peers)
+    return [p for p in peers if str(p["dataset"]) in datasets]
+
+
+def peer_label(peer):
+    return f"{peer['library']} ({peer['dataset']})"
+
+
 # ---------------------------------------------------------------------------------------------------- aggregation
 def mean_std(values):
     """(mean, sample std (0 for n=1), n) over the finite values."""
@@ -330,7 +364,30 @@ def summary_csv(rows):
     return buf.getvalue()
 
 
-def summary_md(rows, target, source, first, failed, runs, out_dir, plot_name="convergence.png"):
+PEER_COLUMNS = [("P@1", "test P@1", 4), ("P@3", "P@3", 4), ("P@5", "P@5", 4), ("nDCG@5", "nDCG@5", 4),
+                ("PSP@5", "PSP@5", 4), ("train_s", "train time (s)", 1), ("predict_s", "predict time (s)", 1),
+                ("peak_rss_mb", "peak RSS (MB)", 0)]
+
+
+def peers_md(peers):
+    """The '## Linear baselines' section of summary.md."""
+    lines = ["## Linear baselines (benchmarks/peers.py)", ""]
+    if not peers:
+        return lines + ["No peer line for the datasets of this sweep.", ""]
+    hdr = ["dataset", "library", "version"] + [h for _, h, _ in PEER_COLUMNS]
+    lines.append("| " + " | ".join(hdr) + " |")
+    lines.append("|" + "---|" * len(hdr))
+    for p in peers:
+        cells = [_md_escape(p["dataset"]), _md_escape(p["library"]), _md_escape(p.get("version", "–"))]
+        if p.get("status") == "failed":
+            cells += [f"failed: {_md_escape(p.get('reason', ''))}"] + ["–"] * (len(PEER_COLUMNS) - 1)
+        else:
+            cells += [_fmt((_float(p.get(k)), 0.0, 1), d) for k, _, d in PEER_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def summary_md(rows, target, source, first, failed, runs, out_dir, plot_name="convergence.png", peers=None):
     lines = ["# Sweep summary", ""]
     lines.append(f"{len(runs)} run dirs: {sum(r.completed for r in runs)} completed, {len(failed)} failed or "
                  "unfinished. Values are mean ± std over the completed runs of each group (n); "
@@ -362,6 +419,8 @@ def summary_md(rows, target, source, first, failed, runs, out_dir, plot_name="co
             cells.append(_fmt(r[key], digits))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    if peers is not None:
+        lines += peers_md(peers)
     lines.append("## Failed / unfinished runs")
     lines.append("")
     if not failed:
@@ -427,7 +486,29 @@ def _band(curves, log_x=False, n_grid=200):
     return grid, np.nanmean(ys, axis=0), np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
 
 
-def plot_convergence(groups, path, log_time=False, target=None):
+PEER_STYLES = ((0, (6, 2)), (0, (2, 2)), (0, (6, 2, 2, 2)), (0, (1, 1)))
+
+
+def draw_peers(ax, peers, key):
+    """Each peer's test `key` (P@1 / P@5) as a horizontal line, one style per library (one legend entry each),
+    annotated at the right edge with the library (and the dataset when there are several) and the value."""
+    libraries = sorted({p["library"] for p in peers})
+    several = len({p["dataset"] for p in peers}) > 1
+    seen = set()
+    for peer in peers:
+        y = _float(peer.get(key))
+        if math.isnan(y):
+            continue
+        lib = peer["library"]
+        ax.axhline(y, color="black", linewidth=0.9, linestyle=PEER_STYLES[libraries.index(lib) % len(PEER_STYLES)],
+                   label="_nolegend_" if lib in seen else f"{lib} (test)")
+        seen.add(lib)
+        text = f"{peer_label(peer) if several else lib} {y:.3f}"
+        ax.annotate(text, (1.0, y), xycoords=ax.get_yaxis_transform(), xytext=(-2, 1),
+                    textcoords="offset points", ha="right", va="bottom", fontsize="x-small")
+
+
+def plot_convergence(groups, path, log_time=False, target=None, peers=()):
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -463,6 +544,7 @@ def plot_convergence(groups, path, log_time=False, target=None):
                 ax.set_xscale("log")
             if target is not None and metric == "val/P@1":
                 ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+            draw_peers(ax, peers, metric.split("/", 1)[1])
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         axes[0][0].legend(loc="lower right", fontsize="small")
@@ -480,9 +562,10 @@ def plot_convergence(groups, path, log_time=False, target=None):
     os.replace(tmp, path)
 
 
-def make_report(dirs, out=None, target=None, log_time=False, group_by=()):
+def make_report(dirs, out=None, target=None, log_time=False, group_by=(), peers=None):
     """Read every run under `dirs`, write convergence.png, summary.md, summary.csv (+ summary.json) into `out`
-    (default: the first dir). Returns a dict with the paths and the summary."""
+    (default: the first dir). `peers`: the lines of benchmarks/peers.py (see read_peers) to add, or None.
+    Returns a dict with the paths and the summary."""
     dirs = [Path(d) for d in dirs]
     run_dirs = find_run_dirs(dirs)
     if not run_dirs:
@@ -496,18 +579,21 @@ def make_report(dirs, out=None, target=None, log_time=False, group_by=()):
     for r in runs:
         if r.completed:
             groups.setdefault(group_label(r, group_by), []).append(r)
+    if peers is not None:
+        peers = peers_for_runs(peers, runs)
     png, md, csv_path = out_dir / "convergence.png", out_dir / "summary.md", out_dir / "summary.csv"
-    plot_convergence(groups, png, log_time=log_time, target=target)
-    atomic_write_text(md, summary_md(rows, target, source, first, failed, runs, out_dir, png.name))
+    plot_convergence(groups, png, log_time=log_time, target=target, peers=peers or ())
+    atomic_write_text(md, summary_md(rows, target, source, first, failed, runs, out_dir, png.name, peers=peers))
     atomic_write_text(csv_path, summary_csv(rows))
     write_json(out_dir / "summary.json", {
         "target_p1": target, "target_source": source, "first_to_target": first,
         "groups": [{k: (list(v) if isinstance(v, tuple) else v) for k, v in r.items()} for r in rows],
         "failed": [{"dir": str(r.dir), "sampler": r.sampler, "seed": r.seed, "status": r.status,
                     "reason": r.reason} for r in failed],
+        "peers": peers,
     })
     return {"png": png, "md": md, "csv": csv_path, "rows": rows, "target": target, "first": first,
-            "failed": failed, "runs": runs}
+            "failed": failed, "runs": runs, "peers": peers}
 
 
 def main(argv=None):
@@ -520,12 +606,20 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output dir (default: the first SWEEP_DIR)")
     p.add_argument("--group-by", action="append", default=[], metavar="KEY",
                    help="also group by this dotted config key, e.g. sampler.num_negatives (repeatable)")
+    p.add_argument("--peers", default=None, metavar="PEERS.jsonl",
+                   help="JSON lines of benchmarks/peers.py: a table in summary.md, reference lines in the plot")
     a = p.parse_args(argv)
     if a.target is not None and not (0.0 <= a.target <= 1.0):
         print(f"error: --target {a.target}: a P@1 value in [0, 1]", file=sys.stderr)
         return 2
     try:
-        res = make_report(a.dirs, out=a.out, target=a.target, log_time=a.log_time, group_by=a.group_by)
+        peers = read_peers(a.peers) if a.peers is not None else None
+    except (OSError, ValueError) as e:
+        print(f"error: {e}" if isinstance(e, ValueError) else f"error: {a.peers}: {e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        res = make_report(a.dirs, out=a.out, target=a.target, log_time=a.log_time, group_by=a.group_by,
+                          peers=peers)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -537,6 +631,8 @@ def main(argv=None):
                                                          if f else "not reached"))
     for r in res["failed"]:
         print(f"  not completed: {r.dir} [{r.status}] {r.reason}")
+    if res["peers"] is not None:
+        print(f"{len(res['peers'])} peer lines for the datasets of these runs")
     for k in ("md", "csv", "png"):
         print(f"wrote {res[k]}")
     return 0

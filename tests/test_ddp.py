@@ -225,7 +225,7 @@ RANK_STATES_WORKER = """
 import json, sys
 from types import SimpleNamespace
 import torch, torch.distributed as dist
-from xmcneg.methods.classifier import get_rng_state
+from xmcneg.methods.base import get_rng_state
 from xmcneg.records import AtomicCheckpointIO
 from xmcneg.resume import RankStates
 

@@ -195,7 +195,7 @@ class PreemptionCheckpoint(pl.Callback):
 # ------------------------------------------------------------------------------------------ per-rank state
 def local_rank_state(pl_module):
     """This process's RNG streams: the global RNGs and the negative sampler's generator."""
-    from xmcneg.methods.classifier import get_rng_state
+    from xmcneg.methods.base import get_rng_state
 
     state = {"rng": get_rng_state()}
     gen = getattr(getattr(pl_module, "sampler", None), "generator", None)
@@ -299,7 +299,7 @@ class SkipDoneBatches(pl.Callback):
         dm._skip_done_batches = True
 
     def on_train_start(self, trainer, pl_module):
-        from xmcneg.methods.classifier import set_rng_state
+        from xmcneg.methods.base import set_rng_state
 
         if self._skipped and isinstance(self._rng_state, dict):
             set_rng_state(self._rng_state)

@@ -11,7 +11,8 @@ Score s(x, y) = <f(x), w_y> + b_y, with f the encoder and (w_y, b_y) one row of 
   each rank's touched rows and values with dense collectives (any backend; cost proportional to the rows
   touched); `auto` = `ddp` on gloo, `all_gather` on any other backend (NCCL).
 
-Manual optimisation (two optimisers: dense for the encoder, row-wise for the labels). Evaluation scores all
+Manual optimisation (two optimisers: dense for the encoder, row-wise for the labels; plus a row-wise Adam for a
+BoW encoder's sparse input table, `encoder.sparse_input`, whose gradients are synchronised like the label tables'). Evaluation scores all
 labels exactly in chunks (`eval.topk.exact_topk`), adds the sampler's prediction-time correction (e.g. log p_n
 of the adversarial tree, Bamler & Mandt Theorem 1) when the loss is not logQ-corrected, and logs both the
 corrected metrics and the raw ones (`raw/...`).
@@ -26,7 +27,7 @@ from xmcneg.errors import ConfigError, XMCError
 from xmcneg.eval.metrics import filter_predictions, xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.losses import check_loss, compute_loss
-from xmcneg.methods.sparse_optim import SparseRowOptimizer, all_gather_sparse_mean
+from xmcneg.methods.sparse_optim import SparseRowOptimizer, all_gather_sparse_mean, encoder_optimizers, sparse_tables
 
 
 class NonFiniteLossError(XMCError):
@@ -34,7 +35,6 @@ class NonFiniteLossError(XMCError):
 
 
 SPARSE_GRAD_SYNC = ("auto", "ddp", "all_gather")
-LABEL_TABLES = ("label_w.weight", "label_b.weight")
 
 
 def active_dist():
@@ -122,7 +122,7 @@ class XMCClassifier(pl.LightningModule):
         dist = dist if dist is not None else active_dist()
         if dist is None:
             return None
-        if not self.label_w.sparse:  # sampler=full: dense tables, DDP reduces them like the encoder
+        if not sparse_tables(self):  # sampler=full with a dense encoder: DDP reduces everything
             return "ddp"
         if mode == "auto":
             return "ddp" if dist.get_backend() == "gloo" else "all_gather"
@@ -133,16 +133,22 @@ class XMCClassifier(pl.LightningModule):
         # all_gather the label tables are left out of DDP's reducer (and its initial broadcast)
         self._label_sync = self.label_sync_mode()
         if self._label_sync == "all_gather":
-            self._ddp_params_and_buffers_to_ignore = list(LABEL_TABLES)
+            self._ddp_params_and_buffers_to_ignore = [name for name, _ in self._gathered_tables()]
         elif hasattr(self, "_ddp_params_and_buffers_to_ignore"):
             del self._ddp_params_and_buffers_to_ignore
+
+    def _gathered_tables(self):
+        """(name, weight) of the sparse-gradient tables, whose gradients sync_label_grads all-gathers: the label
+        tables of the sampled methods and the encoder's sparse input tables (encoder.sparse_input)."""
+        sparse = {id(p) for p in sparse_tables(self)}
+        return [(n, p) for n, p in self.named_parameters() if id(p) in sparse]
 
     def sync_label_grads(self):
         """sparse_grad_sync=all_gather: average the label tables' sparse gradients over the ranks (after
         backward, before the label optimiser steps; on every rank). A no-op otherwise."""
         dist = active_dist()
         if self._label_sync == "all_gather" and dist is not None:
-            all_gather_sparse_mean([self.label_w.weight, self.label_b.weight], dist)
+            all_gather_sparse_mean([p for _, p in self._gathered_tables()], dist)
 
     def _broadcast_label_tables(self):
         """all_gather mode: DDP no longer broadcasts the tables from rank 0 when it wraps the module; do it here
@@ -150,7 +156,7 @@ class XMCClassifier(pl.LightningModule):
         dist = active_dist()
         if self._label_sync == "all_gather" and dist is not None:
             with torch.no_grad():
-                for p in (self.label_w.weight, self.label_b.weight):
+                for _, p in self._gathered_tables():
                     dist.broadcast(p.data, src=0)
 
     def on_fit_start(self):
@@ -308,20 +314,23 @@ class XMCClassifier(pl.LightningModule):
         if float(o.encoder_lr) <= 0:
             raise ConfigError("optim.encoder_lr", f"must be > 0, got {o.encoder_lr}")
         lr = getattr(self.encoder, "lr", None) or float(o.encoder_lr)  # an encoder may carry its own (transformers)
-        enc = torch.optim.AdamW(self.encoder.parameters(), lr=float(lr), weight_decay=float(o.weight_decay))
+        # AdamW on the dense encoder parameters (+ a row-wise Adam on sparse input tables: enc_rows)
+        enc, *enc_rows = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay))
         warm = int(o.get("warmup_steps", 0))
         scheds = []
         if warm > 0:
-            scheds = [torch.optim.lr_scheduler.LambdaLR(enc, lambda s: min(1.0, (s + 1) / warm))]
+            scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+                      for opt in (enc, *enc_rows)]
         if self.sampler is None:
             if float(o.full_label_lr) <= 0:
                 raise ConfigError("optim.full_label_lr", f"must be > 0, got {o.full_label_lr}")
             enc.add_param_group({"params": [self.label_w.weight, self.label_b.weight], "lr": float(o.full_label_lr),
                                  "weight_decay": 0.0})
-            return ([enc], scheds) if scheds else enc
+            opts = [enc, *enc_rows]
+            return (opts, scheds) if scheds else (opts if enc_rows else enc)
         lab = SparseRowOptimizer([self.label_w.weight, self.label_b.weight], lr=float(o.label_lr),
                                  kind=o.label_optimizer)
-        return ([enc, lab], scheds) if scheds else [enc, lab]
+        return ([enc, *enc_rows, lab], scheds) if scheds else [enc, *enc_rows, lab]
 
     # ------------------------------------------------------------------ evaluation
     def use_correction(self):

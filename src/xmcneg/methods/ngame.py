@@ -693,6 +693,7 @@ def build(cfg, dm):
     """The NGAME LightningModule for cfg (train.build_module calls this for `sampler.method: ngame`); installs
     the clustered batch sampler as the datamodule's train batch sampler."""
     from xmcneg.eval.metrics import inverse_propensities
+    from xmcneg.encoders.sparse_bag import dense_input_tables
     from xmcneg.train import build_encoder
 
     s = settings(cfg.sampler)
@@ -702,6 +703,6 @@ def build(cfg, dm):
                                   drop_last=bool(s["drop_last"]))
     dm.train_batch_sampler = sampler
     inv_prop = inverse_propensities(dm.full_train_Y, float(cfg.dataset.propensity_a), float(cfg.dataset.propensity_b))
-    encoder = build_encoder(cfg, dm)
+    encoder = dense_input_tables(build_encoder(cfg, dm))  # NGAME's encoder optimiser: one dense AdamW
     return NGAME(encoder, dm.num_labels, num_train, ngame_cfg=cfg.sampler, optim_cfg=cfg.optim,
                  eval_cfg=cfg.eval, inv_prop=inv_prop, batch_sampler=sampler, seed=int(cfg.seed), datamodule=dm)

@@ -163,3 +163,40 @@ def test_dropout_keeps_the_expected_fraction_and_scales():
     assert torch.equal(d(x), x)
     with pytest.raises(ValueError):
         Dropout(1.0)
+
+
+# ------------------------------------------------------------------------------------- through train.py, 2 ranks
+DDP_DATA = ["dataset.num_labels=200", "dataset.num_train=601", "dataset.num_test=100", "dataset.num_features=500",
+            "data.batch_size=64", "encoder.sparse_input=true", "sampler=uniform", "trainer.max_epochs=2",
+            "hardware=ddp_cpu", "logger=none", "trainer.enable_progress_bar=false", "debug.record_train_rows=true"]
+
+
+def _ddp_run(sync, tmp_path):
+    import json
+
+    from test_train_e2e import run
+
+    out = tmp_path / sync
+    p = run("train.py", [*DDP_DATA, f"hardware.sparse_grad_sync={sync}", f"hydra.run.dir={out}"], tmp_path,
+            timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    s0, s1 = (json.loads((out / "debug" / f"fit_end_r{r}.json").read_text()) for r in (0, 1))
+    assert s0["state_dict"] == s1["state_dict"] and s0["optimizers"] == s1["optimizers"]  # bit-identical ranks
+    assert "encoder.bag.weight" in s0["state_dict"]
+    ck = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert any("exp_avg" in st for o in ck["optimizer_states"] for st in o["state"].values()
+               if st.get("exp_avg") is not None and st["exp_avg"].shape[0] == 500)  # RowAdam state checkpointed
+    return ck["state_dict"]
+
+
+def test_ddp_sparse_input_all_gather(tmp_path):
+    """sparse_grad_sync=all_gather (the NCCL path): the input table is all-gathered like the label tables and both
+    ranks end bit-identical."""
+    _ddp_run("all_gather", tmp_path)
+
+
+@pytest.mark.slow
+def test_ddp_sparse_input_all_gather_equals_sparse_allreduce(tmp_path):
+    a, b = _ddp_run("all_gather", tmp_path), _ddp_run("auto", tmp_path)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")

@@ -200,3 +200,18 @@ def test_ddp_sparse_input_all_gather_equals_sparse_allreduce(tmp_path):
     a, b = _ddp_run("all_gather", tmp_path), _ddp_run("auto", tmp_path)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_clip_grad_norm_with_sparse_input_equals_dense():
+    from xmcneg.methods.sparse_optim import clip_grad_norm_
+
+    dense, sparse = _pair(BowMLP, dim=4, hidden=H, dropout=0.0)
+    x, target = _batch(3), torch.randn(5, 4)
+    norms = []
+    for enc in (dense, sparse):
+        ((enc(x) - target) ** 2).sum().backward()
+        norms.append(clip_grad_norm_(enc.parameters(), 0.01))
+    torch.testing.assert_close(norms[1], norms[0], atol=1e-5, rtol=1e-5)
+    assert norms[0] > 0.01  # clipping happened
+    torch.testing.assert_close(sparse.bag.weight.grad.to_dense(), dense.bag.weight.grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(sparse.out.weight.grad, dense.out.weight.grad, atol=1e-7, rtol=1e-5)

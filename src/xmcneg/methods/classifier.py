@@ -27,7 +27,8 @@ from xmcneg.errors import ConfigError, XMCError
 from xmcneg.eval.metrics import filter_predictions, xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.losses import check_loss, compute_loss
-from xmcneg.methods.sparse_optim import SparseRowOptimizer, all_gather_sparse_mean, encoder_optimizers, sparse_tables
+from xmcneg.methods.sparse_optim import (SparseRowOptimizer, all_gather_sparse_mean, clip_grad_norm_,
+                                         encoder_optimizers, sparse_tables)
 
 
 class NonFiniteLossError(XMCError):
@@ -298,7 +299,7 @@ class XMCClassifier(pl.LightningModule):
         self.manual_backward(loss)
         self.sync_label_grads()
         if self.optim_cfg.get("grad_clip") and self.optim_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), float(self.optim_cfg.grad_clip))
+            clip_grad_norm_(self.encoder.parameters(), float(self.optim_cfg.grad_clip))  # sparse input too
         for opt in opts:
             opt.step()
         scheds = self.lr_schedulers()

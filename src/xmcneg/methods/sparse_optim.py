@@ -153,6 +153,28 @@ def encoder_optimizers(encoder, lr, weight_decay):
 
 
 @torch.no_grad()
+def clip_grad_norm_(params, max_norm):
+    """`torch.nn.utils.clip_grad_norm_` (L2, in place, returns the total norm) for parameters of which some have
+    sparse row gradients (torch's version takes dense gradients only): a sparse gradient counts with the values
+    of its coalesced rows."""
+    params = [p for p in params if p.grad is not None]
+    if not any(p.grad.is_sparse for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = coalesced(p.grad)
+            grads.append(p.grad._values())
+        else:
+            grads.append(p.grad)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+@torch.no_grad()
 def all_gather_sparse_mean(params, dist):
     """Replace the sparse COO `.grad` of each of `params` by its average over the ranks, with dense collectives
     only (NCCL has no sparse all-reduce): every rank coalesces its gradient, the ranks exchange their nnz counts

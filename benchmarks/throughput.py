@@ -121,7 +121,8 @@ def measure(args, sampler):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", type=int, default=1_000_000)
-    p.add_argument("--dataset", default="synthetic", help="a conf/dataset option (real ones: --labels/--features unused)")
+    p.add_argument("--dataset", default="synthetic",
+                   help="a conf/dataset option (a real dataset has its own C and F: --labels/--features unused)")
     p.add_argument("--hardware", default="cpu", help="a conf/hardware option: cpu | gpu | ddp | ddp_cpu")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--batch-size", type=int, default=256, help="per device")

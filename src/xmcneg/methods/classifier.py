@@ -12,7 +12,7 @@ Score s(x, y) = <f(x), w_y> + b_y, with f the encoder and (w_y, b_y) one row of 
   touched); `auto` = `ddp` on gloo, `all_gather` on any other backend (NCCL).
 
 Manual optimisation (two optimisers: dense for the encoder, row-wise for the labels; plus a row-wise Adam for a
-BoW encoder's sparse input table, `encoder.sparse_input`, whose gradients are synchronised like the label tables'). Evaluation scores all
+BoW encoder's sparse input table, `encoder.sparse_input`, synchronised like the label tables). Evaluation scores all
 labels exactly in chunks (`eval.topk.exact_topk`), adds the sampler's prediction-time correction (e.g. log p_n
 of the adversarial tree, Bamler & Mandt Theorem 1) when the loss is not logQ-corrected, and logs both the
 corrected metrics and the raw ones (`raw/...`).

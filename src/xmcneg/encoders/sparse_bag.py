@@ -13,7 +13,7 @@
   sparse label tables (a sparse all-reduce, or the all-gather of `hardware.sparse_grad_sync`).
 
 `resolve_sparse(sparse_input, num_features)` turns the encoders' `sparse_input` option (``auto`` | true |
-false) into the mode: auto = sparse from `SPARSE_MIN_FEATURES` features up (see benchmarks/step_cost.py).
+false) into the mode: auto = sparse from `SPARSE_MIN_FEATURES` features up.
 """
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,11 @@ from torch import nn
 
 from xmcneg.errors import ConfigError
 
-# sparse_input=auto: sparse gradients from this many input features up. benchmarks/step_cost.py --features
-# measures both modes: the sparse step was already the faster one at F = 5,000 (default synthetic data).
-SPARSE_MIN_FEATURES = 2048
+# sparse_input=auto: sparse gradients from this many input features up. Per touched row the row-wise Adam costs
+# about 4x what the fused dense AdamW costs per table row, and an EURLEX57K-like batch (256 x 112 non-zeros)
+# touches ~5,000 rows: the dense step is still ~10% faster at F = 10,000, the sparse one many times faster from
+# F = 100,000 (benchmarks/step_cost.py --features ... --sparse-input true|false).
+SPARSE_MIN_FEATURES = 20_000
 
 
 def resolve_sparse(sparse_input, num_features):

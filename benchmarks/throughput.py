@@ -2,9 +2,11 @@
 
     python benchmarks/throughput.py --labels 1000000 [--hardware cpu|gpu] [--samplers full uniform ...]
                                     [--steps 30 --warmup 5] [-o key=value ...]
+    python benchmarks/throughput.py --dataset eurlex57k --samplers uniform full --threads 1
 
 Every sampler runs the real training path (the Hydra config of train.py, its datamodule, LightningModule and a
-pl.Trainer on `hardware=<--hardware>`) on synthetic data with C labels, for --warmup + --steps training steps of
+pl.Trainer on `hardware=<--hardware>`) on synthetic data with C labels and --features features (or on the
+real `--dataset`, whose own C and F apply), for --warmup + --steps training steps of
 one epoch, without validation, checkpoints or loggers. The clock covers the --steps steps after the warm-up
 (data loading, forward, sampling, loss, backward and updates; on a GPU each timed step ends with a
 synchronisation), so one-time work (the adversarial tree fit, MIPS's first index build, caches) is excluded.
@@ -37,10 +39,13 @@ def _config(args, sampler):
     from hydra import compose, initialize_config_dir
 
     docs = args.batch_size * (args.warmup + args.steps) * 2
+    data = [f"dataset={args.dataset}"]
+    if args.dataset == "synthetic":
+        data += [f"dataset.num_labels={args.labels}", f"dataset.num_train={max(docs, 2000)}", "dataset.num_test=100",
+                 f"dataset.num_features={args.features}"]
     overrides = [
-        f"sampler={sampler}", f"hardware={args.hardware}", "dataset=synthetic",
-        f"dataset.num_labels={args.labels}", f"dataset.num_train={max(docs, 2000)}", "dataset.num_test=100",
-        f"dataset.num_features={args.features}", f"data.batch_size={args.batch_size}", "data.val_size=10",
+        f"sampler={sampler}", f"hardware={args.hardware}", *data, f"data.batch_size={args.batch_size}",
+        "data.val_size=10",
         f"paths.cache_dir={args.cache_dir}", "paths.output_dir=/tmp/xmcneg-throughput", "logger=none",
         *SAMPLER_OVERRIDES.get(sampler, []), *args.override,
     ]
@@ -106,8 +111,8 @@ def measure(args, sampler):
         import resource
 
         device, mem = f"cpu x{torch.get_num_threads()} threads", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"sampler": sampler, "labels": args.labels, "hardware": args.hardware, "device": device,
-            "precision": str(cfg.hardware.precision), "world_size": trainer.world_size,
+    return {"sampler": sampler, "dataset": args.dataset, "labels": int(dm.num_labels), "hardware": args.hardware,
+            "device": device, "precision": str(cfg.hardware.precision), "world_size": trainer.world_size,
             "batch_size": global_batch, "steps": args.steps, "step_ms": round(step_s * 1000, 2),
             "samples_per_s": round(global_batch / step_s, 1), "peak_mem_mb": round(mem),
             "setup_s": round(clock.setup_s, 1)}
@@ -116,6 +121,8 @@ def measure(args, sampler):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", type=int, default=1_000_000)
+    p.add_argument("--dataset", default="synthetic",
+                   help="a conf/dataset option (a real dataset has its own C and F: --labels/--features unused)")
     p.add_argument("--hardware", default="cpu", help="a conf/hardware option: cpu | gpu | ddp | ddp_cpu")
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--batch-size", type=int, default=256, help="per device")
@@ -135,7 +142,7 @@ def main(argv=None):
         return 0
     summary = {}
     for s in args.samplers:
-        if s == "full" and args.labels > args.full_max_labels:
+        if s == "full" and args.dataset == "synthetic" and args.labels > args.full_max_labels:
             print(json.dumps({"sampler": s, "labels": args.labels, "skipped": "C > --full-max-labels"}), flush=True)
             continue
         cmd = [sys.executable, __file__, "--child", s, *(argv or sys.argv[1:])]
@@ -148,8 +155,9 @@ def main(argv=None):
         r = json.loads(lines[-1])
         summary[s] = r["samples_per_s"]
         print(json.dumps(r), flush=True)
-    print(json.dumps({"summary": True, "labels": args.labels, "hardware": args.hardware, "samples_per_s": summary}),
-          flush=True)
+    labels = args.labels if args.dataset == "synthetic" else None  # a real dataset has its own C
+    print(json.dumps({"summary": True, "dataset": args.dataset, "labels": labels, "hardware": args.hardware,
+                      "samples_per_s": summary}), flush=True)
     return 0
 
 

@@ -70,7 +70,7 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_named(trained, tmp_path):
     p = run("eval.py", [*TINY, "dataset.num_labels=300", f"ckpt_path={good}", f"hydra.run.dir={tmp_path / 'ev'}"],
             tmp)
     line = one_error_line(p, good)
-    assert "does not fit this model/dataset" in line and "label_w.weight (200, " in line
+    assert "does not fit this model/dataset" in line and "labels.w.weight (200, " in line
     # resume training with another sampler than the checkpoint was trained with
     p = run("train.py", [*TINY, "sampler=frequency", f"ckpt_path={good}", f"hydra.run.dir={tmp_path / 'tr'}"], tmp)
     assert "sampler.name=uniform, this run has sampler.name=frequency" in one_error_line(p, good)

@@ -1,15 +1,15 @@
-"""A sparse linear map of bag-of-words features to `dim` dims: h = x W (an EmbeddingBag weighted sum)."""
-from torch import nn
+"""A sparse linear map of bag-of-words features to `dim` dims: h = x W (an EmbeddingBag weighted sum).
 
+`sparse_input` (auto | true | false): the input table's gradient mode, see `xmcneg.encoders.sparse_bag`."""
 from xmcneg.encoders.base import Encoder
+from xmcneg.encoders.sparse_bag import InputBag, resolve_sparse
 
 
 class BowLinear(Encoder):
-    def __init__(self, num_features: int, dim: int = 256, normalize: bool = False):
+    def __init__(self, num_features: int, dim: int = 256, normalize: bool = False, sparse_input="auto"):
         super().__init__()
         self.dim, self.normalize = dim, normalize
-        self.bag = nn.EmbeddingBag(num_features, dim, mode="sum")
-        nn.init.normal_(self.bag.weight, std=dim ** -0.5)
+        self.bag = InputBag(num_features, dim, sparse=resolve_sparse(sparse_input, num_features))
 
     def forward(self, x):
         return self.finish(self.bag(x["indices"], x["offsets"], per_sample_weights=x["weights"]))

@@ -1,22 +1,26 @@
-"""EmbeddingBag over sparse features (weighted sum) -> [GELU, dropout, residual Linear blocks] -> Linear to `dim`."""
+"""EmbeddingBag over sparse features (weighted sum) -> [GELU, dropout, residual Linear blocks] -> Linear to `dim`.
+
+`sparse_input` (auto | true | false): the input table's gradient mode, see `xmcneg.encoders.sparse_bag`.
+Dropout: `xmcneg.encoders.dropout.Dropout` (torch's semantics, a cheaper CPU mask)."""
 import torch
 from torch import nn
 
 from xmcneg.encoders.base import Encoder
+from xmcneg.encoders.dropout import Dropout
+from xmcneg.encoders.sparse_bag import InputBag, resolve_sparse
 
 
 class BowMLP(Encoder):
     def __init__(self, num_features: int, dim: int = 256, hidden: int = 1024, num_layers: int = 1,
-                 dropout: float = 0.2, normalize: bool = False):
+                 dropout: float = 0.2, normalize: bool = False, sparse_input="auto"):
         super().__init__()
         self.dim, self.normalize = dim, normalize
-        self.bag = nn.EmbeddingBag(num_features, hidden, mode="sum")
-        nn.init.normal_(self.bag.weight, std=hidden ** -0.5)
+        self.bag = InputBag(num_features, hidden, sparse=resolve_sparse(sparse_input, num_features))
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout))
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), Dropout(dropout))
             for _ in range(num_layers))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x):

@@ -10,10 +10,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from xmcneg.distributed import to_device
+from xmcneg.distributed import active_dist, to_device
 from xmcneg.errors import ConfigError, XMCError
-from xmcneg.methods.label_table import LabelTable
+from xmcneg.methods.label_table import LabelTable, sparse_sync_mode
 from xmcneg.methods.optim import params_of
+from xmcneg.methods.sparse_optim import all_gather_sparse_mean, sparse_tables
 
 
 class NonFiniteLossError(XMCError):
@@ -105,6 +106,7 @@ class XMCModule(pl.LightningModule):
         self.labels = LabelTable(self.num_labels, encoder.dim, sparse=sparse_labels)
         self.evaluation, self.inv_prop, self.check_finite = EvalParams.of(evaluation), inv_prop, check_finite
         self.sparse_grad_sync, self.fault_step, self.run_config = "auto", None, None
+        self.input_sync = None  # how the encoder's sparse input tables are synced under DDP (setup)
         self.train_steps, self.test_metrics, self._eval = 0, {}, None  # train_steps: training batches done
         # accelerator: device-side "a loss since the last check was NaN/Inf" flag, and its first step
         self._nonfinite, self._nonfinite_from = None, 0
@@ -157,13 +159,36 @@ class XMCModule(pl.LightningModule):
     def setup(self, stage):
         # after the process group exists, before the strategy wraps the module in DDP: with all_gather the label
         # tables are left out of DDP's reducer (and its initial broadcast)
+        # (the encoder's sparse input tables, encoder.sparse_input, are synced like the label tables)
+        ignore = []
         if self.labels.resolve_sync(self.sparse_grad_sync) == "all_gather":
-            self._ddp_params_and_buffers_to_ignore = ["labels.w.weight", "labels.b.weight"]
+            ignore += ["labels.w.weight", "labels.b.weight"]
+        self.input_sync = sparse_sync_mode(self.sparse_grad_sync, bool(self.input_tables()))
+        if self.input_sync == "all_gather":
+            ignore += [name for name, _ in self.input_tables()]
+        if ignore:
+            self._ddp_params_and_buffers_to_ignore = ignore
         elif hasattr(self, "_ddp_params_and_buffers_to_ignore"):
             del self._ddp_params_and_buffers_to_ignore
 
+    def input_tables(self):
+        """(name, weight) of the encoder's sparse-gradient input tables (encoder.sparse_input)."""
+        ids = {id(p) for p in sparse_tables(self.encoder)}
+        return [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters() if id(p) in ids]
+
+    def sync_input_grads(self):
+        """input_sync=all_gather: average the input tables' sparse gradients over the ranks (a no-op otherwise)."""
+        dist = active_dist()
+        if self.input_sync == "all_gather" and dist is not None:
+            all_gather_sparse_mean([p for _, p in self.input_tables()], dist)
+
     def on_fit_start(self):
         self.labels.broadcast()
+        dist = active_dist()
+        if self.input_sync == "all_gather" and dist is not None:  # out of DDP: no initial broadcast by DDP
+            with torch.no_grad():
+                for _, p in self.input_tables():
+                    dist.broadcast(p.data, src=0)
         if self.sampler is not None:
             self.sampler.setup(self.trainer.datamodule, self, state=self._sampler_state)
             self._sampler_state = None
@@ -213,6 +238,7 @@ class XMCModule(pl.LightningModule):
         if loss.requires_grad:
             self.manual_backward(loss)
             self.labels.sync_grads()
+            self.sync_input_grads()
             opt.step(parts=parts)
         self.train_steps += 1
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)

@@ -8,6 +8,19 @@ from xmcneg.methods.sparse_optim import all_gather_sparse_mean
 SPARSE_GRAD_SYNC = ("auto", "ddp", "all_gather")
 
 
+def sparse_sync_mode(mode, sparse):
+    """How a table's gradients are averaged over the running process group: None (one process), `ddp` (DDP's
+    reducer; dense tables, or sparse ones on gloo) or `all_gather` (sparse tables left out of DDP, touched rows
+    all-gathered; any backend). `mode` is hardware.sparse_grad_sync, checked by train.py before any process
+    started: `auto` = ddp on gloo, all_gather on any other backend (NCCL has no sparse all-reduce)."""
+    dist = active_dist()
+    if dist is None:
+        return None
+    if not sparse:
+        return "ddp"
+    return ("ddp" if dist.get_backend() == "gloo" else "all_gather") if mode == "auto" else mode
+
+
 class LabelTable(nn.Module):
     """Scores s(x, y) = <h, w_y> + b_y. `sparse=True`: `nn.Embedding(sparse=True)` tables, so a step's gradient
     holds the looked-up rows only, for a row-wise optimiser (methods/sparse_optim.py). Under DDP the ranks must
@@ -26,13 +39,7 @@ class LabelTable(nn.Module):
 
     def resolve_sync(self, mode="auto"):
         """Set and return the sync mode for the running process group (None without one)."""
-        dist = active_dist()  # (mode was checked by train.py against SPARSE_GRAD_SYNC before any process started)
-        if dist is None:
-            self.sync = None
-        elif not self.sparse:
-            self.sync = "ddp"
-        else:
-            self.sync = ("ddp" if dist.get_backend() == "gloo" else "all_gather") if mode == "auto" else mode
+        self.sync = sparse_sync_mode(mode, self.sparse)
         return self.sync
 
     def weights(self):

@@ -33,6 +33,7 @@ from xmcneg.eval.ann import LabelIndex, candidate_scores, topk_of_candidates
 from xmcneg.eval.metrics import xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
+from xmcneg.encoders.sparse_bag import dense_input_tables
 from xmcneg.methods.optim import CombinedOptimizer, OptimParams, params_of, wrap
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 from xmcneg.records import tensor_digest
@@ -174,6 +175,7 @@ class NGAME(XMCModule):
     def __init__(self, encoder, num_labels: int, datamodule, settings, optim=None, evaluation=None, inv_prop=None,
                  seed: int = 0, batch_size: int = 256):
         s = NGAMESettings.of(settings)
+        encoder = dense_input_tables(encoder)  # NGAME's encoder optimiser is one dense AdamW
         super().__init__(encoder, num_labels, sparse_labels=True, evaluation=evaluation, inv_prop=inv_prop,
                          sampler=InBatchSampler(int(s.phase2_max_shortlist), seed))
         self.save_hyperparameters(ignore=["encoder", "datamodule", "inv_prop"])

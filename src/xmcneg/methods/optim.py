@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from xmcneg.errors import ConfigError
+from xmcneg.methods.sparse_optim import clip_grad_norm_
 
 
 def params_of(cls, d, key):
@@ -110,7 +111,7 @@ class ClipGradNorm(OptimizerWrapper):
         self.max_norm = float(max_norm)
 
     def step(self, closure=None):
-        torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], self.max_norm)
+        clip_grad_norm_([p for g in self.param_groups for p in g["params"]], self.max_norm)  # sparse grads too
         return self.optimizer.step(closure)
 
 

@@ -7,13 +7,36 @@ untouched rows (their values stay bit-identical).
 - adagrad:         one accumulator per element:                  G   += g^2;        w   -= lr g   / (sqrt(G)+eps)
 - sgd:             w_r -= lr g_r
 
+`RowAdam` is the lazy (row-wise) AdamW of the BoW encoders' sparse input tables (`xmcneg.encoders.sparse_bag`)
+and `encoder_optimizers` splits an encoder's parameters between it and a dense AdamW.
 `all_gather_sparse_mean` averages such gradients over DDP ranks with dense collectives (hardware.sparse_grad_sync).
 """
+import math
+
 import torch
+from torch import nn
 
 from xmcneg.errors import ConfigError
 
 KINDS = ("rowwise_adagrad", "adagrad", "sgd")
+
+
+def coalesced(grad):
+    """`grad.coalesce()` for a sparse row gradient (one sparse dim: rows of a table). On the CPU: a gradient whose
+    rows are already strictly increasing (the input tables': autograd drops their coalesced flag when it stores
+    them as `.grad`) is only re-flagged; otherwise the rows are sorted once and each row's values summed by an
+    EmbeddingBag with one bag per distinct row, about twice as fast as torch's CPU coalesce (the same sums, in
+    another float order). Elsewhere torch's coalesce."""
+    if grad.is_coalesced():
+        return grad
+    rows, values = grad._indices()[0], grad._values()
+    if grad.device.type != "cpu" or grad.sparse_dim() != 1 or values.dim() != 2 or rows.numel() == 0:
+        return grad.coalesce()
+    if not bool((rows[1:] > rows[:-1]).all()):
+        rows, order = torch.sort(rows, stable=True)
+        rows, counts = torch.unique_consecutive(rows, return_counts=True)
+        values = torch.nn.functional.embedding_bag(order, values, torch.cumsum(counts, 0) - counts, mode="sum")
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape, is_coalesced=True, check_invariants=False)
 
 
 class SparseRowOptimizer(torch.optim.Optimizer):
@@ -34,7 +57,7 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                 grad = p.grad
                 if not grad.is_sparse:
                     raise RuntimeError("SparseRowOptimizer expects sparse gradients (nn.Embedding(sparse=True))")
-                grad = grad.coalesce()
+                grad = coalesced(grad)
                 rows, values = grad.indices()[0], grad.values()
                 if rows.numel() == 0:
                     continue
@@ -54,6 +77,103 @@ class SparseRowOptimizer(torch.optim.Optimizer):
                     scale = acc.index_select(0, rows).sqrt_().add_(eps)
                 p.index_add_(0, rows, values / scale, alpha=-lr)
         return None
+
+
+class RowAdam(torch.optim.Optimizer):
+    """Lazy AdamW for tables with sparse row gradients (as `torch.optim.SparseAdam`, with decoupled weight decay,
+    and with gathered rows instead of sparse masks). Each step, for the rows r the gradient touches only:
+    m_r = b1 m_r + (1-b1) g_r; v_r = b2 v_r + (1-b2) g_r^2; w_r -= lr (wd w_r + m_r/(1-b1^t) / (sqrt(v_r/(1-b2^t))
+    + eps)), t = the table's step count. Untouched rows, and their moments, are left bit-identical. State per
+    table: `step` (a CPU scalar tensor, like torch's optimisers: no device sync), `exp_avg`, `exp_avg_sq`."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        if lr <= 0:
+            raise ConfigError("optim.encoder_lr", f"must be > 0, got {lr}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._scratch_bufs = {}  # per table: two (capacity, d) scratch tensors, reused across steps (not state)
+
+    def _scratch(self, p, n):
+        """Two n-row scratch views for table p, from buffers that only grow (x1.5): large temporaries are not
+        allocated (and page-faulted in) afresh every step."""
+        bufs = self._scratch_bufs.get(p)
+        if bufs is None or bufs[0].shape[0] < n:
+            cap = max(n, int(1.5 * bufs[0].shape[0]) if bufs is not None else n)
+            bufs = self._scratch_bufs[p] = [p.new_empty((min(cap, p.shape[0]), *p.shape[1:])) for _ in range(2)]
+        return [b[:n] for b in bufs]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise RuntimeError("RowAdam expects sparse gradients (encoder.sparse_input=true)")
+                grad = coalesced(p.grad)
+                rows, g = grad.indices()[0], grad.values()
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                n = rows.numel()
+                if n == 0:
+                    continue
+                t = float(state["step"])
+                m, v = self._scratch(p, n)
+                torch.index_select(state["exp_avg"], 0, rows, out=m).lerp_(g, 1 - b1)
+                torch.index_select(state["exp_avg_sq"], 0, rows, out=v).mul_(b2).addcmul_(g, g, value=1 - b2)
+                state["exp_avg"].index_copy_(0, rows, m)
+                state["exp_avg_sq"].index_copy_(0, rows, v)
+                m.div_(v.sqrt_().div_(math.sqrt(1 - b2 ** t)).add_(eps)).mul_(lr / (1 - b1 ** t))
+                if wd:
+                    m.add_(torch.index_select(p, 0, rows, out=v), alpha=lr * wd)
+                p.index_add_(0, rows, m, alpha=-1.0)
+        return None
+
+
+def sparse_tables(module):
+    """The weights of `module`'s sparse-gradient embedding tables (Embedding / EmbeddingBag with sparse=True)."""
+    return [m.weight for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
+
+
+def encoder_optimizers(encoder, lr, weight_decay):
+    """[AdamW over the encoder's dense parameters] + [RowAdam over its sparse input tables, if any], at the same
+    lr and weight decay. The dense AdamW is torch's fused implementation on CPU and CUDA parameters (on the CPU
+    about 4x faster than the default per-parameter loop for the BoW MLP's 1024 x 1024 layer), else foreach."""
+    sparse = sparse_tables(encoder)
+    ids = {id(p) for p in sparse}
+    dense = [p for p in encoder.parameters() if id(p) not in ids]
+    fused = bool(dense) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in dense)
+    kind = {"fused": True} if fused else {"foreach": True}
+    opts = [torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay, **kind)]
+    if sparse:
+        opts.append(RowAdam(sparse, lr=lr, weight_decay=weight_decay))
+    return opts
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm):
+    """`torch.nn.utils.clip_grad_norm_` (L2, in place, returns the total norm) for parameters of which some have
+    sparse row gradients (torch's version takes dense gradients only): a sparse gradient counts with the values
+    of its coalesced rows."""
+    params = [p for p in params if p.grad is not None]
+    if not any(p.grad.is_sparse for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = []
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = coalesced(p.grad)
+            grads.append(p.grad._values())
+        else:
+            grads.append(p.grad)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = (float(max_norm) / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
 
 
 @torch.no_grad()

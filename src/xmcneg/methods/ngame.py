@@ -546,8 +546,9 @@ class NGAME(XMCModule):
         reuse = ({"knn"} if self.phase == 2 else set()) if fresh else {"knn", "clf"}
         mats = [("knn", Z)] + ([("clf", W)] if W is not None else [])
         cand = self._ann_candidates(emb, mats, reuse)
-        s_knn = candidate_scores(emb, Z, cand)
-        s_clf = candidate_scores(emb, W, cand) if W is not None else None
+        # 512 documents per chunk: the gathered (chunk, candidates, d) label rows stay ~100 MB
+        s_knn = candidate_scores(emb, Z, cand, chunk=512)
+        s_clf = candidate_scores(emb, W, cand, chunk=512) if W is not None else None
         for a in alphas:
             sc = s_knn if s_clf is None or a == 0 else (s_clf if a == 1 else a * s_clf + (1 - a) * s_knn)
             out[a] = topk_of_candidates(sc, cand, k)

@@ -1,4 +1,4 @@
-"""Run records (DESIGN.md section 3): the train-time clock, metrics.csv (one row per validation) and results.json.
+"""Run records (the contract in README.md, "Run records"): the train-time clock, metrics.csv (one row per validation) and results.json.
 
 The clock runs from fit start (so a sampler's one-time fitting, e.g. the adversarial tree, counts as training
 time, as in the paper's plots) and pauses during validation. Its state is saved in checkpoints, so a resumed run

@@ -1,4 +1,4 @@
-"""Sweep report: run dirs -> convergence.png, summary.md, summary.csv (DESIGN.md sections 1 and 3).
+"""Sweep report: run dirs -> convergence.png, summary.md, summary.csv (run records as in README.md, "Run records").
 
     python -m xmcneg.report SWEEP_DIR [MORE_DIRS ...] [--target P1] [--log-time] [--out DIR] [--group-by KEY]
                             [--peers PEERS.jsonl]

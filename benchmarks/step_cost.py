@@ -65,7 +65,10 @@ def build(name, C, F, args):
     ev = {**OmegaConf.to_container(train.eval), "k": 5}
     sampler = None
     if name != "full":
-        kw = {"max_negatives": 4096} if name == "in_batch" else {"num_negatives": args.negatives}
+        node = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sampler" / f"{name}.yaml"))
+        kw = {k: v for k, v in node.items() if k not in ("defaults", "name", "_target_")}
+        if name != "in_batch":
+            kw["num_negatives"] = args.negatives
         sampler = SAMPLERS[name](seed=0, **kw)
     kw = {} if args.sparse_input is None else {"sparse_input": {"true": True, "false": False}.get(args.sparse_input,
                                                                                                args.sparse_input)}

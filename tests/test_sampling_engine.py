@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from xmcneg.encoders.bow_linear import BowLinear
 from xmcneg.errors import ConfigError
-from train_conf import section
+from train_conf import sampler_args, section
 from xmcneg.methods.base import mask_positives
 from xmcneg.methods.classifier import XMCClassifier
 from xmcneg.methods.losses import BCE, NegativeSampling, SampledSoftmax, bce_loss, ns_loss, sampled_softmax_loss
@@ -131,7 +131,7 @@ def test_frequency_sampler_matches_its_distribution():
     assert np.allclose(freq, p, atol=0.01)
     assert torch.allclose(log_q, torch.log(torch.tensor(p, dtype=torch.float32))[ids])
     with pytest.raises(ConfigError, match="sampler.alpha"):
-        FrequencySampler(alpha=-1)
+        FrequencySampler(**sampler_args("frequency", alpha=-1))
 
 
 def test_in_batch_negatives_are_the_batch_positives():

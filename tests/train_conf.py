@@ -1,4 +1,5 @@
-"""conf/train.yaml's values for tests that build a method directly (the defaults live in conf/ only)."""
+"""conf/train.yaml's and conf/sampler/*.yaml's values for tests that build a method or sampler directly (the
+defaults live in conf/ only)."""
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -9,3 +10,9 @@ TRAIN_YAML = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"
 def section(name, **over):
     """conf/train.yaml's `name` section as a dict, with `over` replacing some of its keys."""
     return {**OmegaConf.to_container(OmegaConf.load(TRAIN_YAML)[name]), **over}
+
+
+def sampler_args(name, **over):
+    """conf/sampler/<name>.yaml's constructor arguments as a dict, with `over` replacing some of them."""
+    node = OmegaConf.to_container(OmegaConf.load(TRAIN_YAML.parent / "sampler" / f"{name}.yaml"))
+    return {**{k: v for k, v in node.items() if k not in ("defaults", "name", "_target_")}, **over}

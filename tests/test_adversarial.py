@@ -13,7 +13,7 @@ from xmcneg.data.datamodule import csr_rows_to_bag, pad_label_rows
 from xmcneg.errors import ConfigError
 from xmcneg.samplers.adversarial import AdversarialSampler
 from xmcneg.samplers.label_tree import LabelTree, PAD_LOGIT, fit_label_tree, synthetic_pairs, tree_depth
-from train_conf import sampler_args
+from train_conf import encoder_args, sampler_args
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -266,7 +266,8 @@ def test_refit_on_encoder_embeddings(data):
     from xmcneg.methods.losses import BCE
     from train_conf import section
 
-    module = XMCClassifier(BowLinear(dm.num_features, dim=12), dm.num_labels, BCE(), sampler=s,
+    enc = BowLinear(dm.num_features, **encoder_args("bow_linear", dim=12))
+    module = XMCClassifier(enc, dm.num_labels, BCE(), sampler=s,
                            optim=section("optim"), evaluation=section("eval"))
     s.refresh(5, 1, module)
     assert s.proj.kind == "bag"  # not due
@@ -289,7 +290,8 @@ def test_classifier_uses_the_sampler(fitted, data):
     from xmcneg.methods.losses import NegativeSampling
     from train_conf import section
 
-    model = XMCClassifier(BowLinear(dm.num_features, dim=6), dm.num_labels, NegativeSampling(reg_lambda=0.01),
+    enc = BowLinear(dm.num_features, **encoder_args("bow_linear", dim=6))
+    model = XMCClassifier(enc, dm.num_labels, NegativeSampling(reg_lambda=0.01),
                           sampler=fitted, optim=section("optim"),
                           evaluation=section("eval", k=5, doc_chunk=7, label_chunk=16))
     batch = dm.batch(np.arange(12))

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from xmcneg.encoders.bow_linear import BowLinear
 from xmcneg.errors import ConfigError
-from train_conf import sampler_args, section
+from train_conf import encoder_args, sampler_args, section
 from xmcneg.methods.base import mask_positives
 from xmcneg.methods.classifier import XMCClassifier
 from xmcneg.methods.losses import BCE
@@ -28,7 +28,8 @@ def eval_cfg(search="exact", index="flat", shortlist=50, k=5):
 
 def make_module(C=300, d=8, F=20, sampler=None, ev=None, seed=0):
     torch.manual_seed(seed)
-    m = XMCClassifier(BowLinear(F, d), C, BCE(), sampler=sampler, optim=OPTIM, evaluation=ev or eval_cfg())
+    enc = BowLinear(F, **encoder_args("bow_linear", dim=d))
+    m = XMCClassifier(enc, C, BCE(), sampler=sampler, optim=OPTIM, evaluation=ev or eval_cfg())
     with torch.no_grad():  # spread-out label vectors and biases so scores have no ties
         m.labels.w.weight.normal_(0, 1.0)
         m.labels.b.weight.normal_(0, 0.1)

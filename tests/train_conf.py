@@ -1,5 +1,5 @@
-"""conf/train.yaml's and conf/sampler/*.yaml's values for tests that build a method or sampler directly (the
-defaults live in conf/ only)."""
+"""conf/train.yaml's, conf/sampler/*.yaml's and conf/encoder/*.yaml's values for tests that build a method, sampler or
+encoder directly (the defaults live in conf/ only)."""
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -16,3 +16,9 @@ def sampler_args(name, **over):
     """conf/sampler/<name>.yaml's constructor arguments as a dict, with `over` replacing some of them."""
     node = OmegaConf.to_container(OmegaConf.load(TRAIN_YAML.parent / "sampler" / f"{name}.yaml"))
     return {**{k: v for k, v in node.items() if k not in ("defaults", "name", "_target_")}, **over}
+
+
+def encoder_args(name, **over):
+    """conf/encoder/<name>.yaml's constructor arguments as a dict, with `over` replacing some of them."""
+    node = OmegaConf.to_container(OmegaConf.load(TRAIN_YAML.parent / "encoder" / f"{name}.yaml"))
+    return {**{k: v for k, v in node.items() if k not in ("_target_", "text")}, **over}

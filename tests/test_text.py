@@ -19,11 +19,10 @@ from xmcneg.eval.metrics import filter_predictions
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
 DATA = OmegaConf.create({"batch_size": 16, "num_workers": 0, "val_size": 0.1, "val_max_docs": 1000})
-TINY = OmegaConf.create({"_target_": "xmcneg.encoders.transformer.TinyTransformerEncoder", "hidden": 16,
-                         "num_layers": 1, "num_heads": 2, "intermediate": 32, "max_len": 12, "dim": None,
-                         "text": {"tokenizer": "word", "min_df": 1}})
-TEXT_BOW = OmegaConf.create({"_target_": "xmcneg.encoders.bow_mlp.BowMLP", "dim": 8, "hidden": 16,
-                             "text": {"features": "tfidf", "min_df": 1, "max_df": 1.0}})
+TINY = OmegaConf.merge(OmegaConf.load(os.path.join(CONF, "encoder", "tiny_transformer.yaml")),
+                       {"hidden": 16, "num_layers": 1, "num_heads": 2, "intermediate": 32, "max_len": 12})
+TEXT_BOW = OmegaConf.merge(OmegaConf.load(os.path.join(CONF, "encoder", "text_bow.yaml")),
+                           {"dim": 8, "hidden": 16, "text": {"min_df": 1, "max_df": 1.0}})
 
 
 @torch.no_grad()

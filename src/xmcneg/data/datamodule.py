@@ -321,7 +321,7 @@ class XCDataModule(pl.LightningDataModule):
         blocks out to the ranks, so the grouping holds under DDP too), otherwise a seeded permutation."""
         X = self.splits["train"][0]
         lengths = self.inputs.lengths(X)
-        window = int(self.inputs.text_cfg.get("sort_window", 50)) if lengths is not None else 0
+        window = int(self.inputs.text_key("sort_window")) if lengths is not None else 0
         if window > 0:
             return LengthGroupedSampler(lengths, int(self.cfg.batch_size), window=window, seed=self.seed)
         return EpochPermutation(X.shape[0], self.seed)

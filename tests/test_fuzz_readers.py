@@ -601,7 +601,8 @@ def check_text_layout(draw):
 
     def read(_):
         dm = XCDataModule(OmegaConf.create({"name": "t", "format": "text", "dir": str(d)}),
-                          OmegaConf.create({"batch_size": 4, "num_workers": 0, "val_size": 1, "val_max_docs": 10}),
+                          OmegaConf.create({"batch_size": 4, "num_workers": 0, "val_size": 1, "val_max_docs": 10,
+                                            "max_train_docs": None}),
                           OmegaConf.create({"cache_dir": str(d / "cache")}), OmegaConf.create(TINY), seed=0)
         dm.setup()
         held["dm"] = dm

@@ -18,7 +18,8 @@ from xmcneg.errors import DataFormatError, MissingFileError
 from xmcneg.eval.metrics import filter_predictions
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
-DATA = OmegaConf.create({"batch_size": 16, "num_workers": 0, "val_size": 0.1, "val_max_docs": 1000})
+DATA = OmegaConf.create({"batch_size": 16, "num_workers": 0, "val_size": 0.1, "val_max_docs": 1000,
+                         "max_train_docs": None})
 TINY = OmegaConf.merge(OmegaConf.load(os.path.join(CONF, "encoder", "tiny_transformer.yaml")),
                        {"hidden": 16, "num_layers": 1, "num_heads": 2, "intermediate": 32, "max_len": 12})
 TEXT_BOW = OmegaConf.merge(OmegaConf.load(os.path.join(CONF, "encoder", "text_bow.yaml")),

@@ -77,7 +77,7 @@ def make_inputs(dataset_cfg, paths_cfg, encoder_cfg):
     ``synthetic`` dataset gets it too when the encoder reads text (reading the dataset's text files), otherwise
     :class:`BowInputs`."""
     enc = encoder_cfg if encoder_cfg is not None else {}
-    fmt = dataset_cfg.get("format", "bow")
+    fmt = dataset_cfg["format"]
     if fmt in TEXT_FORMATS or (fmt in BOW_FORMATS and wants_text(enc)):
         return TextInputs(dataset_cfg, paths_cfg, enc)
     if fmt in BOW_FORMATS:
@@ -171,7 +171,7 @@ class TextInputs:
 
     def __init__(self, dataset_cfg, paths_cfg, encoder_cfg):
         self.dcfg, self.paths, self.enc_cfg = dataset_cfg, paths_cfg, encoder_cfg
-        self.fmt = dataset_cfg.get("format", "text")
+        self.fmt = dataset_cfg["format"]
         self.input_kind = encoder_input_kind(encoder_cfg)
         self.text_cfg = encoder_cfg.get("text") or ({} if self.input_kind == "tokens" else PLAIN_BOW_TEXT)
         if self.input_kind == "tokens":

@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
@@ -66,14 +67,21 @@ def make_batch(B, F, nnz, C, seed, device):
     return batch, torch.randn(B, 64, generator=g).to(device)
 
 
+def conf_args(name, **over):
+    """conf/sampler/<name>.yaml's constructor arguments, with `over` replacing some of them."""
+    node = OmegaConf.to_container(OmegaConf.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                                              "conf", "sampler", f"{name}.yaml")))
+    return {**{k: v for k, v in node.items() if k not in ("defaults", "name", "_target_")}, **over}
+
+
 def build(name, C, args):
     dm = _DM(C, args.features, args.seed)
     if name == "uniform":
-        s = UniformSampler(num_negatives=args.negatives, seed=args.seed)
+        s = UniformSampler(**conf_args(name, num_negatives=args.negatives), seed=args.seed)
     elif name == "frequency":
-        s = FrequencySampler(num_negatives=args.negatives, seed=args.seed)
+        s = FrequencySampler(**conf_args(name, num_negatives=args.negatives), seed=args.seed)
     elif name == "adversarial":
-        s = AdversarialSampler(num_negatives=args.negatives, k=args.k, seed=args.seed)
+        s = AdversarialSampler(**conf_args(name, num_negatives=args.negatives, k=args.k), seed=args.seed)
         # no fit: a random tree of the right shape (sampling cost does not depend on the fitted values)
         g = torch.Generator().manual_seed(args.seed + 1)
         proj = Projection(torch.randn(args.features, args.k, generator=g), torch.zeros(args.k), "bag")
@@ -118,7 +126,7 @@ def time_round_robin(configs, warmup, repeats, device, flush_mb=0):
 def _fitted(C, N, args):
     Z, rows, labels, _ = synthetic_pairs(C, N, avg_labels=args.avg_labels, k=args.k, seed=args.seed)
     tree, info = fit_label_tree(Z, rows, labels, C, seed=args.seed)
-    s = AdversarialSampler(num_negatives=args.negatives, k=args.k, seed=args.seed)
+    s = AdversarialSampler(**conf_args("adversarial", num_negatives=args.negatives, k=args.k), seed=args.seed)
     # x~ = Z rows: a "dense" identity projection, so the timed batch samples at real (training) inputs
     s.set_model(tree, Projection(torch.eye(args.k), torch.zeros(args.k), "dense"))
     return s, Z[: args.batch], info

@@ -65,11 +65,16 @@ def build(name, C, F, args):
     ev = {**OmegaConf.to_container(train.eval), "k": 5}
     sampler = None
     if name != "full":
-        kw = {"max_negatives": 4096} if name == "in_batch" else {"num_negatives": args.negatives}
+        node = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "sampler" / f"{name}.yaml"))
+        kw = {k: v for k, v in node.items() if k not in ("defaults", "name", "_target_")}
+        if name != "in_batch":
+            kw["num_negatives"] = args.negatives
         sampler = SAMPLERS[name](seed=0, **kw)
-    kw = {} if args.sparse_input is None else {"sparse_input": {"true": True, "false": False}.get(args.sparse_input,
-                                                                                               args.sparse_input)}
-    enc = BowMLP(F, dim=args.dim, hidden=args.hidden, num_layers=1, dropout=0.0, **kw)
+    kw = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "encoder" / "bow_mlp.yaml")).items()
+          if k != "_target_"}
+    if args.sparse_input is not None:
+        kw["sparse_input"] = {"true": True, "false": False}.get(args.sparse_input, args.sparse_input)
+    enc = BowMLP(F, **{**kw, "dim": args.dim, "hidden": args.hidden, "num_layers": 1, "dropout": 0.0})
     m = XMCClassifier(enc, C, LOSSES[args.loss](), sampler=sampler, optim=optim, evaluation=ev)
     if sampler is not None:
         counts = np.zeros(C)

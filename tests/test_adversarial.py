@@ -13,6 +13,7 @@ from xmcneg.data.datamodule import csr_rows_to_bag, pad_label_rows
 from xmcneg.errors import ConfigError
 from xmcneg.samplers.adversarial import AdversarialSampler
 from xmcneg.samplers.label_tree import LabelTree, PAD_LOGIT, fit_label_tree, synthetic_pairs, tree_depth
+from train_conf import encoder_args, sampler_args
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,7 +87,7 @@ def data():
 @pytest.fixture(scope="module")
 def fitted(data):
     dm, _ = data
-    s = AdversarialSampler(num_negatives=16, k=8, seed=3)
+    s = AdversarialSampler(**sampler_args("adversarial", num_negatives=16, k=8), seed=3)
     s.setup(dm, None)
     return s
 
@@ -220,7 +221,7 @@ def test_state_dict_round_trip_reproduces_samples(fitted, data, monkeypatch):
     torch.save(fitted.state_dict(), buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    other = AdversarialSampler(num_negatives=16, k=8, seed=3)
+    other = AdversarialSampler(**sampler_args("adversarial", num_negatives=16, k=8), seed=3)
     monkeypatch.setattr(other, "fit", lambda *a, **k: pytest.fail("resume must not refit"))
     other.setup(dm, None, state=state)
     a_ids, a_lq = fitted.sample(batch, doc_emb(8))
@@ -232,7 +233,8 @@ def test_state_dict_round_trip_reproduces_samples(fitted, data, monkeypatch):
 
 def test_fit_is_deterministic(data):
     dm, _ = data
-    a, b = AdversarialSampler(k=8, seed=1), AdversarialSampler(k=8, seed=1)
+    a, b = (AdversarialSampler(**sampler_args("adversarial", k=8), seed=1),
+            AdversarialSampler(**sampler_args("adversarial", k=8), seed=1))
     a.setup(dm, None)
     b.setup(dm, None)
     for key in ("weight", "bias", "label_to_leaf"):
@@ -243,7 +245,7 @@ def test_fit_is_deterministic(data):
 def test_uniform_mix_log_q_is_the_mixture(data):
     dm, _ = data
     m, C = 0.3, dm.num_labels
-    s = AdversarialSampler(num_negatives=64, k=8, uniform_mix=m, seed=3)
+    s = AdversarialSampler(**sampler_args("adversarial", num_negatives=64, k=8, uniform_mix=m), seed=3)
     s.setup(dm, None)
     batch = dm.batch(np.arange(16))
     ids, logq = s.sample(batch, doc_emb(16))
@@ -258,13 +260,14 @@ def test_refit_on_encoder_embeddings(data):
     from xmcneg.encoders.bow_linear import BowLinear
 
     dm, _ = data
-    s = AdversarialSampler(num_negatives=8, k=4, refit_every_epochs=2, seed=0)
+    s = AdversarialSampler(**sampler_args("adversarial", num_negatives=8, k=4, refit_every_epochs=2), seed=0)
     s.setup(dm, None)
     from xmcneg.methods.classifier import XMCClassifier
     from xmcneg.methods.losses import BCE
     from train_conf import section
 
-    module = XMCClassifier(BowLinear(dm.num_features, dim=12), dm.num_labels, BCE(), sampler=s,
+    enc = BowLinear(dm.num_features, **encoder_args("bow_linear", dim=12))
+    module = XMCClassifier(enc, dm.num_labels, BCE(), sampler=s,
                            optim=section("optim"), evaluation=section("eval"))
     s.refresh(5, 1, module)
     assert s.proj.kind == "bag"  # not due
@@ -287,7 +290,8 @@ def test_classifier_uses_the_sampler(fitted, data):
     from xmcneg.methods.losses import NegativeSampling
     from train_conf import section
 
-    model = XMCClassifier(BowLinear(dm.num_features, dim=6), dm.num_labels, NegativeSampling(reg_lambda=0.01),
+    enc = BowLinear(dm.num_features, **encoder_args("bow_linear", dim=6))
+    model = XMCClassifier(enc, dm.num_labels, NegativeSampling(reg_lambda=0.01),
                           sampler=fitted, optim=section("optim"),
                           evaluation=section("eval", k=5, doc_chunk=7, label_chunk=16))
     batch = dm.batch(np.arange(12))
@@ -304,12 +308,11 @@ def test_classifier_uses_the_sampler(fitted, data):
 def test_config_and_validation():
     cfg = OmegaConf.load("conf/sampler/adversarial.yaml")
     assert cfg.name == "adversarial"
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("name", "_target_", "defaults")}
-    AdversarialSampler(**kwargs, seed=0)
+    AdversarialSampler(**sampler_args("adversarial"), seed=0)
     with pytest.raises(ConfigError):
-        AdversarialSampler(uniform_mix=1.5)
+        AdversarialSampler(**sampler_args("adversarial", uniform_mix=1.5))
     with pytest.raises(ConfigError):
-        AdversarialSampler(node_l2=0)
+        AdversarialSampler(**sampler_args("adversarial", node_l2=0))
 
 
 def test_fit_edge_cases():

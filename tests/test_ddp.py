@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from test_train_e2e import run
+from train_conf import sampler_args
 from xmcneg.data.datamodule import EpochPermutation, RankBatchSampler, num_rank_batches, rank_batches, shard_rows
 from xmcneg.records import state_digests
 
@@ -313,7 +314,7 @@ def test_sampler_streams_differ_by_rank_and_replay_per_epoch(name):
     batch, emb = {"pos": torch.zeros(4, 1, dtype=torch.long)}, torch.zeros(4, 3)
     draws = {}
     for rank in (0, 1):
-        s = (UniformSampler if name == "uniform" else FrequencySampler)(num_negatives=8, seed=5)
+        s = (UniformSampler if name == "uniform" else FrequencySampler)(**sampler_args(name, num_negatives=8), seed=5)
         s.setup(dm, SimpleNamespace(global_rank=rank, _trainer=object()))
         for epoch in (0, 1, 0):
             s.set_epoch(epoch)

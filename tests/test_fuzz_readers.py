@@ -29,6 +29,7 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
 from xmcneg.data import formats, label_text, lf_json, token_cache
 from xmcneg.errors import DataFormatError, XMCError
@@ -547,8 +548,8 @@ def check_bow_cache(draw):
     run_case("bow_cache", cf, lambda q: formats.load_bow_cached(src, cache), lambda: want)
 
 
-TINY = {"_target_": "xmcneg.encoders.transformer.TinyTransformerEncoder", "max_len": 6,
-        "text": {"tokenizer": "word", "min_df": 1}}
+TINY = {**OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "encoder"
+                                                 / "tiny_transformer.yaml")), "max_len": 6}
 
 
 def check_text_layout(draw):
@@ -600,7 +601,8 @@ def check_text_layout(draw):
 
     def read(_):
         dm = XCDataModule(OmegaConf.create({"name": "t", "format": "text", "dir": str(d)}),
-                          OmegaConf.create({"batch_size": 4, "num_workers": 0, "val_size": 1, "val_max_docs": 10}),
+                          OmegaConf.create({"batch_size": 4, "num_workers": 0, "val_size": 1, "val_max_docs": 10,
+                                            "max_train_docs": None}),
                           OmegaConf.create({"cache_dir": str(d / "cache")}), OmegaConf.create(TINY), seed=0)
         dm.setup()
         held["dm"] = dm

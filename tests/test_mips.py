@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from xmcneg.encoders.bow_linear import BowLinear
 from xmcneg.errors import ConfigError
-from train_conf import section
+from train_conf import encoder_args, sampler_args, section
 from xmcneg.methods.base import mask_positives
 from xmcneg.methods.classifier import XMCClassifier
 from xmcneg.methods.losses import BCE
@@ -28,7 +28,8 @@ def eval_cfg(search="exact", index="flat", shortlist=50, k=5):
 
 def make_module(C=300, d=8, F=20, sampler=None, ev=None, seed=0):
     torch.manual_seed(seed)
-    m = XMCClassifier(BowLinear(F, d), C, BCE(), sampler=sampler, optim=OPTIM, evaluation=ev or eval_cfg())
+    enc = BowLinear(F, **encoder_args("bow_linear", dim=d))
+    m = XMCClassifier(enc, C, BCE(), sampler=sampler, optim=OPTIM, evaluation=ev or eval_cfg())
     with torch.no_grad():  # spread-out label vectors and biases so scores have no ties
         m.labels.w.weight.normal_(0, 1.0)
         m.labels.b.weight.normal_(0, 0.1)
@@ -38,7 +39,7 @@ def make_module(C=300, d=8, F=20, sampler=None, ev=None, seed=0):
 def make_sampler(C, **kw):
     kw.setdefault("index", "flat")
     kw.setdefault("warmup_epochs", 0)
-    s = MIPSSampler(**kw)
+    s = MIPSSampler(**sampler_args("mips", **kw))
     s.setup(SimpleNamespace(num_labels=C, train_label_counts=np.ones(C)), None)
     return s
 
@@ -173,7 +174,8 @@ def test_refresh_exactly_at_configured_steps_and_epoch_starts():
     state = s.state_dict()
     torch.save(state, "/tmp/_mips_state.pt")
     state = torch.load("/tmp/_mips_state.pt", weights_only=True)
-    r = MIPSSampler(num_hard=2, num_candidates=10, refresh_steps=3, warmup_epochs=1, index="flat")
+    r = MIPSSampler(**sampler_args("mips", num_hard=2, num_candidates=10, refresh_steps=3, warmup_epochs=1,
+                                   index="flat"))
     r.setup(SimpleNamespace(num_labels=C), None, state=state)
     assert r.index is None and r.index_version == 5 and r.last_refresh_step == 12
     r.refresh(13, 2, module)
@@ -190,9 +192,9 @@ def test_uniform_only_never_builds_and_bad_config_is_rejected():
         s.refresh(step, step // 2, module)
     assert s.refresh_steps_log == [] and s.index is None
     with pytest.raises(ConfigError):
-        MIPSSampler(mode="hard")
+        MIPSSampler(**sampler_args("mips", mode="hard"))
     with pytest.raises(ConfigError):
-        MIPSSampler(index="lsh")
+        MIPSSampler(**sampler_args("mips", index="lsh"))
     with pytest.raises(ConfigError):
         make_sampler(50, num_candidates=60)
 
@@ -240,7 +242,7 @@ def test_ann_eval_with_correction_matches_exact(cls):
     counts = np.random.default_rng(0).integers(0, 50, C)
     samplers = []
     for _ in range(2):
-        s = cls(num_negatives=8)
+        s = cls(**sampler_args("frequency", num_negatives=8))
         s.setup(SimpleNamespace(num_labels=C, train_label_counts=counts), None)
         samplers.append(s)
     exact = make_module(C, sampler=samplers[0], ev=eval_cfg("exact", k=5))

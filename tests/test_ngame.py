@@ -102,7 +102,7 @@ def test_curriculum_changes_cluster_size_at_configured_epochs():
     assert not cur.should_recluster(5, 4, 8)
     assert cur.should_recluster(7, 4, 8)  # refresh: (7-1) % 3 == 0
     with pytest.raises(ConfigError):
-        ClusterCurriculum(refresh_epochs=0)
+        ClusterCurriculum(start_size=1, doubling_epochs=[], max_size=8, start_epoch=1, refresh_epochs=0)
 
 
 # ------------------------------------------------------------------------------------------------ losses

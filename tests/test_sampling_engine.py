@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from xmcneg.encoders.bow_linear import BowLinear
 from xmcneg.errors import ConfigError
-from train_conf import section
+from train_conf import encoder_args, sampler_args, section
 from xmcneg.methods.base import mask_positives
 from xmcneg.methods.classifier import XMCClassifier
 from xmcneg.methods.losses import BCE, NegativeSampling, SampledSoftmax, bce_loss, ns_loss, sampled_softmax_loss
@@ -66,7 +66,8 @@ def test_logq_correction_values():
 
 def make_module(C=12, sampler=None, loss="bce", d=6, F=10):
     torch.manual_seed(0)
-    return XMCClassifier(BowLinear(F, d), C, LOSSES[loss], sampler=sampler, optim=OPTIM, evaluation=EVAL)
+    enc = BowLinear(F, **encoder_args("bow_linear", dim=d))
+    return XMCClassifier(enc, C, LOSSES[loss], sampler=sampler, optim=OPTIM, evaluation=EVAL)
 
 
 def test_sampled_softmax_with_all_labels_equals_full_softmax():
@@ -131,7 +132,7 @@ def test_frequency_sampler_matches_its_distribution():
     assert np.allclose(freq, p, atol=0.01)
     assert torch.allclose(log_q, torch.log(torch.tensor(p, dtype=torch.float32))[ids])
     with pytest.raises(ConfigError, match="sampler.alpha"):
-        FrequencySampler(alpha=-1)
+        FrequencySampler(**sampler_args("frequency", alpha=-1))
 
 
 def test_in_batch_negatives_are_the_batch_positives():

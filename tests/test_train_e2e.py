@@ -112,12 +112,13 @@ def test_deferred_nan_check_names_the_window_and_fires_at_epoch_end():
     from omegaconf import OmegaConf
 
     from xmcneg.encoders.bow_linear import BowLinear
-    from train_conf import section
+    from train_conf import encoder_args, section
     from xmcneg.methods.base import NonFiniteLossError
     from xmcneg.methods.classifier import XMCClassifier
     from xmcneg.methods.losses import SampledSoftmax
 
-    m = XMCClassifier(BowLinear(10, dim=4), 6, SampledSoftmax(), optim=section("optim"), evaluation=section("eval"))
+    m = XMCClassifier(BowLinear(10, **encoder_args("bow_linear", dim=4)), 6, SampledSoftmax(), optim=section("optim"),
+                      evaluation=section("eval"))
     m.defer_finite_check, m.finite_check_every = True, 4
     ok, nan = torch.tensor(1.0), torch.tensor(float("nan"))
     for step, loss in enumerate([ok, ok, ok, ok, ok, nan, ok]):  # steps 0..6: the NaN at 5 is not read yet

@@ -188,7 +188,7 @@ class XCDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------- loading
     def dataset_dir(self) -> Path:
-        if self.dcfg.get("format") == "synthetic":
+        if self.dcfg["format"] == "synthetic":
             params = {k: self.dcfg[k] for k in ("num_labels", "num_features", "num_train", "num_test",
                                                  "avg_labels", "zipf_a", "doc_len")}
             params["seed"] = self.dcfg.gen_seed
@@ -238,7 +238,7 @@ class XCDataModule(pl.LightningDataModule):
         perm = np.random.default_rng(self.seed).permutation(n)
         val_rows, train_rows = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         val_rows = val_rows[: int(self.cfg.val_max_docs)]
-        cap = self.cfg.get("max_train_docs")
+        cap = self.cfg["max_train_docs"]
         if cap is not None:  # a seeded subset of the training split (short-budget runs of slow encoders)
             if int(cap) < 1:
                 raise ConfigError("data.max_train_docs", f"must be >= 1 or null, got {cap}")
@@ -321,7 +321,7 @@ class XCDataModule(pl.LightningDataModule):
         blocks out to the ranks, so the grouping holds under DDP too), otherwise a seeded permutation."""
         X = self.splits["train"][0]
         lengths = self.inputs.lengths(X)
-        window = int(self.inputs.text_cfg.get("sort_window", 50)) if lengths is not None else 0
+        window = int(self.inputs.text_key("sort_window")) if lengths is not None else 0
         if window > 0:
             return LengthGroupedSampler(lengths, int(self.cfg.batch_size), window=window, seed=self.seed)
         return EpochPermutation(X.shape[0], self.seed)

@@ -37,6 +37,8 @@ BOW_FORMATS = ("bow", "synthetic")
 TOKENIZERS = ("hf", "word")
 BOW_FEATURES = ("tfidf", "hashing")
 TRANSFORMS = ("none", "l2", "tfidf_l2")
+# text settings of a BoW encoder without an `encoder.text` section (bow_mlp, bow_linear) on a text layout
+PLAIN_BOW_TEXT = {"features": "tfidf", "min_df": 2, "max_df": 0.5, "max_vocab": None}
 
 
 def csr_rows_to_bag(X: sp.csr_matrix, rows):
@@ -75,7 +77,7 @@ def make_inputs(dataset_cfg, paths_cfg, encoder_cfg):
     ``synthetic`` dataset gets it too when the encoder reads text (reading the dataset's text files), otherwise
     :class:`BowInputs`."""
     enc = encoder_cfg if encoder_cfg is not None else {}
-    fmt = dataset_cfg.get("format", "bow")
+    fmt = dataset_cfg["format"]
     if fmt in TEXT_FORMATS or (fmt in BOW_FORMATS and wants_text(enc)):
         return TextInputs(dataset_cfg, paths_cfg, enc)
     if fmt in BOW_FORMATS:
@@ -169,21 +171,20 @@ class TextInputs:
 
     def __init__(self, dataset_cfg, paths_cfg, encoder_cfg):
         self.dcfg, self.paths, self.enc_cfg = dataset_cfg, paths_cfg, encoder_cfg
-        self.fmt = dataset_cfg.get("format", "text")
+        self.fmt = dataset_cfg["format"]
         self.input_kind = encoder_input_kind(encoder_cfg)
-        text = encoder_cfg.get("text") or {}
-        self.text_cfg = text
+        self.text_cfg = encoder_cfg.get("text") or ({} if self.input_kind == "tokens" else PLAIN_BOW_TEXT)
         if self.input_kind == "tokens":
-            self.tokenizer_kind = str(text.get("tokenizer", "hf"))
+            self.tokenizer_kind = str(self.text_key("tokenizer"))
             if self.tokenizer_kind not in TOKENIZERS:
                 raise ConfigError("encoder.text.tokenizer",
                                   f"unknown '{self.tokenizer_kind}', expected one of {', '.join(TOKENIZERS)}")
-            ml = encoder_cfg.get("max_len", 128)
+            ml = encoder_cfg["max_len"]
             self.max_len = None if ml is None else int(ml)
             if self.max_len is not None and self.max_len < 2:
                 raise ConfigError("encoder.max_len", f"must be >= 2, got {ml}")
         else:
-            self.tokenizer_kind = str(text.get("features", "tfidf"))
+            self.tokenizer_kind = str(self.text_key("features"))
             if self.tokenizer_kind not in BOW_FEATURES:
                 raise ConfigError("encoder.text.features",
                                   f"unknown '{self.tokenizer_kind}', expected one of {', '.join(BOW_FEATURES)}")
@@ -191,6 +192,13 @@ class TextInputs:
         self.token_cache = {}
         self.tokenizer = self.idf = self.num_features = self.label_text_path = self._label_src = None
         self.transform = _no_bow_transform  # the BoW feature transform has no meaning for text inputs
+
+    def text_key(self, key):
+        """`encoder.text.<key>` (declared in conf/encoder/*.yaml); a missing key is a ConfigError."""
+        if key not in self.text_cfg:
+            raise ConfigError(f"encoder.text.{key}", "missing (conf/encoder/text_bow.yaml and tiny_transformer.yaml "
+                                                     "declare the text keys)")
+        return self.text_cfg[key]
 
     # ---------------------------------------------------------------- files
     def _file(self, key):
@@ -307,16 +315,14 @@ class TextInputs:
 
     # ---------------------------------------------------------------- tokens
     def _make_tokenizer(self, src_tr):
-        k, t = self.tokenizer_kind, self.text_cfg
+        k = self.tokenizer_kind
         if k == "hf":
-            return HFTokenizer(resolve_model_dir(self.enc_cfg.get("name_or_path")))
+            return HFTokenizer(resolve_model_dir(self.enc_cfg["name_or_path"]))
         if k == "hashing":
-            return HashTokenizer(t.get("hash_dim", 1 << 18))
+            return HashTokenizer(int(self.text_key("hash_dim")))
         # word vocabulary from the training texts, cached
-        bow = self.input_kind == "bow"
-        min_df = int(t.get("min_df", 2 if bow else 1))
-        max_df = float(t.get("max_df", 0.5 if bow else 1.0))
-        max_vocab = t.get("max_vocab", None)
+        min_df, max_df = int(self.text_key("min_df")), float(self.text_key("max_df"))
+        max_vocab = self.text_key("max_vocab")
         max_vocab = int(max_vocab) if max_vocab else None
         cf = Path(self.paths.cache_dir) / "tokens" / (
             f"vocab-{src_tr.key}-df{min_df}-{max_df:g}-v{max_vocab or 'all'}.txt")

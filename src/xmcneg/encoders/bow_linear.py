@@ -6,7 +6,7 @@ from xmcneg.encoders.sparse_bag import InputBag, resolve_sparse
 
 
 class BowLinear(Encoder):
-    def __init__(self, num_features: int, dim: int = 256, normalize: bool = False, sparse_input="auto"):
+    def __init__(self, num_features: int, dim: int, normalize: bool, sparse_input):
         super().__init__()
         self.dim, self.normalize = dim, normalize
         self.bag = InputBag(num_features, dim, sparse=resolve_sparse(sparse_input, num_features))

@@ -11,8 +11,8 @@ from xmcneg.encoders.sparse_bag import InputBag, resolve_sparse
 
 
 class BowMLP(Encoder):
-    def __init__(self, num_features: int, dim: int = 256, hidden: int = 1024, num_layers: int = 1,
-                 dropout: float = 0.2, normalize: bool = False, sparse_input="auto"):
+    def __init__(self, num_features: int, dim: int, hidden: int, num_layers: int, dropout: float, normalize: bool,
+                 sparse_input):
         super().__init__()
         self.dim, self.normalize = dim, normalize
         self.bag = InputBag(num_features, hidden, sparse=resolve_sparse(sparse_input, num_features))

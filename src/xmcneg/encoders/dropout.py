@@ -12,7 +12,7 @@ from torch import nn
 
 
 class Dropout(nn.Module):
-    def __init__(self, p: float = 0.5):
+    def __init__(self, p: float):
         super().__init__()
         if not 0.0 <= float(p) < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")

@@ -87,8 +87,7 @@ class TransformerEncoder(_TokenEncoder):
     """A pretrained local Hugging Face encoder (default: bundled all-MiniLM-L6-v2, 6 layers, 384 dims).
     ``max_len`` is the tokenizer's truncation length (applied by the datamodule)."""
 
-    def __init__(self, name_or_path=None, pooling: str = "mean", max_len: int = 128, dim=None,
-                 normalize: bool = False, freeze: bool = False, bf16: bool = False, lr=None):
+    def __init__(self, name_or_path, pooling: str, max_len: int, dim, normalize: bool, freeze: bool, bf16: bool, lr):
         super().__init__()
         # learning rate this encoder wants (a pretrained model needs ~5e-5, not optim.encoder_lr's 1e-3);
         # None = optim.encoder_lr. Read by the method's configure_optimizers.
@@ -111,9 +110,8 @@ class TinyTransformerEncoder(_TokenEncoder):
     """A small randomly initialised BERT over the datamodule's word vocabulary (``num_features`` = its size,
     [PAD] = 0). No pretrained weights, no downloads."""
 
-    def __init__(self, num_features: int, hidden: int = 64, num_layers: int = 2, num_heads: int = 2,
-                 intermediate: int = 256, max_len: int = 64, dropout: float = 0.1, pooling: str = "mean",
-                 dim=None, normalize: bool = False, bf16: bool = False):
+    def __init__(self, num_features: int, hidden: int, num_layers: int, num_heads: int, intermediate: int,
+                 max_len: int, dropout: float, pooling: str, dim, normalize: bool, bf16: bool):
         super().__init__()
         if int(hidden) % int(num_heads):
             raise ConfigError("encoder.hidden", f"{hidden} must be a multiple of encoder.num_heads={num_heads}")

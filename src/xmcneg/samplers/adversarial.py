@@ -25,9 +25,9 @@ log = logging.getLogger("xmcneg")
 class AdversarialSampler(Sampler):
     name = "adversarial"
 
-    def __init__(self, num_negatives: int = 64, k: int = 16, node_l2: float = 0.1, newton_steps: int = 6,
-                 hessian_every: int = 3, resplit: bool = True, refit_every_epochs: int = 0,
-                 uniform_mix: float = 0.0, svd_iters: int = 4, encode_batch_size: int = 4096, seed: int = 0):
+    def __init__(self, num_negatives: int, k: int, node_l2: float, newton_steps: int, hessian_every: int,
+                 resplit: bool, refit_every_epochs: int, uniform_mix: float, svd_iters: int, encode_batch_size: int,
+                 seed: int = 0):
         super().__init__(num_negatives, seed)
         checks = [("k", int(k) >= 1, k), ("node_l2", float(node_l2) > 0, node_l2),
                   ("newton_steps", int(newton_steps) >= 0, newton_steps),

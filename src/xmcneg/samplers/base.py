@@ -27,7 +27,7 @@ class Sampler:
     name = "base"
     fixed_k = True  # draws exactly num_negatives per document (so it must be < C)
 
-    def __init__(self, num_negatives: int = 64, seed: int = 0):
+    def __init__(self, num_negatives: int, seed: int = 0):
         try:
             self.num_negatives = int(num_negatives)
         except (TypeError, ValueError):

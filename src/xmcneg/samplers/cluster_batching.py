@@ -113,7 +113,7 @@ def _balanced_spherical_clusters(X, cluster_size, seed, max_iter, tol):
 
 # ----------------------------------------------------------------------------------------------- curriculum
 class ClusterCurriculum:
-    def __init__(self, start_size=1, doubling_epochs=(), max_size=64, start_epoch=1, refresh_epochs=1):
+    def __init__(self, start_size, doubling_epochs, max_size, start_epoch, refresh_epochs):
         self.start_size = int(start_size)
         self.doubling_epochs = sorted(int(e) for e in (doubling_epochs or []))
         self.max_size = int(max_size)

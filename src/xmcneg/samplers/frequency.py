@@ -10,7 +10,7 @@ from xmcneg.samplers.base import Sampler
 class FrequencySampler(Sampler):
     name = "frequency"
 
-    def __init__(self, num_negatives: int = 64, alpha: float = 0.75, seed: int = 0):
+    def __init__(self, num_negatives: int, alpha: float, seed: int = 0):
         super().__init__(num_negatives, seed)
         if not 0.0 <= alpha <= 2.0:
             raise ConfigError("sampler.alpha", f"must be in [0, 2], got {alpha}")

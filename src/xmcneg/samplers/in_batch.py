@@ -11,7 +11,7 @@ class InBatchSampler(Sampler):
     name = "in_batch"
     fixed_k = False  # num_negatives is only a cap on the distinct in-batch labels
 
-    def __init__(self, max_negatives: int = 4096, seed: int = 0):
+    def __init__(self, max_negatives: int, seed: int = 0):
         super().__init__(max_negatives, seed)
 
     def setup(self, datamodule, model=None, state=None):

@@ -34,8 +34,8 @@ class MIPSSampler(Sampler):
     name = "mips"
     fixed_k = True  # num_negatives = num_candidates bounds the width; it must be below C
 
-    def __init__(self, num_hard: int = 5, num_candidates: int = 69, index: str = "hnsw", refresh_steps: int = 1000,
-                 warmup_epochs: int = 1, mode: str = "mix", index_args=None, seed: int = 0):
+    def __init__(self, num_hard: int, num_candidates: int, index: str, refresh_steps: int, warmup_epochs: int,
+                 mode: str, index_args: dict, seed: int = 0):
         super().__init__(num_negatives=num_candidates, seed=seed)
         if mode not in MODES:
             raise ConfigError("sampler.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")

@@ -14,8 +14,8 @@ Two phases inside one trainer.fit (phase 2 starts at epoch `phase1_epochs`):
   validation split; `inference: ann` re-scores the union of two faiss HNSW shortlists, `exact` scores all.
 * Resume: phase, bank (with the rows written so far in the epoch, merged over the ranks), clusters, alpha and
   the label vectors of the epoch's shortlist index are in the checkpoint ("ngame"); a mid-epoch resume sets up
-  the epoch's batch sampler, positive draws and index in on_train_start (Lightning skips on_train_epoch_start then), so it
-  retraces the uninterrupted run. Under DDP the bank rows are all-reduced at epoch end and the cluster ids
+  the epoch's batch sampler, positive draws and index in on_train_start (Lightning skips on_train_epoch_start
+  then), so it retraces the uninterrupted run. Under DDP the bank rows are all-reduced at epoch end and the cluster ids
   broadcast from rank 0.
 """
 from __future__ import annotations

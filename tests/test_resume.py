@@ -93,3 +93,40 @@ def test_preemption_checkpoint_saves_then_hands_the_signal_to_submitit():
         assert signal.getsignal(signal.SIGUSR2) is submitit_handler
     finally:
         signal.signal(signal.SIGUSR2, old)
+
+
+NGAME = [*TINY, "sampler=ngame", "trainer.max_epochs=3", "sampler.phase1_epochs=2"]
+
+
+def _final_weights(out):
+    import torch
+
+    return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("epoch, extra", [
+    (1, []),  # phase 1, clustered batches (the bank is partly rewritten at the signal)
+    (2, ["sampler.phase2_ann_negatives=10"]),  # phase 2, with the HNSW training shortlist
+])
+def test_ngame_preempted_mid_epoch_resumes_exactly(epoch, extra, tmp_path):
+    """NGAME preempted in the middle of an epoch, then resumed: its epoch set-up (batch sampler epoch and
+    clusters, positive draws, shortlist index), skipped by Lightning on a mid-epoch restart, is redone from the
+    checkpoint, so the run ends with the uninterrupted run's weights, test metrics and step count."""
+    import torch
+
+    args = [*NGAME, *extra]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    p = run("train.py", [*args, f"hydra.run.dir={ref}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run("train.py", [*args, "debug.kill_in=preempt", f"debug.kill_epoch={epoch}", f"hydra.run.dir={out}"],
+            tmp_path)
+    assert p.returncode == -signal.SIGUSR2, p.stderr[-2000:]
+    p = run("train.py", [*args, "ckpt_path=last", f"hydra.run.dir={out}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (ref, out))
+    per_epoch = a["global_step"] // 3
+    assert b["resumed_from"]["epoch"] == epoch and b["resumed_from"]["global_step"] == epoch * per_epoch + 3
+    assert b["test"] == a["test"] and b["global_step"] == a["global_step"]
+    wa, wb = _final_weights(ref), _final_weights(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

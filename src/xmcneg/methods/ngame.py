@@ -12,8 +12,11 @@ Two phases inside one trainer.fit (phase 2 starts at epoch `phase1_epochs`):
   the batch's positives (InBatchSampler) [+ HNSW hard negatives]; loss `triplet_multi_loss`; row-wise updates.
 * Inference: alpha * cos(doc, w_y) + (1 - alpha) * cos(doc, label-text embedding), alpha picked on the
   validation split; `inference: ann` re-scores the union of two faiss HNSW shortlists, `exact` scores all.
-* Resume: phase, bank, clusters and alpha are in the checkpoint ("ngame"); under DDP the bank rows are
-  all-reduced at epoch end and the cluster ids broadcast from rank 0.
+* Resume: phase, bank (with the rows written so far in the epoch, merged over the ranks), clusters, alpha and
+  the label vectors of the epoch's shortlist index are in the checkpoint ("ngame"); a mid-epoch resume sets up
+  the epoch's batch sampler, positive draws and index in on_train_start (Lightning skips on_train_epoch_start
+  then), so it retraces the uninterrupted run. Under DDP the bank rows are all-reduced at epoch end and the cluster ids
+  broadcast from rank 0.
 """
 from __future__ import annotations
 
@@ -203,6 +206,7 @@ class NGAME(XMCModule):
         self._label_emb = None  # cached label-text embeddings (phase 2: the encoder is frozen)
         self._index_cache = {}  # HNSW indexes for inference, by "knn" / "clf"
         self._clf_index = None  # phase-2 training shortlist index (phase2_ann_negatives)
+        self._clf_index_weights = None  # the label vectors it was built from (at the epoch start)
         self._pick_u, self._t_epoch, self._cluster_s = None, None, 0.0
 
     # ------------------------------------------------------------------ helpers
@@ -285,7 +289,28 @@ class NGAME(XMCModule):
         if me is not None and me >= 0 and int(self.s.phase1_epochs) >= me:
             log.warning("ngame: sampler.phase1_epochs=%d >= trainer.max_epochs=%d: phase 2 (classifiers) will not "
                         "run; predictions use the label-text embeddings only", int(self.s.phase1_epochs), me)
-        self._push_sampler_state(self.current_epoch)
+
+    def on_train_start(self):
+        # Lightning skips on_train_epoch_start when it resumes in the middle of an epoch: set up that epoch's batch
+        # sampler, positive draws and shortlist index here (the loops, hence current_epoch, are restored by now;
+        # at on_fit_start they are not yet)
+        e = int(self.current_epoch)
+        self._push_sampler_state(e)
+        self._t_epoch, self._cluster_s = time.perf_counter(), 0.0
+        self._pick_u = self._positive_draws(e)
+        if self.phase == 2 and self._clf_index_weights is not None and self.trainer.fit_loop.restarting:
+            self._build_clf_index(self._clf_index_weights)
+
+    def _positive_draws(self, epoch):
+        """(num_train,) uniforms of `epoch`: which positive each document takes in phase 1."""
+        return np.random.default_rng([self.seed, epoch, 0x5EED]).random(self.num_train)
+
+    def _build_clf_index(self, weights):
+        """The phase-2 training shortlist index over the normalised label vectors `weights` (kept for the
+        checkpoint: a resume in the middle of the epoch rebuilds the same index)."""
+        self._clf_index_weights = weights
+        self._clf_index = self._make_index()
+        self._clf_index.build(weights)
 
     def _world_size(self):
         return self.trainer.world_size if self._trainer is not None else 1
@@ -330,9 +355,8 @@ class NGAME(XMCModule):
             elif not self.curriculum.active(e):
                 self.cluster_ids, self.cluster_size = None, 1
         if self.phase == 2 and int(self.s.phase2_ann_negatives) > 0:
-            self._clf_index = self._make_index()
-            self._clf_index.build(F.normalize(self.labels.w.weight.detach().float(), dim=-1))
-        self._pick_u = np.random.default_rng([self.seed, e, 0x5EED]).random(self.num_train)
+            self._build_clf_index(F.normalize(self.labels.w.weight.detach().float(), dim=-1).cpu())
+        self._pick_u = self._positive_draws(e)
         self._push_sampler_state(e)
 
     @torch.no_grad()
@@ -373,24 +397,32 @@ class NGAME(XMCModule):
             self.log(f"ngame/{k}", float(v), on_epoch=True, rank_zero_only=True)
 
     def _sync_bank(self):
+        self.bank, _ = self._merged_bank()
+        self.bank_written.zero_()
+
+    def _merged_bank(self):
+        """(bank, written): the bank with the rows written this epoch on any rank (under DDP averaged over the
+        ranks that wrote them, normalised), and those rows."""
         dist = active_dist()
         if dist is None:
-            self.bank_written.zero_()
-            return
+            return self.bank, self.bank_written
         dev = self.device if dist.get_backend() != "gloo" else torch.device("cpu")
         w = self.bank_written.to(dev, torch.float32)
         b = (self.bank * self.bank_written.unsqueeze(1)).to(dev)
         dist.all_reduce(w)
         dist.all_reduce(b)
         rows = (w > 0).cpu()
-        self.bank[rows] = F.normalize((b[w > 0] / w[w > 0].unsqueeze(1)).cpu(), dim=-1)
-        self.bank_written.zero_()
+        bank = self.bank.clone()
+        bank[rows] = F.normalize((b[w > 0] / w[w > 0].unsqueeze(1)).cpu(), dim=-1)
+        return bank, rows
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
+        bank, written = self._merged_bank()  # every rank's rows of the epoch so far (a collective under DDP)
         state = {
-            "phase": int(self.phase), "bank": self.bank.clone(),
+            "phase": int(self.phase), "bank": bank.clone(), "bank_written": written.clone(),
+            "clf_index_weights": self._clf_index_weights if self.phase == 2 else None,
             "cluster_ids": None if self.cluster_ids is None else torch.from_numpy(np.asarray(self.cluster_ids)),
             "cluster_size": int(self.cluster_size), "last_cluster_epoch": int(self.last_cluster_epoch),
             "alpha": None if self.alpha is None else float(self.alpha),
@@ -405,7 +437,10 @@ class NGAME(XMCModule):
             return
         self.phase = int(st["phase"])
         self.bank = st["bank"].float().cpu().clone()
-        self.bank_written = torch.zeros(self.bank.shape[0], dtype=torch.bool)
+        written = st.get("bank_written")
+        self.bank_written = (written.bool().cpu().clone() if written is not None
+                             else torch.zeros(self.bank.shape[0], dtype=torch.bool))
+        self._clf_index_weights = st.get("clf_index_weights")
         c = st.get("cluster_ids")
         self.cluster_ids = None if c is None else c.cpu().numpy().astype(np.int64)
         self.cluster_size = int(st.get("cluster_size", 1))

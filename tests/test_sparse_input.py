@@ -9,7 +9,6 @@ import torch
 from train_conf import encoder_args
 from xmcneg.encoders.bow_linear import BowLinear
 from xmcneg.encoders.bow_mlp import BowMLP
-from xmcneg.encoders.dropout import Dropout
 from xmcneg.encoders.sparse_bag import SPARSE_MIN_FEATURES, InputBag, resolve_sparse
 from xmcneg.errors import ConfigError
 from xmcneg.methods.sparse_optim import RowAdam, coalesced, encoder_optimizers
@@ -147,23 +146,6 @@ def test_resolve_sparse_and_bad_value():
     assert resolve_sparse(True, 10) and not resolve_sparse(False, 10 ** 6)
     with pytest.raises(ConfigError, match="encoder.sparse_input"):
         resolve_sparse("yes", 10)
-
-
-def test_dropout_keeps_the_expected_fraction_and_scales():
-    torch.manual_seed(0)
-    d = Dropout(0.3)
-    y = d(torch.ones(400, 500))
-    keep = (y != 0).float().mean().item()
-    assert abs(keep - 0.7) < 0.01
-    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.7))
-    x = torch.ones(3, 5, requires_grad=True)
-    out = d(x)
-    out.sum().backward()
-    assert torch.equal(x.grad, out.detach())  # gradient through the same mask and scale
-    d.eval()
-    assert torch.equal(d(x), x)
-    with pytest.raises(ValueError):
-        Dropout(1.0)
 
 
 # ------------------------------------------------------------------------------------- through train.py, 2 ranks

@@ -1,12 +1,10 @@
 """EmbeddingBag over sparse features (weighted sum) -> [GELU, dropout, residual Linear blocks] -> Linear to `dim`.
 
-`sparse_input` (auto | true | false): the input table's gradient mode, see `xmcneg.encoders.sparse_bag`.
-Dropout: `xmcneg.encoders.dropout.Dropout` (torch's semantics, a cheaper CPU mask)."""
+`sparse_input` (auto | true | false): the input table's gradient mode, see `xmcneg.encoders.sparse_bag`."""
 import torch
 from torch import nn
 
 from xmcneg.encoders.base import Encoder
-from xmcneg.encoders.dropout import Dropout
 from xmcneg.encoders.sparse_bag import InputBag, resolve_sparse
 
 
@@ -18,9 +16,9 @@ class BowMLP(Encoder):
         self.bag = InputBag(num_features, hidden, sparse=resolve_sparse(sparse_input, num_features))
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), Dropout(dropout))
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout))
             for _ in range(num_layers))
-        self.drop = Dropout(dropout)
+        self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x):

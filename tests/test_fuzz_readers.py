@@ -429,25 +429,23 @@ def _write(d, draw, data, name):
     return p, fname, raw
 
 
-def check_bow(draw):
-    d = _tmp()
-    p, fname, raw = _write(d, draw, mutate(draw, seed_bow(draw)), "train.txt")
+def _check_one_file(draw, kind, seed, name, reader, ref):
+    """A mutant of `seed(draw)` stored as `name`: `reader` must fail cleanly or agree with `ref`."""
+    p, fname, raw = _write(_tmp(), draw, mutate(draw, seed(draw)), name)
     with _Limits(draw):
-        run_case("xc_bow", p, formats.read_xc_bow, lambda: ref_bow(ref_bytes(fname, raw)))
+        run_case(kind, p, reader, lambda: ref(ref_bytes(fname, raw)))
+
+
+def check_bow(draw):
+    _check_one_file(draw, "xc_bow", seed_bow, "train.txt", formats.read_xc_bow, ref_bow)
 
 
 def check_xy(draw):
-    d = _tmp()
-    p, fname, raw = _write(d, draw, mutate(draw, seed_xy(draw)), "trn_X_Y.txt")
-    with _Limits(draw):
-        run_case("xy", p, formats.read_xy, lambda: ref_xy(ref_bytes(fname, raw)))
+    _check_one_file(draw, "xy", seed_xy, "trn_X_Y.txt", formats.read_xy, ref_xy)
 
 
 def check_lines(draw):
-    d = _tmp()
-    p, fname, raw = _write(d, draw, mutate(draw, seed_lines(draw)), "trn_X.txt")
-    with _Limits(draw):
-        run_case("text_lines", p, formats.read_lines, lambda: ref_lines(ref_bytes(fname, raw)))
+    _check_one_file(draw, "text_lines", seed_lines, "trn_X.txt", formats.read_lines, ref_lines)
 
 
 def check_label_texts(draw):

@@ -1,45 +1,24 @@
-"""Readers and writers for the extreme-classification (XC) file formats, with strict validation.
+"""Readers and writers of the extreme-classification (XC) file formats, with strict validation.
 
-Formats (``.gz`` accepted everywhere, chosen by the file-name suffix):
+* XC BoW (``train.txt``): header ``num_points num_features num_labels``, then one line per point
+  ``l1,l2,... f:v f:v ...`` (0-based ids; a point without labels starts with a space).
+* XY (``trn_X_Y.txt``): header ``num_points num_labels``, then ``label:value ...`` per point (no ``:value``: 1.0).
+* Lines (``trn_X.txt``, ``lbl_X.txt``): one text per line.
 
-* **XC BoW** (``train.txt``, ``test.txt``): header ``num_points num_features num_labels``, then one line per
-  point ``l1,l2,... f:v f:v ...`` (0-based ids). A point without labels starts with a space; a point may have
-  labels and no features.
-* **XY** (``trn_X_Y.txt``, ``tst_X_Y.txt``): header ``num_points num_labels``, then one line per point
-  ``label:value label:value ...``; a missing ``:value`` means 1.0.
-* **Lines** (``trn_X.txt``, ``lbl_X.txt``): one text per line (a document, or label i's text on line i).
-
-Validation: every problem raises :class:`~xmcneg.errors.DataFormatError` naming the file and the 1-based line
-number (the header is line 1, point i is on line i + 2): a header that is not the right number of integers
-(num_points >= 0, num_features and num_labels >= 1); a label id that is not a non-negative integer or is
->= num_labels; a feature token without ``:`` or without a value; a non-integer feature index or non-numeric
-value; a feature index >= num_features; a non-finite value (nan/inf, or beyond float32 range); a feature
-index repeated on a line; fewer data lines than the header says (truncated file: the message gives the line
-where the data ended and how many points were expected) or more non-blank lines than it says.
-
-Every reader also rejects, with the same one-line error: a ``.gz`` file that is not gzip data, or whose
-compressed data is corrupt or cut short; gzip data in a file whose name does not end in ``.gz``; text that is not
-valid UTF-8; a line longer than :data:`MAX_LINE_BYTES` bytes.
-
-Documented leniencies (not errors):
-
-* a label repeated on a line is kept once (deduplicated; in XY files the largest value is kept);
-* an empty document (no features) is kept, as an all-zero row of X;
-* a document without labels is kept, as an all-zero row of Y;
-* an empty line among the first ``num_points`` data lines is a point with no labels and no features;
-* blank (whitespace-only) lines after the last data line are ignored;
-* Windows ``\\r\\n`` line endings are accepted (a trailing ``\\r`` is stripped from every line), as is a UTF-8
-  byte-order mark before the header.
-
-Speed: the BoW/XY readers work on 16 MB blocks of lines and parse each block with a handful of vectorised
-numpy passes (the whole block joined into one string); only when a block fails a check is it re-parsed line by
-line, to find and report the first bad line with a precise message.
+``.gz`` files are read and written by the name's suffix. Every malformed input raises :class:`DataFormatError`
+naming the file and the 1-based line (the header is line 1, point i is on line i + 2). Kept, not errors: a label
+repeated on a line (once; in XY the largest value), points without features or labels, an empty data line (such a
+point), blank lines after the data, ``\\r\\n`` line endings, a UTF-8 byte-order mark before the header.
+The BoW/XY readers parse 16 MB blocks with a few vectorised numpy passes; a block that fails a check is parsed
+again line by line, to report its first bad line precisely.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import io
+import itertools
+import logging
 import os
 import re
 import tempfile
@@ -50,12 +29,9 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from xmcneg.errors import DataFormatError, MissingFileError, XMCError  # noqa: F401  (re-exported)
+from xmcneg.errors import DataFormatError, MissingFileError
 
-__all__ = [
-    "open_text", "resolve_path", "read_xc_bow", "read_xy", "read_lines", "write_xc_bow", "write_xy",
-    "write_lines", "load_bow_cached", "iter_lines", "save_npz_atomic", "DataFormatError", "MissingFileError",
-]
+log = logging.getLogger("xmcneg")
 
 _BLOCK_BYTES = 1 << 24
 MAX_LINE_BYTES = 1 << 26  # 64 MiB: a longer line is an error (a missing newline, or not a text file)
@@ -99,9 +75,6 @@ class _CheckedGzipFile(gzip.GzipFile):
 
     def readline(self, size=-1):
         return self._checked(super().readline, size)
-
-    def peek(self, n):
-        return self._checked(super().peek, n)
 
 
 def _open_plain_for_reading(path):
@@ -153,14 +126,14 @@ def iter_lines(path):
             yield k, raw
 
 
-def resolve_path(path) -> Path:
-    """``path`` if it exists, else ``path.gz`` if that exists, else :class:`MissingFileError`."""
-    p = Path(path)
-    if p.exists():
-        return p
-    gz = Path(str(path) + ".gz")
-    if gz.exists():
-        return gz
+def resolve_path(path, required=True) -> Path | None:
+    """``path`` if it exists, else ``path.gz`` if that exists, else :class:`MissingFileError` (None when not
+    ``required``)."""
+    for p in (Path(path), Path(f"{path}.gz")):
+        if p.exists():
+            return p
+    if not required:
+        return None
     raise MissingFileError(f"{path}: file not found (put it there, or set XMC_DATA_DIR / dataset.dir)")
 
 
@@ -189,6 +162,14 @@ def _iter_blocks(path):
             yield lines
         if carry:
             yield [carry[:-1] if carry.endswith(b"\r") else carry]
+
+
+def decode_line(path, lineno, raw: bytes) -> str:
+    """``raw`` as UTF-8 text; :class:`DataFormatError` at ``path:lineno`` when it is not valid UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, lineno, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _txt(b: bytes, limit=60) -> str:
@@ -230,12 +211,7 @@ def _iter_data(path, blocks, rest, n_points):
     """Yield (first_lineno, lines) for the ``n_points`` data lines; checks the line count."""
     seen = 0
     lineno = 2  # line number of the next data line
-
-    def gen():
-        yield rest
-        yield from blocks
-
-    for lines in gen():
+    for lines in itertools.chain([rest], blocks):
         if not lines:
             continue
         take = lines
@@ -258,6 +234,16 @@ def _iter_data(path, blocks, rest, n_points):
 
 
 # ------------------------------------------------------------------------------------------- vectorised helpers
+def _fromstring(s: bytes, dtype, sep: str) -> np.ndarray:
+    """``np.fromstring``; _BlockError where it fails or warns (a token it cannot parse)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return np.fromstring(s, dtype=dtype, sep=sep)
+    except (ValueError, DeprecationWarning):
+        raise _BlockError from None
+
+
 def _fast_ints(joined: bytes, count: int, sep: bytes) -> np.ndarray:
     """Parse ``count`` non-negative ints separated by single ``sep`` bytes; _BlockError if not exactly that."""
     if count == 0:
@@ -265,12 +251,7 @@ def _fast_ints(joined: bytes, count: int, sep: bytes) -> np.ndarray:
     b = np.frombuffer(joined, dtype=np.uint8)
     if not np.all(((b >= 48) & (b <= 57)) | (b == sep[0])):
         raise _BlockError
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            out = np.fromstring(joined, dtype=np.int64, sep=sep.decode())
-    except (ValueError, DeprecationWarning):
-        raise _BlockError from None
+    out = _fromstring(joined, np.int64, sep.decode())
     if len(out) != count:
         raise _BlockError
     return out
@@ -296,12 +277,7 @@ def _fast_pairs(s: bytes, T: int) -> tuple[np.ndarray, np.ndarray]:
     ib = b[~sepm & ~spc & ((seg & 1) == 0)]
     if not np.all((ib >= 48) & (ib <= 57)):
         raise _BlockError
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            nums = np.fromstring(s.replace(b":", b" "), dtype=np.float64, sep=" ")
-    except (ValueError, DeprecationWarning):
-        raise _BlockError from None
+    nums = _fromstring(s.replace(b":", b" "), np.float64, " ")
     if len(nums) != 2 * T:
         raise _BlockError
     idx = nums[0::2]
@@ -325,24 +301,16 @@ def _csr(counts, indices, data, ncols) -> sp.csr_matrix:
     return M
 
 
-def _dup_rows(M: sp.csr_matrix) -> np.ndarray:
-    """Rows (sorted indices assumed) holding a repeated column index."""
-    ind, ptr = M.indices, M.indptr
-    if len(ind) < 2:
-        return np.zeros(0, dtype=np.int64)
-    same = ind[1:] == ind[:-1]
-    if not same.any():
-        return np.zeros(0, dtype=np.int64)
-    starts = np.zeros(len(ind), dtype=bool)
-    nonempty = ptr[:-1] < ptr[1:]
-    starts[ptr[:-1][nonempty]] = True
-    pos = np.flatnonzero(same & ~starts[1:]) + 1
-    return np.unique(np.searchsorted(ptr, pos, side="right") - 1)
+def _has_dups(M: sp.csr_matrix) -> bool:
+    """Whether a row (indices sorted) repeats a column index."""
+    row_start = np.zeros(M.nnz + 1, dtype=bool)
+    row_start[M.indptr] = True
+    return bool(np.any((M.indices[1:] == M.indices[:-1]) & ~row_start[1:-1]))
 
 
 def _dedupe(M: sp.csr_matrix, binary: bool) -> sp.csr_matrix:
     """Drop repeated column indices within rows (sorted); keeps the max value (or 1.0 when binary)."""
-    if len(_dup_rows(M)) == 0:
+    if not _has_dups(M):
         if binary:
             M.data[:] = 1.0
         return M
@@ -386,7 +354,7 @@ def _bow_block_fast(lines, F, C):
     if len(idx) and idx.max() >= F:
         raise _BlockError
     X = _csr(f_counts, idx, vals, F)
-    if len(_dup_rows(X)):
+    if _has_dups(X):
         raise _BlockError
     Y = _dedupe(_csr(lab_counts, lab, np.ones(len(lab), np.float32), C), binary=True)
     return X, Y
@@ -394,14 +362,6 @@ def _bow_block_fast(lines, F, C):
 
 def _parse_int(tok: str):
     return int(tok) if _INT_RE.match(tok) else None
-
-
-def _parse_value(tok_val: str):
-    try:
-        v = float(tok_val)
-    except ValueError:
-        return None
-    return v
 
 
 def _parse_pair_slow(path, lineno, tok: str, n_index: int, what: str, value_optional=False):
@@ -426,9 +386,10 @@ def _parse_pair_slow(path, lineno, tok: str, n_index: int, what: str, value_opti
         return i, np.float32(1.0)
     if val_s == "":
         raise DataFormatError(path, lineno, f"{what} token {tok!r} has no value after ':'")
-    v = _parse_value(val_s)
-    if v is None:
-        raise DataFormatError(path, lineno, f"{what} value {val_s!r} in token {tok!r} is not a number")
+    try:
+        v = float(val_s)
+    except ValueError:
+        raise DataFormatError(path, lineno, f"{what} value {val_s!r} in token {tok!r} is not a number") from None
     with np.errstate(over="ignore"):
         v32 = np.float32(v)
     if not np.isfinite(v32):
@@ -438,11 +399,7 @@ def _parse_pair_slow(path, lineno, tok: str, n_index: int, what: str, value_opti
 
 
 def _bow_line_slow(path, lineno, line: bytes, F, C):
-    try:
-        s = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, lineno, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-    lab_s, _, feat_s = s.partition(" ")
+    lab_s, _, feat_s = decode_line(path, lineno, line).partition(" ")
     labels = []
     if lab_s:
         for t in lab_s.split(","):
@@ -521,11 +478,7 @@ def _xy_block(path, first_lineno, lines, C):
     counts, idx, vals = [], [], []
     for k, line in enumerate(lines):
         lineno = first_lineno + k
-        try:
-            s = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataFormatError(path, lineno, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-        toks = s.split()
+        toks = decode_line(path, lineno, line).split()
         for tok in toks:
             i, v = _parse_pair_slow(path, lineno, tok, C, "label", value_optional=True)
             idx.append(i)
@@ -550,12 +503,7 @@ def read_lines(path, expected=None) -> list[str]:
     """One string per line (newline and a trailing ``\\r`` stripped; only ``\\n`` ends a line). With
     ``expected``, blank lines beyond it at the end are ignored and any other count mismatch is an error."""
     path = resolve_path(path)
-    out = []
-    for k, raw in iter_lines(path):
-        try:
-            out.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataFormatError(path, k, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+    out = [decode_line(path, k, raw) for k, raw in iter_lines(path)]
     if expected is not None:
         expected = int(expected)
         n = len(out)
@@ -567,13 +515,9 @@ def read_lines(path, expected=None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- writers
-def _fmt_values(vals) -> list[str]:
-    return [f"{v:.6g}" for v in np.asarray(vals, dtype=np.float64).tolist()]
-
-
 def _pairs_per_row(M: sp.csr_matrix) -> list[str]:
-    """Each row of a CSR matrix as 'i:v i:v ...'."""
-    toks = [f"{i}:{v}" for i, v in zip(M.indices.tolist(), _fmt_values(M.data))]
+    """Each row of a CSR matrix as 'i:v i:v ...' (values with 6 significant digits)."""
+    toks = [f"{i}:{v:.6g}" for i, v in zip(M.indices.tolist(), M.data.astype(np.float64).tolist())]
     ptr = (M.indptr - M.indptr[0]).tolist()
     return [" ".join(toks[ptr[r]:ptr[r + 1]]) for r in range(M.shape[0])]
 
@@ -590,8 +534,9 @@ def _as_csr(M, name) -> sp.csr_matrix:
 _ROWS_PER_WRITE = 20000
 
 
-def _write_text(path, header, n_rows, make_lines):
-    """Write ``header`` then the lines ``make_lines(lo, hi)`` returns for row ranges, a chunk at a time."""
+def write_rows(path, header, n_rows, make_lines):
+    """Write ``header`` (unless None), then the lines ``make_lines(lo, hi)`` returns for ranges of the ``n_rows``
+    rows, a chunk of rows at a time (so a large file is never held as one list of strings)."""
     with open_text(path, "wt") as f:
         if header is not None:
             f.write(header + "\n")
@@ -616,13 +561,13 @@ def write_xc_bow(path, X, Y):
         feats = _pairs_per_row(X[lo:hi])
         return [",".join(ltoks[lptr[r]:lptr[r + 1]]) + " " + feats[r] for r in range(hi - lo)]
 
-    _write_text(path, f"{X.shape[0]} {X.shape[1]} {Y.shape[1]}", X.shape[0], make)
+    write_rows(path, f"{X.shape[0]} {X.shape[1]} {Y.shape[1]}", X.shape[0], make)
 
 
 def write_xy(path, Y):
     """Write Y (N, C) as ``num_points num_labels`` + ``label:value ...`` lines."""
     Y = _as_csr(Y, "Y")
-    _write_text(path, f"{Y.shape[0]} {Y.shape[1]}", Y.shape[0], lambda lo, hi: _pairs_per_row(Y[lo:hi]))
+    write_rows(path, f"{Y.shape[0]} {Y.shape[1]}", Y.shape[0], lambda lo, hi: _pairs_per_row(Y[lo:hi]))
 
 
 def write_lines(path, lines):
@@ -631,17 +576,10 @@ def write_lines(path, lines):
     for k, s in enumerate(lines):
         if "\n" in s or "\r" in s:
             raise ValueError(f"line {k + 1} to write to {path} contains a line break")
-    _write_text(path, None, len(lines), lambda lo, hi: lines[lo:hi])
+    write_rows(path, None, len(lines), lambda lo, hi: lines[lo:hi])
 
 
 # ---------------------------------------------------------------------------------------------------- cache
-def _cache_file(path: Path, cache_dir) -> Path:
-    st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return Path(cache_dir) / f"{name}.{key}.npz"
-
-
 def save_npz_atomic(target: Path, arrays: dict):
     """``np.savez`` into a temporary file renamed onto ``target`` (readers never see a partial file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -658,31 +596,63 @@ def save_npz_atomic(target: Path, arrays: dict):
         raise
 
 
+def save_cache(path, arrays):
+    """:func:`save_npz_atomic`, logging instead of failing when the cache dir is not writable."""
+    try:
+        save_npz_atomic(Path(path), arrays)
+    except OSError as e:
+        log.warning("could not write cache %s: %s", path, e)
+
+
+def load_npz(path, keys):
+    """The arrays ``keys`` of a cache file, or None when it is missing, unreadable, fails its CRC check or lacks
+    one of the keys (the caller then rebuilds the entry)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except Exception:  # noqa: BLE001  (missing / corrupt / partial / foreign cache entry: re-make it)
+        return None
+
+
+_CSR_KEYS = ("data", "indices", "indptr", "shape")
+
+
+def save_csr(path, **mats):
+    """Cache CSR matrices (keyword = name) in one ``.npz`` file (:func:`save_cache`)."""
+    save_cache(path, {f"{name}_{k}": np.array(M.shape) if k == "shape" else getattr(M, k)
+                      for name, M in mats.items() for k in _CSR_KEYS})
+
+
+def load_csr(path, *names):
+    """The matrices ``names`` of a :func:`save_csr` file, or None unless each is a float32 CSR matrix of finite
+    values and valid structure (the zip CRCs catch damaged bytes; this, a foreign or inconsistent entry)."""
+    z = load_npz(path, [f"{name}_{k}" for name in names for k in _CSR_KEYS])
+    if z is None:
+        return None
+    try:
+        mats = [sp.csr_matrix((z[f"{n}_data"], z[f"{n}_indices"], z[f"{n}_indptr"]), shape=tuple(z[f"{n}_shape"]))
+                for n in names]
+        for M in mats:
+            M.check_format(full_check=True)
+            if M.dtype != np.float32 or not np.all(np.isfinite(M.data)):
+                return None
+    except (ValueError, TypeError, IndexError):
+        return None
+    return mats
+
+
 def load_bow_cached(path, cache_dir, num_features=None, num_labels=None):
     """:func:`read_xc_bow`, with the parsed matrices cached as ``.npz`` in ``cache_dir`` (keyed by the file's
     absolute path, size and mtime), so later loads skip parsing. An unreadable cache entry is re-made."""
     path = resolve_path(path)
-    cf = _cache_file(path, cache_dir)
-    X = Y = None
-    if cf.exists():
-        try:
-            with np.load(cf, allow_pickle=False) as z:
-                X = sp.csr_matrix((z["X_data"], z["X_indices"], z["X_indptr"]), shape=tuple(z["X_shape"]))
-                Y = sp.csr_matrix((z["Y_data"], z["Y_indices"], z["Y_indptr"]), shape=tuple(z["Y_shape"]))
-            for M in (X, Y):  # a consistent matrix (the zip CRCs catch damaged bytes; this, a foreign file)
-                M.check_format(full_check=True)
-                if M.dtype != np.float32 or M.shape[0] != X.shape[0] or not np.all(np.isfinite(M.data)):
-                    raise ValueError("inconsistent cache entry")
-        except Exception:  # noqa: BLE001  (corrupt / old / foreign cache entry: parse again)
-            X = Y = None
-    if X is None:
-        X, Y = read_xc_bow(path)
-        try:
-            save_npz_atomic(cf, {"X_data": X.data, "X_indices": X.indices, "X_indptr": X.indptr,
-                                  "X_shape": np.array(X.shape), "Y_data": Y.data, "Y_indices": Y.indices,
-                                  "Y_indptr": Y.indptr, "Y_shape": np.array(Y.shape)})
-        except OSError as e:  # read-only cache dir: still return the data
-            warnings.warn(f"could not write parse cache {cf}: {e}")
+    st = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    cf = Path(cache_dir) / f"{path.name.removesuffix('.gz')}.{key}.npz"
+    XY = load_csr(cf, "X", "Y")
+    if XY is None or XY[0].shape[0] != XY[1].shape[0]:
+        XY = read_xc_bow(path)
+        save_csr(cf, X=XY[0], Y=XY[1])
+    X, Y = XY
     X.has_sorted_indices = True
     Y.has_sorted_indices = True
     _check_given(path, "num_features", num_features, X.shape[1])

@@ -1,19 +1,7 @@
-"""Input builders of the datamodule: what the encoder reads, built from the dataset's files.
-
-* :class:`BowInputs` — XC BoW files (``dataset.train_file`` / ``test_file``) after ``dataset.feature_transform``;
-  batches in EmbeddingBag form.
-* :class:`TextInputs` — raw text: the text layout (``trn_X.txt`` / ``trn_X_Y.txt`` / ``tst_X.txt`` /
-  ``tst_X_Y.txt`` / ``lbl_X.txt``, names from ``dataset.*_file``; one text line per point of the label file) or
-  the LF json layout (:mod:`xmcneg.data.lf_json`). A token encoder (class attribute ``input_kind = "tokens"``)
-  gets token ids cut to ``encoder.max_len`` (``encoder.text.tokenizer``: ``hf`` or ``word``), batches
-  ``{"input_ids", "attention_mask"}`` padded to the batch's longest row; a BoW encoder gets (1 + log tf) x idf bags
-  of words (``encoder.text.features``: ``tfidf`` or ``hashing``), rows L2-normalised. Token rows and vocabularies
-  are cached (:mod:`xmcneg.data.token_cache`).
-
-Both give the datamodule ``load(dir)`` -> (X_train, Y_train, X_test, Y_test), ``x(X, rows)`` (a batch of encoder
-inputs), ``label_rows(dm)`` (label texts in the documents' input form), ``lengths(X)``, ``encoder_kwargs()``,
-``text_inputs(texts)`` and ``transform``.
-"""
+"""Input builders of the datamodule, built from the dataset's files: :class:`BowInputs` (XC BoW files after
+``dataset.feature_transform``) and :class:`TextInputs` (raw text of the text or LF json layout: token ids for a token
+encoder, tf-idf bags of words for a BoW encoder, as ``encoder.text`` says). Both give the datamodule ``load(dir)``,
+``x(X, rows)`` (a batch of encoder inputs), ``label_rows``, ``lengths``, ``encoder_kwargs``, ``text_inputs``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,9 +14,8 @@ from xmcneg.data import formats
 from xmcneg.data.label_text import bow_label_features
 from xmcneg.data.lf_json import LF_FILES, count_lines, read_lf_json
 from xmcneg.data.tfidf import doc_freq, smooth_idf, tfidf_l2
-from xmcneg.data.token_cache import (TextSource, TokenRows, file_sha1, load_npz, load_token_rows, load_vocab,
-                                     save_cache, save_vocab)
-from xmcneg.data.tokenizers import N_SPECIAL, HashTokenizer, HFTokenizer, WordTokenizer
+from xmcneg.data.token_cache import TextSource, TokenRows, file_sha1, load_token_rows, load_vocab, save_vocab
+from xmcneg.data.tokenizers import HashTokenizer, HFTokenizer, WordTokenizer
 from xmcneg.errors import ConfigError, DataFormatError, MissingFileError
 from xmcneg.hf_model import resolve_model_dir
 
@@ -37,8 +24,7 @@ BOW_FORMATS = ("bow", "synthetic")
 TOKENIZERS = ("hf", "word")
 BOW_FEATURES = ("tfidf", "hashing")
 TRANSFORMS = ("none", "l2", "tfidf_l2")
-# text settings of a BoW encoder without an `encoder.text` section (bow_mlp, bow_linear) on a text layout
-PLAIN_BOW_TEXT = {"features": "tfidf", "min_df": 2, "max_df": 0.5, "max_vocab": None}
+BOW_SOURCES = ("text", "bow")
 
 
 def csr_rows_to_bag(X: sp.csr_matrix, rows):
@@ -67,9 +53,16 @@ def encoder_input_kind(enc_cfg) -> str:
 
 
 def wants_text(enc_cfg) -> bool:
-    """Whether the encoder reads text: a token encoder, or a BoW encoder with an ``encoder.text`` section
-    (text_bow: features built from the raw text)."""
-    return encoder_input_kind(enc_cfg) == "tokens" or enc_cfg.get("text") is not None
+    """Whether the encoder reads text also where the dataset has XC BoW files: a token encoder, or a BoW encoder
+    with ``encoder.text.source: text`` (text_bow); ``bow`` (bow_mlp, bow_linear) reads text on text layouts only."""
+    if encoder_input_kind(enc_cfg) == "tokens":
+        return True
+    if enc_cfg.get("text") is None:
+        return False
+    source = enc_cfg["text"].get("source")
+    if source not in BOW_SOURCES:
+        raise ConfigError("encoder.text.source", f"got {source!r}, expected one of {', '.join(BOW_SOURCES)}")
+    return source == "text"
 
 
 def make_inputs(dataset_cfg, paths_cfg, encoder_cfg):
@@ -107,7 +100,7 @@ class FeatureTransform:
 
 
 class BowInputs:
-    """Sparse feature rows read from XC BoW files; see the module docstring."""
+    """Sparse feature rows read from XC BoW files; batches in EmbeddingBag form."""
 
     reads_text = False
 
@@ -126,18 +119,13 @@ class BowInputs:
         cache = Path(self.paths.cache_dir) / "parsed"
         train_file = self.dcfg.get("train_file", "train.txt")
         test_file = self.dcfg.get("test_file", "test.txt")
-        Xtr, Ytr = formats.load_bow_cached(formats.resolve_path(d / train_file), cache)
-        Xte, Yte = formats.load_bow_cached(formats.resolve_path(d / test_file), cache,
-                                           num_features=Xtr.shape[1], num_labels=Ytr.shape[1])
+        Xtr, Ytr = formats.load_bow_cached(d / train_file, cache)
+        Xte, Yte = formats.load_bow_cached(d / test_file, cache, num_features=Xtr.shape[1], num_labels=Ytr.shape[1])
         self.transform = FeatureTransform(self.dcfg.get("feature_transform", "none")).fit(Xtr)
         Xtr, Xte = self.transform(Xtr), self.transform(Xte)
         self.num_features = Xtr.shape[1]
         label_file = self.dcfg.get("label_text_file")
-        if label_file:
-            try:
-                self.label_text_path = formats.resolve_path(d / label_file)
-            except MissingFileError:
-                self.label_text_path = None
+        self.label_text_path = formats.resolve_path(d / label_file, required=False) if label_file else None
         return Xtr, Ytr, Xte, Yte
 
     def x(self, X, rows):
@@ -163,7 +151,9 @@ def _no_bow_transform(X):
 
 
 class TextInputs:
-    """Token ids or bags of words built from raw text; see the module docstring."""
+    """Token ids (cut to ``encoder.max_len``; batches padded to their longest row) or (1 + log tf) x idf bags of
+    words, rows L2-normalised, built from the text layout (``dataset.*_file``, defaults in ``_DEFAULTS``) or the LF
+    json layout; token rows and vocabularies are cached (:mod:`xmcneg.data.token_cache`)."""
 
     reads_text = True
     _DEFAULTS = {"train_text_file": "trn_X.txt", "test_text_file": "tst_X.txt", "train_label_file": "trn_X_Y.txt",
@@ -173,7 +163,7 @@ class TextInputs:
         self.dcfg, self.paths, self.enc_cfg = dataset_cfg, paths_cfg, encoder_cfg
         self.fmt = dataset_cfg["format"]
         self.input_kind = encoder_input_kind(encoder_cfg)
-        self.text_cfg = encoder_cfg.get("text") or ({} if self.input_kind == "tokens" else PLAIN_BOW_TEXT)
+        self.text_cfg = encoder_cfg.get("text") or {}
         if self.input_kind == "tokens":
             self.tokenizer_kind = str(self.text_key("tokenizer"))
             if self.tokenizer_kind not in TOKENIZERS:
@@ -196,8 +186,8 @@ class TextInputs:
     def text_key(self, key):
         """`encoder.text.<key>` (declared in conf/encoder/*.yaml); a missing key is a ConfigError."""
         if key not in self.text_cfg:
-            raise ConfigError(f"encoder.text.{key}", "missing (conf/encoder/text_bow.yaml and tiny_transformer.yaml "
-                                                     "declare the text keys)")
+            raise ConfigError(f"encoder.text.{key}", "missing (conf/encoder/bow_mlp.yaml, text_bow.yaml and "
+                                                     "tiny_transformer.yaml declare the text keys)")
         return self.text_cfg[key]
 
     # ---------------------------------------------------------------- files
@@ -239,7 +229,7 @@ class TextInputs:
             self.num_features = int(self.tokenizer.vocab_size)
         else:
             Btr, Bte = self._tokens(src_tr, Ytr.shape[0]), self._tokens(src_te, Yte.shape[0])
-            self.num_features = self._bow_dim()
+            self.num_features = self.tokenizer.vocab_size - self.tokenizer.n_special
             C = self._counts(Btr)
             self.idf = smooth_idf(doc_freq(C), C.shape[0]).astype(np.float32)
             Xtr, Xte = self._bag(Btr), self._bag(Bte)
@@ -264,31 +254,22 @@ class TextInputs:
             Y = formats.read_xy(yp, num_labels=None if split == "train" else out[0][1].shape[1])
 
             def read(tp=tp, yp=yp, n=Y.shape[0]):
-                lines = formats.read_lines(tp)
-                if len(lines) > n and not any(s.strip() for s in lines[n:]):
-                    del lines[n:]
+                lines = _lines(tp, n)
                 self._check_count(tp, len(lines), yp, n)
                 return lines
 
             out.append((TextSource(split, tp, read), Y))
         C = out[0][1].shape[1]
-        label_src = None
-        try:
-            lp = formats.resolve_path(d / self._file("label_text_file"))
-        except MissingFileError:
-            lp = None
-        if lp is not None:
-            def read_labels(lp=lp):
-                lines = formats.read_lines(lp)
-                if len(lines) > C and not any(s.strip() for s in lines[C:]):
-                    del lines[C:]
-                if len(lines) != C:
-                    raise DataFormatError(lp, None, f"has {len(lines)} lines (label texts) but the label files "
-                                                    f"have num_labels={C}: line i must be label i's text")
-                return lines
+        lp = formats.resolve_path(d / self._file("label_text_file"), required=False)
 
-            label_src = TextSource("labels", lp, read_labels)
-        return out[0], out[1], label_src
+        def read_labels():
+            lines = _lines(lp, C)
+            if len(lines) != C:
+                raise DataFormatError(lp, None, f"has {len(lines)} lines (label texts) but the label files "
+                                                f"have num_labels={C}: line i must be label i's text")
+            return lines
+
+        return out[0], out[1], (TextSource("labels", lp, read_labels) if lp is not None else None)
 
     def _lf_sources(self, d):
         use_content = bool(self.dcfg.get("use_content", False))
@@ -301,12 +282,12 @@ class TextInputs:
         for split, fname in (("train", "trn.json.gz"), ("test", "tst.json.gz")):
             p = d / fname
             cf = Path(self.paths.cache_dir) / "parsed" / f"lf-{fname.split('.')[0]}-{file_sha1(p)[:20]}-C{C}.npz"
-            Y = _load_labels(cf, C)
+            cached = formats.load_csr(cf, "Y")
+            Y = cached[0] if cached is not None and cached[0].shape[1] == C else None
             src = TextSource(split, p, lambda p=p: read_lf_json(p, C, use_content, want_labels=False)[0], variant)
             if Y is None:
                 texts, Y = read_lf_json(p, C, use_content)
-                save_cache(cf, {"data": Y.data, "indices": Y.indices, "indptr": Y.indptr,
-                                "shape": np.array(Y.shape)})
+                formats.save_csr(cf, Y=Y)
                 src._texts = texts
             out.append((src, Y))
         label_src = TextSource("labels", lbl, lambda: read_lf_json(lbl, None, use_content, want_labels=False)[0],
@@ -339,7 +320,7 @@ class TextInputs:
         key = f"{self.tokenizer.name}-L{self.max_len if self.max_len is not None else 'all'}" \
               f"{'' if cls else '-bag'}-{src.key}"
         cf = Path(self.paths.cache_dir) / "tokens" / f"{key}.npz"
-        rows = load_token_rows(cf, n_expected, self._id_bound())
+        rows = load_token_rows(cf, n_expected, self.tokenizer.vocab_size)
         if rows is not None:
             self.token_cache[src.name] = "hit"
             return rows
@@ -347,24 +328,19 @@ class TextInputs:
         if n_expected is not None:
             self._check_count(src.path, len(texts), "the label data", n_expected)
         rows = TokenRows.from_lists(self.tokenizer.encode(texts, self.max_len, cls=cls))
-        save_cache(cf, {"ids": rows.ids, "indptr": rows.indptr})
+        formats.save_cache(cf, {"ids": rows.ids, "indptr": rows.indptr})
         self.token_cache[src.name] = "miss"
         return rows
 
-    def _id_bound(self):
-        return self.tokenizer.dim if self.tokenizer_kind == "hashing" else self.tokenizer.vocab_size
-
     # ---------------------------------------------------------------- bag of words
-    def _bow_dim(self):
-        return self.tokenizer.dim if self.tokenizer_kind == "hashing" else len(self.tokenizer.vocab)
-
     def _counts(self, rows: TokenRows) -> sp.csr_matrix:
+        """Word counts per row; the word tokenizer's special ids ([PAD]/[UNK]/[CLS]) are dropped."""
         ids = rows.ids.astype(np.int64)
         r = np.repeat(np.arange(len(rows)), rows.lengths)
-        if self.tokenizer_kind != "hashing":  # drop [PAD]/[UNK]/[CLS]; vocabulary words start at 3
-            keep = ids >= N_SPECIAL
-            ids, r = ids[keep] - N_SPECIAL, r[keep]
-        X = sp.csr_matrix((np.ones(len(ids), np.float32), (r, ids)), shape=(len(rows), self._bow_dim()))
+        n_special = self.tokenizer.n_special
+        keep = ids >= n_special
+        ids, r = ids[keep] - n_special, r[keep]
+        X = sp.csr_matrix((np.ones(len(ids), np.float32), (r, ids)), shape=(len(rows), self.num_features))
         X.sum_duplicates()
         return X
 
@@ -404,15 +380,10 @@ class TextInputs:
         return self.x(rows if cls else self._bag(rows), np.arange(len(rows)))
 
 
-def _load_labels(path, num_labels):
-    """A cached label matrix (CSR with num_labels columns, valid structure), or None."""
-    z = load_npz(path, ("data", "indices", "indptr", "shape"))
-    if z is None:
-        return None
-    try:
-        shape = tuple(int(s) for s in z["shape"])
-        Y = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=shape)
-        Y.check_format(full_check=True)
-    except (ValueError, TypeError, IndexError):
-        return None
-    return Y if len(shape) == 2 and shape[1] == num_labels else None
+
+def _lines(path, n):
+    """The lines of a text file, less any blank lines after the first n."""
+    lines = formats.read_lines(path)
+    if len(lines) > n and not any(s.strip() for s in lines[n:]):
+        del lines[n:]
+    return lines

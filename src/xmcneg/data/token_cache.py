@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xmcneg.data.formats import save_npz_atomic
+from xmcneg.data.formats import load_npz
 
 log = logging.getLogger("xmcneg")
 
@@ -84,27 +84,6 @@ def file_sha1(path) -> str:
                 h.update(block)
         _SHA_MEMO[key] = h.hexdigest()
     return _SHA_MEMO[key]
-
-
-def load_npz(path, keys):
-    """The arrays ``keys`` of a cache file, or None when it is missing, unreadable, fails its CRC check or lacks
-    one of the keys (the caller then rebuilds the entry)."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in keys}
-    except Exception:  # noqa: BLE001  (corrupt / partial / foreign cache entry: re-make it)
-        return None
-
-
-def save_cache(path, arrays):
-    """:func:`save_npz_atomic`, logging instead of failing when the cache dir is not writable."""
-    try:
-        save_npz_atomic(path, arrays)
-    except OSError as e:
-        log.warning("could not write cache %s: %s", path, e)
 
 
 def load_token_rows(path, num_rows=None, vocab_size=None):

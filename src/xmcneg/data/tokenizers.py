@@ -58,7 +58,7 @@ def _encode_exact(texts, max_len, encode_batch, chars_per_token=16, chunk=4096):
 class WordTokenizer:
     """Word-level vocabulary built from training texts (lower-cased ``\\w+`` words, ``'`` / ``-`` joined)."""
 
-    kind = "word"
+    n_special = N_SPECIAL
 
     def __init__(self, vocab):
         self.vocab = list(vocab)
@@ -95,23 +95,21 @@ class WordTokenizer:
 class HashTokenizer:
     """Each word -> crc32(word) mod ``dim`` (no vocabulary; for hashed bags of words)."""
 
-    kind = "hashing"
+    n_special = 0
 
     def __init__(self, dim):
-        self.dim = int(dim)
-        if self.dim <= 0:
+        self.vocab_size = int(dim)
+        if self.vocab_size <= 0:
             raise ConfigError("encoder.text.hash_dim", f"must be > 0, got {dim}")
-        self.name = f"hash{self.dim}"
+        self.name = f"hash{self.vocab_size}"
 
     def encode(self, texts, max_len=None, cls=False):
-        d = self.dim
+        d = self.vocab_size
         return [[zlib.crc32(w.encode()) % d for w in words(t)] for t in texts]
 
 
 class HFTokenizer:
     """The Hugging Face (fast) tokenizer stored in a local model directory; never downloads."""
-
-    kind = "hf"
 
     def __init__(self, model_dir):
         os.environ["HF_HUB_OFFLINE"] = "1"

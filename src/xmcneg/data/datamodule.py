@@ -1,19 +1,7 @@
-"""The LightningDataModule of every dataset (XC BoW files, the synthetic generator, text and LF json layouts).
-
-What the encoder reads is built by an input builder (:mod:`xmcneg.data.inputs`): sparse BoW features, token ids or
-bags of words built from text. Splits: train/test from the files; validation carved from train (seeded,
-`data.val_size`). Batches are dicts:
-  x:   the encoder's inputs: {"indices", "offsets", "weights"} (sparse rows in EmbeddingBag form) or
-       {"input_ids", "attention_mask"} (token ids)
-  pos: LongTensor (B, P) positive label ids, padded with -1
-  idx: LongTensor (B,) row ids within the split
-
-Distribution (DDP): the datamodule shards every split itself (the Trainer runs with use_distributed_sampler=False).
-Training: :class:`RankBatchSampler` deals out the epoch's global row order (seeded by (seed, epoch), identical on
-every rank) so that the ranks' batches are disjoint, every row is used exactly once per epoch and every rank runs
-the same number of steps (see :func:`rank_batches` for the tail rule). Validation / test: :func:`shard_rows`, each
-rank every world_size-th row, padded by wrapping around (the evaluation drops the duplicates by `idx`).
-"""
+"""The LightningDataModule of every dataset: splits (validation carved from train, seeded), batches
+``{"x": encoder inputs, "pos": (B, P) label ids padded with -1, "idx": (B,) split rows}``, and its own DDP sharding
+(the Trainer runs with use_distributed_sampler=False): disjoint training batches with the same count on every rank
+(:func:`rank_batches`), evaluation rows dealt round-robin (:func:`shard_rows`)."""
 import math
 from pathlib import Path
 
@@ -21,12 +9,12 @@ import numpy as np
 import pytorch_lightning as pl
 import scipy.sparse as sp
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from xmcneg.data import formats, synthetic
 from xmcneg.data.inputs import FeatureTransform, csr_rows_to_bag, make_inputs  # noqa: F401 (re-exported)
 from xmcneg.data.lf_json import read_filter_pairs
-from xmcneg.errors import ConfigError, MissingFileError
+from xmcneg.errors import ConfigError
 
 
 def pad_label_rows(Y: sp.csr_matrix, rows):
@@ -38,17 +26,6 @@ def pad_label_rows(Y: sp.csr_matrix, rows):
     col = np.arange(sub.indptr[-1]) - np.repeat(sub.indptr[:-1], lens)
     out[np.repeat(np.arange(len(lens)), lens), col] = sub.indices
     return torch.from_numpy(out)
-
-
-class _Rows(Dataset):
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return i
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -134,7 +111,7 @@ class RankBatchSampler(Sampler):
             yield b.tolist()
 
 
-class LengthGroupedSampler(Sampler):
+class LengthGroupedSampler(EpochPermutation):
     """Training order with little padding: each epoch, shuffle all rows, sort windows of ``window x batch_size``
     rows by length, cut them into batches and shuffle the batches; the batch sampler then takes consecutive
     ``batch_size`` indices as one batch (:class:`RankBatchSampler`, which under DDP deals these blocks out to the
@@ -142,14 +119,9 @@ class LengthGroupedSampler(Sampler):
     ``set_epoch``)."""
 
     def __init__(self, lengths, batch_size, window=50, seed=0):
+        super().__init__(len(lengths), seed)
         self.lengths = np.asarray(lengths)
-        self.batch_size, self.window, self.seed, self.epoch = int(batch_size), int(window), int(seed), 0
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
-
-    def __len__(self):
-        return len(self.lengths)
+        self.batch_size, self.window = int(batch_size), int(window)
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -188,11 +160,8 @@ class XCDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------------- loading
     def dataset_dir(self) -> Path:
-        if self.dcfg["format"] == "synthetic":
-            params = {k: self.dcfg[k] for k in ("num_labels", "num_features", "num_train", "num_test",
-                                                 "avg_labels", "zipf_a", "doc_len")}
-            params["seed"] = self.dcfg.gen_seed
-            return Path(synthetic.ensure(params, Path(self.paths.cache_dir) / "synthetic"))
+        if self.dcfg["format"] == "synthetic":  # generation parameters: the keys of synthetic.generate
+            return Path(synthetic.ensure(self.dcfg, Path(self.paths.cache_dir) / "synthetic"))
         d = Path(self.dcfg.dir)
         self.inputs.check_dir(self.name, d)
         return d
@@ -259,22 +228,18 @@ class XCDataModule(pl.LightningDataModule):
         return self.inputs.x(self._label_X, np.asarray(label_ids, dtype=np.int64))
 
     def text_inputs(self, texts):
-        """Encoder inputs for arbitrary texts (prediction on new documents), one batch; a ConfigError for a model
-        that reads XC BoW features."""
+        """Encoder inputs for new texts, one batch; a ConfigError for a model that reads XC BoW features."""
         return self.inputs.text_inputs(texts)
 
     def encoder_kwargs(self) -> dict:
-        """Keyword arguments the encoder needs from the data (the vocabulary size, or nothing for a pretrained
-        tokenizer)."""
+        """What the encoder needs from the data (the vocabulary size; nothing for a pretrained tokenizer)."""
         return self.inputs.encoder_kwargs()
 
     def filter_pairs(self, split, idx=None):
         """(doc, label) pairs to drop from ``split``'s predictions before scoring, int64 (M, 2), or None when
-        the dataset has none. Doc ids are rows of the split (test: ``dataset.filter_test_file``, default
-        ``filter_labels_test.txt``; val: the rows of ``dataset.filter_train_file``, default
-        ``filter_labels_train.txt``, that fall in the validation split). With ``idx`` (the split rows of the
-        evaluated documents, in order) doc ids are positions in ``idx`` instead, ready for
-        :func:`xmcneg.eval.metrics.filter_predictions`."""
+        the dataset has none (test: ``dataset.filter_test_file``; val: the rows of ``dataset.filter_train_file``
+        in the validation split). Doc ids are rows of the split, or with ``idx`` (the evaluated rows, in order)
+        positions in ``idx``, ready for :func:`xmcneg.eval.metrics.filter_predictions`."""
         if split not in self._filters:
             self._filters[split] = self._read_filter(split)
         pairs = self._filters[split]
@@ -286,9 +251,8 @@ class XCDataModule(pl.LightningDataModule):
         if split not in ("test", "val"):
             return None
         key = "filter_test_file" if split == "test" else "filter_train_file"
-        try:
-            p = formats.resolve_path(self.dataset_dir() / (self.dcfg.get(key) or self._FILTER_FILES[key]))
-        except MissingFileError:
+        p = formats.resolve_path(self.dataset_dir() / (self.dcfg.get(key) or self._FILTER_FILES[key]), required=False)
+        if p is None:
             return None
         if split == "test":
             return read_filter_pairs(p, self.splits["test"][1].shape[0], self.num_labels)
@@ -336,7 +300,7 @@ class XCDataModule(pl.LightningDataModule):
 
     def _dataloader(self, split, **kwargs):
         nw = int(self.cfg.num_workers)
-        return DataLoader(_Rows(self.splits[split][0].shape[0]), collate_fn=self.collate(split), num_workers=nw,
+        return DataLoader(range(self.splits[split][0].shape[0]), collate_fn=self.collate(split), num_workers=nw,
                           persistent_workers=nw > 0, pin_memory=torch.cuda.is_available(), **kwargs)
 
     def train_dataloader(self):
@@ -358,7 +322,6 @@ class XCDataModule(pl.LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_loader("test")
-
 
 
 def _rows_to_positions(pairs, idx, n_rows):

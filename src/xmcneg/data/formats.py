@@ -414,15 +414,19 @@ def _bow_line_slow(path, lineno, line: bytes, F, C):
             if i >= C:
                 raise DataFormatError(path, lineno, f"label id {i} out of range (num_labels={C})")
             labels.append(i)
-    idx, vals, seen = [], [], set()
+    pairs, seen = [], set()
     for tok in feat_s.split():
         i, v = _parse_pair_slow(path, lineno, tok, F, "feature")
         if i in seen:
             raise DataFormatError(path, lineno, f"duplicate feature index {i} on the line")
         seen.add(i)
-        idx.append(i)
-        vals.append(v)
-    return labels, idx, vals
+        pairs.append((i, v))
+    return labels, pairs
+
+
+def _pairs_csr(rows, ncols) -> sp.csr_matrix:
+    """CSR of one list of (index, value) pairs per row."""
+    return _csr([len(r) for r in rows], [i for r in rows for i, _ in r], [v for r in rows for _, v in r], ncols)
 
 
 def _bow_block(path, first_lineno, lines, F, C):
@@ -430,15 +434,9 @@ def _bow_block(path, first_lineno, lines, F, C):
         return _bow_block_fast(lines, F, C)
     except _BlockError:
         pass
-    lab_c, labs, f_c, fi, fv = [], [], [], [], []
-    for k, line in enumerate(lines):
-        a, i, v = _bow_line_slow(path, first_lineno + k, line, F, C)
-        lab_c.append(len(a)); labs += a
-        f_c.append(len(i)); fi += i; fv += v
-    X = _csr(np.array(f_c, np.int64), np.array(fi, np.int64), np.array(fv, np.float32), F)
-    Y = _dedupe(_csr(np.array(lab_c, np.int64), np.array(labs, np.int64), np.ones(len(labs), np.float32), C),
-                binary=True)
-    return X, Y
+    parsed = [_bow_line_slow(path, first_lineno + k, line, F, C) for k, line in enumerate(lines)]
+    X = _pairs_csr([pairs for _, pairs in parsed], F)
+    return X, _dedupe(_pairs_csr([[(i, 1.0) for i in labels] for labels, _ in parsed], C), binary=True)
 
 
 def read_xc_bow(path, num_features=None, num_labels=None):
@@ -475,17 +473,9 @@ def _xy_block(path, first_lineno, lines, C):
         return _xy_block_fast(lines, C)
     except _BlockError:
         pass
-    counts, idx, vals = [], [], []
-    for k, line in enumerate(lines):
-        lineno = first_lineno + k
-        toks = decode_line(path, lineno, line).split()
-        for tok in toks:
-            i, v = _parse_pair_slow(path, lineno, tok, C, "label", value_optional=True)
-            idx.append(i)
-            vals.append(v)
-        counts.append(len(toks))
-    return _dedupe(_csr(np.array(counts, np.int64), np.array(idx, np.int64), np.array(vals, np.float32), C),
-                   binary=False)
+    rows = [[_parse_pair_slow(path, first_lineno + k, tok, C, "label", value_optional=True)
+             for tok in decode_line(path, first_lineno + k, line).split()] for k, line in enumerate(lines)]
+    return _dedupe(_pairs_csr(rows, C), binary=False)
 
 
 def read_xy(path, num_labels=None):

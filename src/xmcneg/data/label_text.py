@@ -1,23 +1,11 @@
 """Label texts in the documents' bag-of-words feature space, so one BoW encoder embeds documents and labels (NGAME).
 
-`bow_label_features(dm)` reads the dataset's label-text file (`dataset.label_text_file`, line i = label i; a
-`id<TAB>text` line keeps the text after the first tab) and maps each text to a sparse row over the documents'
-F features, in the same form as the rows of train.txt (before `dm.transform`), then applies `dm.transform`:
-
-* **vocab.txt next to the data** (`dataset.vocab_file`, default `vocab.txt`: `term<TAB>train df`, line i =
-  feature i; EURLEX57K, CookingStackExchange): texts are lower-cased and tokenised with the dataset's token
-  pattern (`dataset.label_token_pattern`; by default `[a-z][a-z-]*[a-z]` when no vocabulary term has a digit or
-  an apostrophe, as EURLEX57K's BoW, else `[a-z0-9]+(['-][a-z0-9]+)*`, as CookingStackExchange's); a hyphenated
-  token missing from the vocabulary counts as its parts (tag `food-safety` -> `food`, `safety`); tokens not in
-  the vocabulary are dropped. Value (1 + log tf) * log(N_train / df), row L2-normalised -- the documents'
-  weighting (N_train = points of the train file).
-* **synthetic data** (no vocab.txt, every token `w{i}` with i < F): token `w{i}` is feature i; value
-  (1 + log tf) * idf with the generator's idf = log((1 + N) / (1 + df)) + 1, df counted on the train file's
-  features; row L2-normalised.
-
-A label with no in-vocabulary token gets an empty row (the encoder sees only its bias); their count is logged.
-Errors are one line: ConfigError('dataset.label_text_file') when the dataset names no label-text file,
-MissingFileError when the file (or, for real text, the vocabulary) is missing.
+Line i of ``dataset.label_text_file`` is label i's text (of ``id<TAB>text`` lines the text). With a vocabulary next to
+the data (``dataset.vocab_file``: ``term<TAB>train df``, line i = feature i) texts are lower-cased, tokenised with
+``dataset.label_token_pattern`` (default: EURLEX57K's pattern unless a term has a digit or an apostrophe, then
+CookingStackExchange's), a hyphenated out-of-vocabulary token counts as its parts, and values are
+(1 + log tf) * log(N_train / df), as the documents' features. Without one (synthetic data) token ``w{i}`` is feature
+i and idf is the generator's. Rows are L2-normalised, then ``dm.transform`` is applied.
 """
 from __future__ import annotations
 
@@ -40,13 +28,7 @@ _SYNTH = re.compile(r"w(\d+)\Z")
 
 
 def _cfg_get(dm, key, default=None):
-    dcfg = getattr(dm, "dcfg", None)
-    if dcfg is None:
-        return default
-    try:
-        v = dcfg.get(key, default)
-    except AttributeError:
-        v = getattr(dcfg, key, default)
+    v = (getattr(dm, "dcfg", None) or {}).get(key)
     return default if v is None else v
 
 
@@ -145,20 +127,13 @@ def bow_label_features(dm) -> sp.csr_matrix:
     path = label_text_file(dm)
     C, F = int(dm.num_labels), int(dm.num_features)
     texts = read_label_texts(path, C)
-    vocab_name = _cfg_get(dm, "vocab_file", "vocab.txt")
-    vocab_path = Path(dm.dataset_dir()) / vocab_name
-    try:
-        vocab_path = formats.resolve_path(vocab_path)
-        have_vocab = True
-    except MissingFileError:
-        have_vocab = False
-    if have_vocab:
+    vocab_file = Path(dm.dataset_dir()) / _cfg_get(dm, "vocab_file", "vocab.txt")
+    vocab_path = formats.resolve_path(vocab_file, required=False)
+    if vocab_path is not None:
         vocab, df = read_vocab(vocab_path, F)
         pattern = _cfg_get(dm, "label_token_pattern") or default_token_pattern(vocab)
         rows = [tokenize(t, pattern, vocab) for t in texts]
-        full = getattr(dm, "full_train_Y", None)
-        n_train = full.shape[0] if full is not None else _train_df(dm, F)[1]
-        idf = np.log(max(n_train, 1) / np.maximum(df, 1.0))
+        idf = np.log(max(_train_df(dm, F)[1], 1) / np.maximum(df, 1.0))
     else:
         rows = []
         for i, t in enumerate(texts):
@@ -168,7 +143,7 @@ def bow_label_features(dm) -> sp.csr_matrix:
                 if m is None or int(m.group(1)) >= F:
                     raise MissingFileError(
                         f"{path}:{i + 1}: token '{tok[:30]}' is not a feature id w<i> (i < {F}); real label texts "
-                        f"need the vocabulary {vocab_path} (term<TAB>df, line i = feature i), or set "
+                        f"need the vocabulary {vocab_file} (term<TAB>df, line i = feature i), or set "
                         "dataset.vocab_file")
                 ids.append(int(m.group(1)))
             rows.append(ids)

@@ -1,14 +1,9 @@
-"""Readers of the Extreme Classification Repository's LF layout: ``trn.json.gz`` / ``tst.json.gz`` /
-``lbl.json.gz`` and the ``filter_labels_*.txt`` files.
+"""Readers of the Extreme Classification Repository's LF layout, with file:line errors (DataFormatError).
 
-* LF json(.gz): one JSON object per line with ``uid``, ``title``, ``content``, ``target_ind``; blank lines are
-  skipped (they still count for line numbers). The text is the title (+ " " + content with ``use_content``),
-  whitespace runs collapsed to one space. ``title`` (and ``content`` when used) must be strings,
-  ``target_ind`` a list of integer label ids in [0, num_labels); a repeated id is kept once.
-* Filter files: ``doc_id label_id`` per line (two non-negative integers, whitespace separated; blank lines
-  skipped): (document, label) pairs to drop from the predictions before scoring.
-
-Anything else raises :class:`~xmcneg.errors.DataFormatError` naming the file and the line.
+* LF json(.gz) (``trn.json.gz``, ``tst.json.gz``, ``lbl.json.gz``): one JSON object per non-blank line with ``title``
+  (a string), ``content`` (a string; used with ``use_content``) and ``target_ind`` (a list of integer label ids in
+  [0, num_labels); a repeated id is kept once). The text is the title (+ " " + content), whitespace collapsed.
+* Filter files (``filter_labels_*.txt``): ``doc_id label_id`` per line, pairs to drop from the predictions.
 """
 from __future__ import annotations
 
@@ -17,7 +12,7 @@ import json
 import numpy as np
 import scipy.sparse as sp
 
-from xmcneg.data.formats import iter_lines
+from xmcneg.data.formats import decode_line, iter_lines
 from xmcneg.errors import DataFormatError
 
 LF_FILES = ("trn.json.gz", "tst.json.gz", "lbl.json.gz")
@@ -33,10 +28,9 @@ def _objects(path):
     for k, raw in iter_lines(path):
         if not raw.strip():
             continue
+        text = decode_line(path, k, raw)
         try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataFormatError(path, k, f"not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+            obj = json.loads(text)
         except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
             raise DataFormatError(path, k, f"not a JSON object: {str(e)[:200]}") from None
         if not isinstance(obj, dict):
@@ -75,12 +69,11 @@ def _label_ids(path, k, obj, num_labels):
     return tgt
 
 
-def read_lf_json(path, num_labels=None, use_content=False, want_texts=True, want_labels=True):
-    """Parse an LF json(.gz) file -> (texts or None, float32 CSR Y (N, num_labels) or None)."""
+def read_lf_json(path, num_labels=None, use_content=False, want_labels=True):
+    """Parse an LF json(.gz) file -> (texts, float32 CSR Y (N, num_labels) or None)."""
     texts, counts, labels = [], [], []
     for k, obj in _objects(path):
-        if want_texts:
-            texts.append(_text(path, k, obj, use_content))
+        texts.append(_text(path, k, obj, use_content))
         if want_labels:
             ids = _label_ids(path, k, obj, num_labels)
             counts.append(len(ids))
@@ -93,7 +86,7 @@ def read_lf_json(path, num_labels=None, use_content=False, want_texts=True, want
                           shape=(len(counts), int(num_labels)))
         Y.sum_duplicates()
         Y.data[:] = 1.0
-    return (texts if want_texts else None), Y
+    return texts, Y
 
 
 def count_lines(path) -> int:

@@ -1,30 +1,17 @@
-"""Seeded synthetic XMC datasets with the structure that makes negative sampling matter.
+"""Seeded synthetic XMC datasets with the structure that makes negative sampling matter (all draws vectorised).
 
-The generative story (all draws vectorised with numpy; nothing is O(N x C)):
+* Labels: Zipf popularity ``r^-zipf_a`` over a random rank order, split at random into ``K`` clusters (default
+  ``round(sqrt(C))``). Each cluster owns ``FEATS_PER_CLUSTER`` features shared by its labels (cluster mates are
+  each other's hard negatives), each label ``FEATS_PER_LABEL`` of its own; feature ids drawn at random from F.
+* Documents: ``1 + Poisson(avg_labels - 1)`` label draws, the first by popularity, each other one from the first
+  label's cluster with probability ``SAME_CLUSTER``; ``max(1, Poisson(doc_len))`` tokens, each from one of the
+  document's labels: with probabilities ``MIX`` a background word (Zipf), a cluster feature or a label feature.
+  Values ``(1 + log tf) * idf`` (idf from train), rows L2-normalised.
 
-* **Labels.** ``C`` labels with Zipf-like popularity ``p(label of rank r) ~ r^-zipf_a`` (ranks are assigned to
-  label ids by a random permutation). Labels are split at random into ``K`` clusters (default ``round(sqrt(C))``).
-* **Features.** Each cluster owns ``FEATS_PER_CLUSTER`` features shared by all its labels (so labels of one cluster
-  look alike: they are each other's hard negatives, while a label from another cluster is an easy negative);
-  each label owns ``FEATS_PER_LABEL`` features of its own (so it can be told apart from its cluster mates).
-  Feature ids are drawn at random from ``range(F)``; when ``K * FEATS_PER_CLUSTER`` or ``C * FEATS_PER_LABEL``
-  exceed ``F`` they overlap at random, as words do.
-* **Documents.** A document has ``1 + Poisson(avg_labels - 1)`` label draws: the first by global popularity, each
-  other one with probability ``SAME_CLUSTER`` from the first label's cluster (by popularity within the cluster),
-  else by global popularity; repeated draws collapse. Its length is ``max(1, Poisson(doc_len))`` tokens; each
-  token picks one of the document's labels and is, with probabilities ``MIX`` = (background, cluster, label),
-  a background word (Zipf over all features), one of that label's cluster features, or one of its own features.
-* **Values.** ``(1 + log tf) * idf`` with idf from the training split, each row L2-normalised (float32).
-
-Files written by :func:`generate` (the same readers as real data read them): ``train.txt``, ``test.txt``
-(+ ``val.txt`` when ``num_val > 0``) in XC BoW format; with ``write_text``: ``trn_X.txt``, ``tst_X.txt``
-(``val_X.txt``): the token sequences as words ``w{feature id}``, so a text tokenizer / hashing BoW sees the same
-vocabulary as the BoW features; ``trn_X_Y.txt``, ``tst_X_Y.txt`` (``val_X_Y.txt``); ``lbl_X.txt``: for label i a
-few words of its own and of its cluster; always ``label_cluster.npy`` (int32 cluster of each label) and
-``meta.json`` (all parameters and counts; written last, it marks a complete dataset).
-
-Same arguments -> byte-identical files (with the same numpy version). Train, test and validation documents come
-from separate random streams, so changing ``num_test`` leaves ``train.txt`` unchanged.
+:func:`generate` writes ``train.txt``/``test.txt`` (``val.txt``) in XC BoW format; with ``write_text`` also the
+text layout (``trn_X.txt`` with words ``w{feature id}``, ``trn_X_Y.txt``, ..., ``lbl_X.txt``: words of the label and
+its cluster); ``label_cluster.npy``; ``meta.json`` last (it marks a complete dataset). Same arguments give the same
+bytes; each split has its own random stream.
 """
 from __future__ import annotations
 
@@ -39,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from omegaconf import DictConfig, OmegaConf
 
 from xmcneg.data import formats
 from xmcneg.data.tfidf import doc_freq, smooth_idf, tfidf_l2, weighted
@@ -50,7 +38,6 @@ FEATS_PER_LABEL = 3
 SAME_CLUSTER = 0.8
 MIX = (0.6, 0.3, 0.1)  # background, cluster, label
 BACKGROUND_ZIPF = 1.0
-_DOCS_PER_CHUNK = 20000
 _REDRAWS = 8
 
 
@@ -96,8 +83,7 @@ def _make_split(rng, S: _Structure, n, avg_labels, doc_len):
     C = S.C
     nlab = 1 + rng.poisson(max(float(avg_labels) - 1.0, 0.0), size=n)
     nlab = np.minimum(nlab, C)
-    slot_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(nlab, out=slot_ptr[1:])
+    slot_ptr = np.concatenate(([0], np.cumsum(nlab)))
     total = int(slot_ptr[-1])
     doc_of_slot = np.repeat(np.arange(n, dtype=np.int64), nlab)
     is_first = np.zeros(total, dtype=bool)
@@ -125,8 +111,7 @@ def _make_split(rng, S: _Structure, n, avg_labels, doc_len):
 
     # tokens
     lens = np.maximum(rng.poisson(float(doc_len), size=n), 1)
-    tok_ptr = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lens, out=tok_ptr[1:])
+    tok_ptr = np.concatenate(([0], np.cumsum(lens)))
     T = int(tok_ptr[-1])
     doc_of_tok = np.repeat(np.arange(n, dtype=np.int64), lens)
     ny = np.diff(Y.indptr)
@@ -153,29 +138,23 @@ def _counts(n, F, tok_ptr, feats):
 
 
 def _write_docs_text(path, words, tok_ptr, feats):
-    n = len(tok_ptr) - 1
-    with formats.open_text(path, "wt") as f:
-        for lo in range(0, n, _DOCS_PER_CHUNK):
-            hi = min(n, lo + _DOCS_PER_CHUNK)
-            a, b = int(tok_ptr[lo]), int(tok_ptr[hi])
-            ws = words[feats[a:b]].tolist()
-            ptr = (tok_ptr[lo:hi + 1] - a).tolist()
-            f.write("\n".join(" ".join(ws[ptr[i]:ptr[i + 1]]) for i in range(hi - lo)))
-            f.write("\n")
+    def lines(lo, hi):
+        ws = words[feats[tok_ptr[lo]:tok_ptr[hi]]].tolist()
+        ptr = (tok_ptr[lo:hi + 1] - tok_ptr[lo]).tolist()
+        return [" ".join(ws[ptr[i]:ptr[i + 1]]) for i in range(hi - lo)]
+
+    formats.write_rows(path, None, len(tok_ptr) - 1, lines)
 
 
 def _write_label_text(path, words, S: _Structure, label_text_len):
     n_own = min(FEATS_PER_LABEL, (label_text_len + 1) // 2)
     n_clu = min(FEATS_PER_CLUSTER, label_text_len - n_own)
-    C = S.C
-    with formats.open_text(path, "wt") as f:
-        for lo in range(0, C, 100000):
-            hi = min(C, lo + 100000)
-            ids = np.concatenate([S.label_feats[lo:hi, :n_own],
-                                  S.cluster_feats[S.cluster[lo:hi], :n_clu]], axis=1)
-            rows = words[ids].tolist()
-            f.write("\n".join(" ".join(r) for r in rows))
-            f.write("\n")
+
+    def lines(lo, hi):
+        ids = np.concatenate([S.label_feats[lo:hi, :n_own], S.cluster_feats[S.cluster[lo:hi], :n_clu]], axis=1)
+        return [" ".join(r) for r in words[ids].tolist()]
+
+    formats.write_rows(path, None, S.C, lines)
 
 
 def _split_stats(X, Y):
@@ -230,10 +209,7 @@ def generate(out_dir, num_labels=1000, num_features=5000, num_train=20000, num_t
              avg_labels=3.0, zipf_a=1.0, num_clusters=None, doc_len=40, label_text_len=4,
              write_text=True) -> Path:
     """Generate a dataset into ``out_dir`` (created if needed; see the module docstring). Returns ``out_dir``."""
-    p = _normalise(dict(num_labels=num_labels, num_features=num_features, num_train=num_train,
-                        num_test=num_test, num_val=num_val, seed=seed, avg_labels=avg_labels, zipf_a=zipf_a,
-                        num_clusters=num_clusters, doc_len=doc_len, label_text_len=label_text_len,
-                        write_text=write_text))
+    p = _normalise({k: v for k, v in locals().items() if k != "out_dir"})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     C, F = p["num_labels"], p["num_features"]
@@ -284,21 +260,8 @@ DEFAULTS = {name: prm.default for name, prm in inspect.signature(generate).param
             if name != "out_dir"}
 
 
-def params_hash(cfg_dict) -> str:
-    p = _normalise(_plain(cfg_dict))
-    return hashlib.sha1(json.dumps({"version": GENERATOR_VERSION, **p}, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def _plain(cfg_dict) -> dict:
-    if cfg_dict is None:
-        return {}
-    try:  # OmegaConf DictConfig
-        from omegaconf import DictConfig, OmegaConf
-        if isinstance(cfg_dict, DictConfig):
-            cfg_dict = OmegaConf.to_container(cfg_dict, resolve=True)
-    except ImportError:
-        pass
-    d = dict(cfg_dict)
+    d = OmegaConf.to_container(cfg_dict, resolve=True) if isinstance(cfg_dict, DictConfig) else dict(cfg_dict or {})
     if "seed" not in d and "gen_seed" in d:
         d["seed"] = d["gen_seed"]
     return d
@@ -309,10 +272,10 @@ def ensure(cfg_dict, cache_root) -> Path:
     ``gen_seed`` is read as ``seed``), generated under ``cache_root/synthetic-<hash>`` unless already complete
     (``meta.json`` present). Generation happens in a temporary directory renamed into place, so an interrupted
     run never leaves a half dataset and concurrent callers (DDP ranks) end up sharing one copy."""
-    d = _plain(cfg_dict)
-    p = _normalise(d)
+    p = _normalise(_plain(cfg_dict))
+    key = hashlib.sha1(json.dumps({"version": GENERATOR_VERSION, **p}, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_root)
-    out = root / f"synthetic-{params_hash(d)}"
+    out = root / f"synthetic-{key}"
     if (out / "meta.json").exists():
         return out
     root.mkdir(parents=True, exist_ok=True)

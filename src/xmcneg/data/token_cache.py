@@ -1,11 +1,6 @@
-"""Token rows and their on-disk cache.
-
-:class:`TokenRows` holds ragged rows of token ids (flat int32 ids + int64 row pointers). Tokenising a text file
-runs once per (tokenizer, max_len, file content): the rows are saved as ``.npz`` under
-``${paths.cache_dir}/tokens/<tokenizer>-L<max_len>-<sha1 of the file bytes>.npz`` and read back by later setups;
-word vocabularies are cached next to them as text (one word per line). Cache entries are written atomically and
-checked when read (zip CRCs, array shapes, id ranges, row counts): an entry that fails a check is rebuilt from the
-text, never used.
+"""Ragged token rows and their on-disk cache: rows are saved as ``.npz`` under ``${paths.cache_dir}/tokens/``, keyed
+by the tokenizer, max_len and the text file's sha1, word vocabularies as text next to them; entries are written
+atomically and checked when read (CRCs, shapes, id ranges, row counts), and one that fails a check is rebuilt.
 """
 from __future__ import annotations
 
@@ -42,8 +37,7 @@ class TokenRows:
     def __getitem__(self, rows):
         rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         lens = self.lengths[rows]
-        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
-        np.cumsum(lens, out=indptr[1:])
+        indptr = np.concatenate(([0], np.cumsum(lens)))
         src = np.repeat(self.indptr[:-1][rows] - indptr[:-1], lens) + np.arange(indptr[-1])
         return TokenRows(self.ids[src], indptr)
 
@@ -62,8 +56,7 @@ class TokenRows:
     def from_lists(cls, seqs):
         """TokenRows of a list of id lists."""
         lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        indptr = np.zeros(len(seqs) + 1, dtype=np.int64)
-        np.cumsum(lens, out=indptr[1:])
+        indptr = np.concatenate(([0], np.cumsum(lens)))
         ids = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(indptr[-1]))
         return cls(ids, indptr)
 

@@ -42,7 +42,7 @@ def encoder_input_kind(enc_cfg) -> str:
     """``input_kind`` class attribute of ``encoder._target_`` ("bow" or "tokens")."""
     from hydra.utils import get_class
 
-    target = enc_cfg.get("_target_") if enc_cfg is not None else None
+    target = enc_cfg.get("_target_")
     if not target:
         return "bow"
     try:
@@ -66,9 +66,8 @@ def wants_text(enc_cfg) -> bool:
 
 
 def make_inputs(dataset_cfg, paths_cfg, encoder_cfg):
-    """The input builder for this dataset and encoder: text layouts always get :class:`TextInputs`; a ``bow`` /
-    ``synthetic`` dataset gets it too when the encoder reads text (reading the dataset's text files), otherwise
-    :class:`BowInputs`."""
+    """:class:`TextInputs` for a text layout, or a ``bow`` / ``synthetic`` dataset whose text the encoder reads
+    (:func:`wants_text`); otherwise :class:`BowInputs`."""
     enc = encoder_cfg if encoder_cfg is not None else {}
     fmt = dataset_cfg["format"]
     if fmt in TEXT_FORMATS or (fmt in BOW_FORMATS and wants_text(enc)):
@@ -164,21 +163,16 @@ class TextInputs:
         self.fmt = dataset_cfg["format"]
         self.input_kind = encoder_input_kind(encoder_cfg)
         self.text_cfg = encoder_cfg.get("text") or {}
-        if self.input_kind == "tokens":
-            self.tokenizer_kind = str(self.text_key("tokenizer"))
-            if self.tokenizer_kind not in TOKENIZERS:
-                raise ConfigError("encoder.text.tokenizer",
-                                  f"unknown '{self.tokenizer_kind}', expected one of {', '.join(TOKENIZERS)}")
-            ml = encoder_cfg["max_len"]
-            self.max_len = None if ml is None else int(ml)
-            if self.max_len is not None and self.max_len < 2:
-                raise ConfigError("encoder.max_len", f"must be >= 2, got {ml}")
-        else:
-            self.tokenizer_kind = str(self.text_key("features"))
-            if self.tokenizer_kind not in BOW_FEATURES:
-                raise ConfigError("encoder.text.features",
-                                  f"unknown '{self.tokenizer_kind}', expected one of {', '.join(BOW_FEATURES)}")
-            self.max_len = None
+        key, kinds = ("tokenizer", TOKENIZERS) if self.input_kind == "tokens" else ("features", BOW_FEATURES)
+        self.tokenizer_kind = str(self.text_key(key))
+        if self.tokenizer_kind not in kinds:
+            raise ConfigError(f"encoder.text.{key}",
+                              f"unknown '{self.tokenizer_kind}', expected one of {', '.join(kinds)}")
+        self.max_len = None
+        if self.input_kind == "tokens" and encoder_cfg["max_len"] is not None:
+            self.max_len = int(encoder_cfg["max_len"])
+            if self.max_len < 2:
+                raise ConfigError("encoder.max_len", f"must be >= 2, got {encoder_cfg['max_len']}")
         self.token_cache = {}
         self.tokenizer = self.idf = self.num_features = self.label_text_path = self._label_src = None
         self.transform = _no_bow_transform  # the BoW feature transform has no meaning for text inputs

@@ -46,11 +46,9 @@ class _Structure:
 
     def __init__(self, rng, C, F, K, zipf_a):
         self.C, self.F, self.K = C, F, K
-        ranks = np.arange(1, C + 1, dtype=np.float64)
-        w = ranks ** -float(zipf_a)
+        w = np.arange(1, C + 1, dtype=np.float64) ** -float(zipf_a)
         pop = np.empty(C, dtype=np.float64)
         pop[rng.permutation(C)] = w / w.sum()
-        self.pop = pop
         self.cdf = np.cumsum(pop)
         self.cdf /= self.cdf[-1]
         self.cluster = rng.integers(K, size=C).astype(np.int32)
@@ -164,44 +162,30 @@ def _split_stats(X, Y):
             "labels_used": int(np.count_nonzero(np.bincount(Y.indices, minlength=Y.shape[1])))}
 
 
-_INT_PARAMS = ("num_labels", "num_features", "num_train", "num_test", "num_val", "seed", "doc_len",
-               "label_text_len")
-_FLOAT_PARAMS = ("avg_labels", "zipf_a")
-
-
-def _check(params):
-    def bad(key, msg):
-        raise ConfigError(f"dataset.{key}", msg)
-
-    for k, lo in (("num_labels", 2), ("num_features", 2), ("num_train", 1), ("num_test", 1), ("num_val", 0),
-                  ("seed", 0), ("doc_len", 1), ("label_text_len", 1)):
-        if params[k] < lo:
-            bad(k, f"must be >= {lo}, got {params[k]}")
-    if not params["avg_labels"] >= 1.0:
-        bad("avg_labels", f"must be >= 1, got {params['avg_labels']}")
-    if not params["zipf_a"] >= 0.0:
-        bad("zipf_a", f"must be >= 0, got {params['zipf_a']}")
-    k = params["num_clusters"]
-    if k is not None and not 1 <= k <= params["num_labels"]:
-        bad("num_clusters", f"must be between 1 and num_labels={params['num_labels']}, got {k}")
+_INT_MIN = {"num_labels": 2, "num_features": 2, "num_train": 1, "num_test": 1, "num_val": 0, "seed": 0,
+            "doc_len": 1, "label_text_len": 1}  # the integer parameters and their smallest values
 
 
 def _normalise(kwargs) -> dict:
-    """Fill defaults and coerce types, so equal settings hash equally (3 vs 3.0, '0' vs 0)."""
-    p = dict(DEFAULTS)
-    for k, v in kwargs.items():
-        if k in p:
-            p[k] = v
+    """Fill defaults, coerce types (so equal settings hash equally: 3 vs 3.0, '0' vs 0) and check the values."""
+    p = {**DEFAULTS, **{k: v for k, v in kwargs.items() if k in DEFAULTS}}
     try:
-        for k in _INT_PARAMS:
-            p[k] = int(p[k])
-        for k in _FLOAT_PARAMS:
-            p[k] = float(p[k])
+        p.update({k: int(p[k]) for k in _INT_MIN})
+        p.update(avg_labels=float(p["avg_labels"]), zipf_a=float(p["zipf_a"]))
         p["num_clusters"] = None if p["num_clusters"] in (None, "null", "None") else int(p["num_clusters"])
         p["write_text"] = bool(p["write_text"])
     except (TypeError, ValueError) as e:
         raise ConfigError("dataset", f"bad synthetic-data parameter: {e}") from None
-    _check(p)
+    for k, lo in _INT_MIN.items():
+        if p[k] < lo:
+            raise ConfigError(f"dataset.{k}", f"must be >= {lo}, got {p[k]}")
+    if not p["avg_labels"] >= 1.0:
+        raise ConfigError("dataset.avg_labels", f"must be >= 1, got {p['avg_labels']}")
+    if not p["zipf_a"] >= 0.0:
+        raise ConfigError("dataset.zipf_a", f"must be >= 0, got {p['zipf_a']}")
+    k = p["num_clusters"]
+    if k is not None and not 1 <= k <= p["num_labels"]:
+        raise ConfigError("dataset.num_clusters", f"must be between 1 and num_labels={p['num_labels']}, got {k}")
     return p
 
 

@@ -1,11 +1,5 @@
-"""Tokenizers turning texts into lists of token ids (truncated to ``max_len`` without tokenising all of a long text):
-
-* :class:`WordTokenizer` — a word-level vocabulary built from training texts (lower-cased ``\\w+`` words, ``'`` /
-  ``-`` joined; ids 0 = [PAD], 1 = [UNK], 2 = [CLS], which starts every sequence);
-* :class:`HashTokenizer` — each word to crc32(word) mod ``dim`` (hashed bags of words; no vocabulary);
-* :class:`HFTokenizer` — the Hugging Face (fast) tokenizer stored in a local model directory (never downloads).
-
-Each has a ``name`` that identifies its vocabulary (it keys the token cache).
+"""Tokenizers turning texts into lists of token ids, truncated to ``max_len`` without tokenising all of a long text.
+Each has a ``name`` that identifies its vocabulary (it keys the token cache) and a ``vocab_size`` (ids are below it).
 """
 from __future__ import annotations
 
@@ -56,7 +50,8 @@ def _encode_exact(texts, max_len, encode_batch, chars_per_token=16, chunk=4096):
 
 
 class WordTokenizer:
-    """Word-level vocabulary built from training texts (lower-cased ``\\w+`` words, ``'`` / ``-`` joined)."""
+    """Word-level vocabulary built from training texts (lower-cased ``\\w+`` words, ``'`` / ``-`` joined); ids 0 =
+    [PAD], 1 = [UNK], 2 = [CLS] (which starts every sequence), then the words."""
 
     n_special = N_SPECIAL
 

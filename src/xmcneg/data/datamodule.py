@@ -30,15 +30,11 @@ def pad_label_rows(Y: sp.csr_matrix, rows):
 
 # ------------------------------------------------------------------------------------------------ sharding
 def rank_batches(order, batch_size, rank=0, world_size=1):
-    """Rank `rank`'s batches of one epoch, cut from `order` (the epoch's global row order, the same on every rank).
-
-    The order is cut into steps of batch_size x world_size rows; at each step rank r takes the r-th block of
-    batch_size rows. The tail (R < batch_size x world_size rows) is split into world_size contiguous parts of
-    sizes differing by at most one, one more batch per rank, if R >= world_size; if 0 < R < world_size (a part
-    would be empty) the R rows are instead appended one each to the last batches of ranks 0 .. R-1. So the ranks'
-    batches are disjoint, together hold every row exactly once, and every rank gets the same number of batches
-    (`num_rank_batches`), none empty. world_size 1: consecutive batches of batch_size, the last one shorter, as a
-    plain DataLoader. Fewer rows than ranks cannot be split: ValueError."""
+    """Rank `rank`'s batches of one epoch, cut from `order` (the epoch's global row order, the same on every rank):
+    at each step of batch_size x world_size rows rank r takes the r-th block of batch_size rows. A tail of
+    R >= world_size rows is split into world_size near-equal parts, one more batch per rank; 0 < R < world_size
+    rows go one each to the last batches of ranks 0 .. R-1. So the ranks' batches are disjoint, hold every row once,
+    and every rank gets `num_rank_batches` of them, none empty. Fewer rows than ranks: ValueError."""
     order = np.asarray(order, dtype=np.int64)
     N, B, W = len(order), int(batch_size), int(world_size)
     full, R = divmod(N, B * W)
@@ -60,9 +56,8 @@ def num_rank_batches(num_rows, batch_size, world_size=1):
 
 
 def shard_rows(rows, rank=0, world_size=1):
-    """Evaluation shard of rank `rank`: rows rank, rank + W, ... of `rows`, padded by wrapping around to a multiple
-    of W so every rank gets the same number of rows (and batches); the padding duplicates are dropped by `idx`
-    when the predictions are gathered."""
+    """Evaluation shard of rank `rank`: rows rank, rank + W, ... of `rows`, padded by wrapping around so every rank
+    gets as many rows (the duplicates are dropped by `idx` when the predictions are gathered)."""
     rows = np.asarray(rows, dtype=np.int64)
     W = int(world_size)
     if W == 1 or len(rows) == 0:
@@ -71,9 +66,8 @@ def shard_rows(rows, rank=0, world_size=1):
 
 
 class EpochPermutation(Sampler):
-    """The global training order of an epoch: a permutation of n rows seeded by (seed, epoch), the same on every
-    rank. Lightning calls `set_epoch` at every epoch start (on the batch sampler's `sampler`), so a resumed run
-    replays the uninterrupted run's order."""
+    """The epoch's global training order: a permutation of n rows seeded by (seed, epoch), the same on every rank;
+    Lightning calls `set_epoch` at every epoch start, so a resumed run replays the uninterrupted run's order."""
 
     def __init__(self, n, seed=0):
         self.n, self.seed, self.epoch = int(n), int(seed), 0
@@ -89,9 +83,8 @@ class EpochPermutation(Sampler):
 
 
 class RankBatchSampler(Sampler):
-    """Training batches of one DDP rank (see :func:`rank_batches`) from the global order given by `sampler` (an
-    index sampler with `set_epoch`, identical on every rank: :class:`EpochPermutation`, or the text datamodule's
-    length-grouped order)."""
+    """Training batches of one DDP rank (:func:`rank_batches`) from the global order of `sampler`
+    (:class:`EpochPermutation` or :class:`LengthGroupedSampler`)."""
 
     def __init__(self, sampler, batch_size, rank=0, world_size=1):
         self.sampler, self.batch_size = sampler, int(batch_size)
@@ -113,10 +106,8 @@ class RankBatchSampler(Sampler):
 
 class LengthGroupedSampler(EpochPermutation):
     """Training order with little padding: each epoch, shuffle all rows, sort windows of ``window x batch_size``
-    rows by length, cut them into batches and shuffle the batches; the batch sampler then takes consecutive
-    ``batch_size`` indices as one batch (:class:`RankBatchSampler`, which under DDP deals these blocks out to the
-    ranks). Seeded by (seed, epoch), so the same on every rank; the epoch advances on every pass (or via
-    ``set_epoch``)."""
+    rows by length, cut them into batches and shuffle the batches (:class:`RankBatchSampler` takes consecutive
+    ``batch_size`` indices as one batch). The epoch advances on every pass (or via ``set_epoch``)."""
 
     def __init__(self, lengths, batch_size, window=50, seed=0):
         super().__init__(len(lengths), seed)
@@ -140,8 +131,7 @@ class LengthGroupedSampler(EpochPermutation):
 
 class XCDataModule(pl.LightningDataModule):
     """Splits, batches and the hooks methods use (``label_inputs``, ``text_inputs``, ``filter_pairs``,
-    ``encoder_kwargs``) for any dataset; ``encoder_cfg`` (the ``encoder`` config group) says which inputs to build
-    (see :func:`xmcneg.data.inputs.make_inputs`)."""
+    ``encoder_kwargs``); ``encoder_cfg`` says which inputs to build (:func:`xmcneg.data.inputs.make_inputs`)."""
 
     _FILTER_FILES = {"filter_test_file": "filter_labels_test.txt", "filter_train_file": "filter_labels_train.txt"}
 
@@ -193,10 +183,9 @@ class XCDataModule(pl.LightningDataModule):
         return getattr(self.inputs, "token_cache", {})
 
     def _set_splits(self, Xtr, Ytr, Xte, Yte):
-        """Carve the seeded validation split out of train (`data.val_size`, capped at `data.val_max_docs`) and set
-        `splits`, `num_labels`, `full_train_Y`, `train_label_counts`, and `train_rows` / `val_rows` (rows of the
-        training file in each split). X may be any row-indexable object with `.shape` (CSR features, or token
-        rows for text inputs)."""
+        """Carve the seeded validation split out of train (`data.val_size`, at most `data.val_max_docs`) and set
+        `splits`, `num_labels`, `full_train_Y`, `train_label_counts`, `train_rows` / `val_rows` (rows of the
+        training file)."""
         self.num_labels = Ytr.shape[1]
         self.full_train_Y = Ytr
         n = Xtr.shape[0]
@@ -222,7 +211,7 @@ class XCDataModule(pl.LightningDataModule):
 
     def label_inputs(self, label_ids):
         """Encoder inputs for the texts of the given labels, in the documents' input form (so one encoder embeds
-        both), for methods that embed labels (NGAME). Built once from the dataset's label texts."""
+        both; NGAME)."""
         if self._label_X is None:
             self._label_X = self.inputs.label_rows(self)
         return self.inputs.x(self._label_X, np.asarray(label_ids, dtype=np.int64))
@@ -279,10 +268,8 @@ class XCDataModule(pl.LightningDataModule):
         return (int(t.global_rank), int(t.world_size)) if t is not None else (0, 1)
 
     def train_order(self):
-        """Index sampler of the epoch's global training order (identical on every rank; it has `set_epoch`): for
-        token inputs with `encoder.text.sort_window` > 0 the length-grouped order of :class:`LengthGroupedSampler`
-        (batches of documents of similar length; the rank-aware batch sampler deals its consecutive batch_size
-        blocks out to the ranks, so the grouping holds under DDP too), otherwise a seeded permutation."""
+        """The epoch's global training order: :class:`LengthGroupedSampler` for token inputs with
+        `encoder.text.sort_window` > 0, otherwise :class:`EpochPermutation`."""
         X = self.splits["train"][0]
         lengths = self.inputs.lengths(X)
         window = int(self.inputs.text_key("sort_window")) if lengths is not None else 0
@@ -291,8 +278,8 @@ class XCDataModule(pl.LightningDataModule):
         return EpochPermutation(X.shape[0], self.seed)
 
     def eval_order(self, split):
-        """Rows of an evaluation split in the order they are batched (before sharding); token inputs: sorted by
-        length (the evaluation reads each batch's `idx`, so the order is free), so padding is small."""
+        """Rows of an evaluation split in batch order (before sharding); token inputs sorted by length (less
+        padding; the evaluation reads each batch's `idx`)."""
         lengths = self.inputs.lengths(self.splits[split][0])
         if lengths is not None:
             return np.argsort(-lengths, kind="stable")

@@ -45,10 +45,6 @@ class _BlockError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- opening files
-def _is_gz(path) -> bool:
-    return str(path).endswith(".gz")
-
-
 class _CheckedGzipFile(gzip.GzipFile):
     """A gzip reader whose decompression failures (not gzip data, corrupt or cut-short data, a CRC mismatch)
     raise :class:`DataFormatError` naming the file instead of the gzip module's own exceptions."""
@@ -87,23 +83,20 @@ def _open_plain_for_reading(path):
 
 
 def open_text(path, mode="rt"):
-    """Open a plain or gzip (``.gz`` suffix) file. Text modes use UTF-8; reading uses universal newlines
-    (``\\r\\n`` reads as ``\\n``), writing always writes ``\\n``. Gzip files are written without a name or time
-    stamp in the header, so identical content gives identical bytes. Reading a ``.gz`` file that is not valid
+    """Open a plain or gzip (``.gz`` suffix) file for reading (``rt``, ``rb``) or writing text (``wt``, ``at``,
+    ``xt``). Text is UTF-8; reading uses universal newlines, writing writes ``\\n``. Gzip files are written without
+    a name or time stamp, so identical content gives identical bytes. Reading a ``.gz`` file that is not valid
     gzip data, or a plain file that holds gzip data, raises :class:`DataFormatError`."""
-    binary = "b" in mode
-    writing = any(c in mode for c in "wax")
-    if writing:
-        if _is_gz(path):
-            raw = open(path, mode.replace("t", "").replace("b", "") + "b")
-            gz = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
-            gz.myfileobj = raw  # closed together with the gzip stream
-            return gz if binary else io.TextIOWrapper(gz, encoding="utf-8", newline="\n")
-        if binary:
-            return open(path, mode)
-        return open(path, mode, encoding="utf-8", newline="\n")
-    f = _CheckedGzipFile(path, "rb") if _is_gz(path) else _open_plain_for_reading(path)
-    return f if binary else io.TextIOWrapper(f, encoding="utf-8", newline=None)
+    gz = str(path).endswith(".gz")
+    if any(c in mode for c in "wax"):
+        if not gz:
+            return open(path, mode, encoding="utf-8", newline="\n")
+        raw = open(path, mode.replace("t", "") + "b")
+        f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
+        f.myfileobj = raw  # closed together with the gzip stream
+        return io.TextIOWrapper(f, encoding="utf-8", newline="\n")
+    f = _CheckedGzipFile(path, "rb") if gz else _open_plain_for_reading(path)
+    return f if "b" in mode else io.TextIOWrapper(f, encoding="utf-8", newline=None)
 
 
 def iter_lines(path):
@@ -505,11 +498,14 @@ def read_lines(path, expected=None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- writers
-def _pairs_per_row(M: sp.csr_matrix) -> list[str]:
-    """Each row of a CSR matrix as 'i:v i:v ...' (values with 6 significant digits)."""
-    toks = [f"{i}:{v:.6g}" for i, v in zip(M.indices.tolist(), M.data.astype(np.float64).tolist())]
+def _row_strings(M: sp.csr_matrix, values=True) -> list[str]:
+    """Each row of a CSR matrix as 'i:v i:v ...' (values with 6 significant digits), or as 'i,i,...'."""
+    if values:
+        toks = [f"{i}:{v:.6g}" for i, v in zip(M.indices.tolist(), M.data.astype(np.float64).tolist())]
+    else:
+        toks = [str(i) for i in M.indices.tolist()]
     ptr = (M.indptr - M.indptr[0]).tolist()
-    return [" ".join(toks[ptr[r]:ptr[r + 1]]) for r in range(M.shape[0])]
+    return [(" " if values else ",").join(toks[ptr[r]:ptr[r + 1]]) for r in range(M.shape[0])]
 
 
 def _as_csr(M, name) -> sp.csr_matrix:
@@ -545,11 +541,7 @@ def write_xc_bow(path, X, Y):
         raise ValueError(f"X has {X.shape[0]} rows but Y has {Y.shape[0]}")
 
     def make(lo, hi):
-        Ys = Y[lo:hi]
-        ltoks = [str(i) for i in Ys.indices.tolist()]
-        lptr = (Ys.indptr - Ys.indptr[0]).tolist()
-        feats = _pairs_per_row(X[lo:hi])
-        return [",".join(ltoks[lptr[r]:lptr[r + 1]]) + " " + feats[r] for r in range(hi - lo)]
+        return [f"{a} {b}" for a, b in zip(_row_strings(Y[lo:hi], values=False), _row_strings(X[lo:hi]))]
 
     write_rows(path, f"{X.shape[0]} {X.shape[1]} {Y.shape[1]}", X.shape[0], make)
 
@@ -557,7 +549,7 @@ def write_xc_bow(path, X, Y):
 def write_xy(path, Y):
     """Write Y (N, C) as ``num_points num_labels`` + ``label:value ...`` lines."""
     Y = _as_csr(Y, "Y")
-    write_rows(path, f"{Y.shape[0]} {Y.shape[1]}", Y.shape[0], lambda lo, hi: _pairs_per_row(Y[lo:hi]))
+    write_rows(path, f"{Y.shape[0]} {Y.shape[1]}", Y.shape[0], lambda lo, hi: _row_strings(Y[lo:hi]))
 
 
 def write_lines(path, lines):

@@ -14,18 +14,13 @@ from torch.utils.data import DataLoader, Sampler
 from xmcneg.data import formats, synthetic
 from xmcneg.data.inputs import FeatureTransform, csr_rows_to_bag, make_inputs  # noqa: F401 (re-exported)
 from xmcneg.data.lf_json import read_filter_pairs
+from xmcneg.data.token_cache import TokenRows
 from xmcneg.errors import ConfigError
 
 
 def pad_label_rows(Y: sp.csr_matrix, rows):
     """(B, P) LongTensor of each row's label ids, padded with -1."""
-    sub = Y[rows]
-    lens = np.diff(sub.indptr)
-    width = max(int(lens.max()) if len(lens) else 0, 1)
-    out = np.full((len(lens), width), -1, dtype=np.int64)
-    col = np.arange(sub.indptr[-1]) - np.repeat(sub.indptr[:-1], lens)
-    out[np.repeat(np.arange(len(lens)), lens), col] = sub.indices
-    return torch.from_numpy(out)
+    return TokenRows(Y.indices, Y.indptr).padded(rows, pad_id=-1)["input_ids"]
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -254,11 +249,11 @@ class XCDataModule(pl.LightningDataModule):
 
     def collate(self, split):
         X, Y = self.splits[split]
-        x = self.inputs.x
+        x, labels = self.inputs.x, TokenRows(Y.indices, Y.indptr)
 
         def fn(rows):
             rows = np.asarray(rows, dtype=np.int64)
-            return {"x": x(X, rows), "pos": pad_label_rows(Y, rows), "idx": torch.from_numpy(rows)}
+            return {"x": x(X, rows), "pos": labels.padded(rows, pad_id=-1)["input_ids"], "idx": torch.from_numpy(rows)}
 
         return fn
 

@@ -105,9 +105,7 @@ class BowInputs:
 
     def __init__(self, dataset_cfg, paths_cfg):
         self.dcfg, self.paths = dataset_cfg, paths_cfg
-        self.transform = None
-        self.num_features = None
-        self.label_text_path = None
+        self.transform = self.num_features = self.label_text_path = None
 
     def check_dir(self, name, d):
         if not d.is_dir():
@@ -116,10 +114,9 @@ class BowInputs:
 
     def load(self, d):
         cache = Path(self.paths.cache_dir) / "parsed"
-        train_file = self.dcfg.get("train_file", "train.txt")
-        test_file = self.dcfg.get("test_file", "test.txt")
-        Xtr, Ytr = formats.load_bow_cached(d / train_file, cache)
-        Xte, Yte = formats.load_bow_cached(d / test_file, cache, num_features=Xtr.shape[1], num_labels=Ytr.shape[1])
+        Xtr, Ytr = formats.load_bow_cached(d / self.dcfg.get("train_file", "train.txt"), cache)
+        Xte, Yte = formats.load_bow_cached(d / self.dcfg.get("test_file", "test.txt"), cache,
+                                           num_features=Xtr.shape[1], num_labels=Ytr.shape[1])
         self.transform = FeatureTransform(self.dcfg.get("feature_transform", "none")).fit(Xtr)
         Xtr, Xte = self.transform(Xtr), self.transform(Xte)
         self.num_features = Xtr.shape[1]

@@ -160,22 +160,11 @@ class XCDataModule(pl.LightningDataModule):
         Xtr, Ytr, Xte, Yte = self.inputs.load(self.dataset_dir())
         self.num_features = self.inputs.num_features
         self.label_text_path = self.inputs.label_text_path
+        self.transform = self.inputs.transform  # the BoW feature transform fitted on train (for new BoW inputs)
+        self.tokenizer = getattr(self.inputs, "tokenizer", None)
+        self.token_cache = getattr(self.inputs, "token_cache", {})  # text inputs: {"train": "hit" | "miss", ...}
         self._set_splits(Xtr, Ytr, Xte, Yte)
         self._loaded = True
-
-    @property
-    def transform(self):
-        """The BoW feature transform fitted on the training file (for new XC BoW inputs, e.g. predictions)."""
-        return self.inputs.transform
-
-    @property
-    def tokenizer(self):
-        return getattr(self.inputs, "tokenizer", None)
-
-    @property
-    def token_cache(self):
-        """Text inputs: ``{"train": "hit" | "miss", ...}``, whether each split's token rows came from the cache."""
-        return getattr(self.inputs, "token_cache", {})
 
     def _set_splits(self, Xtr, Ytr, Xte, Yte):
         """Carve the seeded validation split out of train (`data.val_size`, at most `data.val_max_docs`) and set

@@ -618,7 +618,7 @@ def load_csr(path, *names):
             M.check_format(full_check=True)
             if M.dtype != np.float32 or not np.all(np.isfinite(M.data)):
                 return None
-    except (ValueError, TypeError, IndexError):
+    except Exception:  # noqa: BLE001  (a foreign or inconsistent entry)
         return None
     return mats
 

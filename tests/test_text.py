@@ -14,7 +14,7 @@ from xmcneg.data import synthetic
 from xmcneg.data.datamodule import XCDataModule, build_datamodule
 from xmcneg.data.inputs import BowInputs, TextInputs
 from xmcneg.data.token_cache import TokenRows
-from xmcneg.errors import DataFormatError, MissingFileError
+from xmcneg.errors import ConfigError, DataFormatError, MissingFileError
 from xmcneg.eval.metrics import filter_predictions
 
 CONF = os.path.join(os.path.dirname(__file__), "..", "conf")
@@ -247,6 +247,15 @@ def test_build_datamodule_dispatch(tmp_path):
             assert type(dm.inputs) is kind and dm.reads_text == (kind is TextInputs), enc
         cfg = compose("train", overrides=["dataset=lf-amazontitles-131k", "encoder=bow_mlp"])
         assert isinstance(build_datamodule(cfg).inputs, TextInputs)
+        # encoder.text.source: where a BoW encoder builds its bag of words from the text (declared in conf/encoder)
+        cfg = compose("train", overrides=["dataset=cooking", "encoder=text_bow", "encoder.text.source=bow"])
+        assert type(build_datamodule(cfg).inputs) is BowInputs
+        with pytest.raises(ConfigError, match="encoder.text.source"):
+            build_datamodule(compose("train", overrides=["dataset=cooking", "encoder=text_bow",
+                                                         "encoder.text.source=words"]))
+        with pytest.raises(ConfigError, match="encoder.text.features"):  # no defaults outside conf/
+            build_datamodule(compose("train", overrides=["dataset=lf-amazontitles-131k", "encoder=bow_mlp",
+                                                         "~encoder.text"]))
 
 
 def test_tiny_transformer_end_to_end(tmp_path):

@@ -1,8 +1,5 @@
-"""Where a Hugging Face model lives on disk: the bundled all-MiniLM-L6-v2 or a local model directory.
-
-Used by both the transformer encoders (weights) and the text datamodule (tokenizer); models are never
-downloaded.
-"""
+"""Where a Hugging Face model lives on disk (the bundled all-MiniLM-L6-v2 or a local model directory), for the
+transformer encoders and the tokenizers; models are never downloaded."""
 from __future__ import annotations
 
 import importlib.util

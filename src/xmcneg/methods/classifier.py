@@ -1,11 +1,8 @@
-"""The label-scoring method of the full and the sampled samplers (conf/method/classifier.yaml).
-
-Score s(x, y) = <f(x), w_y> + b_y (methods/label_table.py). `sampler=None` (`sampler=full`): every label scored
-every step, dense AdamW on the table. Otherwise positives + the sampler's negatives are looked up in sparse
-tables and a row-wise optimiser (methods/sparse_optim.py) updates the touched rows only. Evaluation scores all
-labels exactly in chunks (eval/topk.py) or re-scores a faiss shortlist (eval.search=ann, eval/ann.py), adds the
-sampler's prediction-time correction when the loss is not logQ-corrected, and logs both the corrected metrics
-and the raw ones (`raw/...`).
+"""The label-scoring method of the full and the sampled samplers (conf/method/classifier.yaml): s(x, y) =
+<f(x), w_y> + b_y. `sampler=None` (`sampler=full`) scores every label every step (dense AdamW on the table);
+otherwise positives + the sampler's negatives are looked up in sparse tables updated row-wise. Evaluation scores
+all labels exactly (eval/topk.py) or re-scores a faiss shortlist (eval.search=ann), adds the sampler's correction
+when the loss is not logQ-corrected, and logs the corrected metrics and the raw ones (`raw/...`).
 """
 import logging
 import time
@@ -39,7 +36,6 @@ class XMCClassifier(XMCModule):
                               f"{sampler.num_negatives} negatives must be fewer than the {num_labels} labels")
         self._ann_cache = None
 
-    # ------------------------------------------------------------------ training
     def training_loss(self, batch):
         h = self.encoder(batch["x"])
         if self.sampler is None:
@@ -91,7 +87,6 @@ class XMCClassifier(XMCModule):
             labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
         return CombinedOptimizer({"encoder": wrap(enc, warmup=warm, clip=o.grad_clip), "labels": labels})
 
-    # ------------------------------------------------------------------ evaluation
     def use_correction(self):
         return self.sampler is not None and not self.loss.logq_corrected
 
@@ -113,10 +108,8 @@ class XMCClassifier(XMCModule):
 
     def predict_topk(self, emb, query=None, k=None):
         """Top-k (scores, ids) over all labels for document embeddings `emb` (+ the sampler's score correction for
-        `query`). eval.search=ann: a faiss shortlist of eval.ann_shortlist labels (uncorrected scores) re-scored
-        exactly with the correction (the sampler's `score_correction_ids`; a sampler without it falls back to
-        exact search, logged as `<stage>/ann_fallback_exact`); `<stage>/ann_recall@5` against exact search (first
-        1000 documents) is logged during validation/test."""
+        `query`). eval.search=ann re-scores a faiss shortlist with the sampler's `score_correction_ids` (without
+        it: exact search) and logs `<stage>/ann_recall@5` against exact search on the first 1000 documents."""
         k = min(int(k or self.evaluation.k), self.num_labels)
         if self.evaluation.search == "ann":
             out = self._ann_predict_topk(emb, query, k)

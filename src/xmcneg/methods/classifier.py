@@ -97,9 +97,9 @@ class XMCClassifier(XMCModule):
         dm = self.trainer.datamodule
         Y = dm.split(split)[1][idx]
         pairs = dm.filter_pairs(split, idx=idx) if hasattr(dm, "filter_pairs") else None  # LF benchmarks
-        self._ann_corrected_done = False
         metrics = {}
         for prefix, q in ((("", query),) if query is None else (("", query), ("raw/", None))):
+            self._eval_prefix = prefix  # names the ANN recall logged by predict_topk
             ids = self.predict_topk(emb, q)[1].cpu().numpy()
             if pairs is not None:
                 ids, _ = filter_predictions(ids, None, pairs)
@@ -158,7 +158,6 @@ class XMCClassifier(XMCModule):
                     self._ann_fallback_warned = True
                 if stage is not None:
                     self.log(f"{stage}/ann_fallback_exact", 1.0)
-                self._ann_corrected_done = True  # the raw pass that follows logs raw/ann_recall@5
                 return None
             extra = lambda rows, ids: corr_ids(query[rows], ids)  # noqa: E731
         w, b = self.labels.weights()
@@ -168,10 +167,5 @@ class XMCClassifier(XMCModule):
             n, kk = min(1000, emb.shape[0]), min(5, k)
             _, exact_ids = self._exact_predict_topk(emb[:n], None if query is None else query[:n], kk)
             recall = recall_against_exact(ids[:n, :kk], exact_ids)
-            raw = query is None and getattr(self, "_ann_corrected_done", False)
-            name = "raw/ann_recall@5" if raw else "ann_recall@5"
-            if query is not None:
-                self._ann_corrected_done = True
-            self.ann_recall = {**getattr(self, "ann_recall", {}), f"{stage}/{name}": recall}
-            self.log(f"{stage}/{name}", float(recall))
+            self.log(f"{stage}/{getattr(self, '_eval_prefix', '')}ann_recall@5", float(recall))
         return scores, ids

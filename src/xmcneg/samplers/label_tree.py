@@ -84,7 +84,7 @@ class Projection:
 
 
 def _whiten(V, s, mu, n_rows, k, eps=1e-8):
-    """(F, r) right singular vectors, (r,) singular values -> Projection with k columns (zero-padded)."""
+    """(F, r) right singular vectors, (r,) singular values -> whitened (weight, offset) with k columns."""
     r = min(k, V.shape[1])
     V, s = V[:, :r], s[:r]
     # sign convention (deterministic across BLAS builds): the largest-|.| entry of each component is positive
@@ -186,12 +186,8 @@ class LabelTree:
             occ = pairs.sum(1)
 
     def to(self, device):
-        t = LabelTree.__new__(LabelTree)
-        t.depth, t.num_labels = self.depth, self.num_labels
-        t.wb = self.wb.to(device)
-        t.label_to_leaf = self.label_to_leaf.to(device)
-        t.leaf_to_label = self.leaf_to_label.to(device)
-        return t
+        return LabelTree(self.weight.to(device), self.bias.to(device), self.label_to_leaf.to(device), self.depth,
+                         self.num_labels)
 
     def state_dict(self):
         return {"weight": self.weight.cpu().contiguous(), "bias": self.bias.cpu().contiguous(),
@@ -203,14 +199,12 @@ class LabelTree:
 
     @classmethod
     def random(cls, num_labels: int, k: int = 16, seed: int = 0, scale: float = 1.0, shuffle: bool = True):
-        """Random node parameters of the right shape (benchmarks, tests); labels at random leaves if `shuffle`,
-        else balanced (label i at the leaf of the i-th of C evenly spread leaves)."""
+        """Random node parameters (benchmarks, tests); labels at evenly spread leaves, shuffled if `shuffle`."""
         g = torch.Generator().manual_seed(seed)
         D = tree_depth(num_labels)
         M = (1 << D) - 1
         w = torch.randn(M, k, generator=g) * (scale / math.sqrt(k))
         b = torch.randn(M, generator=g) * 0.5 * scale
-        # spread labels evenly: leaves j*2^D // C are distinct and leave padding scattered
         leaves = (torch.arange(num_labels, dtype=torch.float64) * (1 << D) / num_labels).floor().long()
         if shuffle:
             leaves = leaves[torch.randperm(num_labels, generator=g)]

@@ -25,12 +25,6 @@ _KINDS = ("hnsw", "ivf", "flat")
 _STORAGE = {"flat": None, "sq8": "QT_8bit", "fp16": "QT_fp16"}
 
 
-def _faiss():
-    import faiss  # imported lazily: faiss is only needed when an index is used
-
-    return faiss
-
-
 def _np32(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32).numpy()
@@ -86,7 +80,8 @@ class LabelIndex:
 
     def build(self, label_w, label_b=None) -> "LabelIndex":
         """(Re)build the index from label vectors (C, d) float32 and optional biases (C,)."""
-        faiss = _faiss()
+        import faiss  # imported lazily: only needed when an index is used
+
         W = _np32(label_w)
         if W.ndim != 2 or W.shape[0] < 1:
             raise ValueError(f"label_w must be a non-empty (C, d) matrix, got shape {W.shape}")

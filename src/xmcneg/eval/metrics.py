@@ -161,7 +161,6 @@ def filter_predictions(topk, scores, filter_pairs):
     """Remove the (doc index, label id) rows of ``filter_pairs`` (M, 2) (the LF benchmarks' filter files) from
     predictions ``topk`` (N, K) and ``scores`` (or None): each filtered entry becomes -1 (score -inf) at the end
     of its row, the others keep their order. Returns new ``(topk, scores)`` of the kind (numpy or torch) given."""
-    is_torch = hasattr(topk, "detach")
     ids = _to_numpy(topk).astype(np.int64, copy=True)
     sc = None if scores is None else _to_numpy(scores).copy()
     pairs = _to_numpy(filter_pairs).astype(np.int64).reshape(-1, 2)
@@ -186,10 +185,8 @@ def filter_predictions(topk, scores, filter_pairs):
                     if np.issubdtype(ssub.dtype, np.floating):
                         ssub[drop] = -np.inf
                     sc[rows] = np.take_along_axis(ssub, order, axis=1)
-    if is_torch:
-        import torch
+    if not hasattr(topk, "detach"):  # numpy in, numpy out
+        return ids, sc
+    import torch
 
-        ids_t = torch.from_numpy(ids).to(topk.device)
-        sc_t = None if sc is None else torch.from_numpy(sc).to(scores.device)
-        return ids_t, sc_t
-    return ids, sc
+    return torch.from_numpy(ids).to(topk.device), None if sc is None else torch.from_numpy(sc).to(scores.device)

@@ -44,12 +44,9 @@ def _count(v):
 
 
 def _strategy_name(strategy):
-    if strategy is None:
-        return ""
-    if isinstance(strategy, str):
-        return strategy.lower()
-    target = _get(strategy, "_target_")  # a strategy given as a config node
-    return str(target or strategy).lower()
+    if strategy is None or isinstance(strategy, str):
+        return (strategy or "").lower()
+    return str(_get(strategy, "_target_") or strategy).lower()  # a strategy given as a config node
 
 
 def is_ddp_like(hardware, choice=None):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from xmcneg.errors import ConfigError
+from xmcneg.eval.topk import score_inputs
 
 __all__ = ["LabelIndex", "ann_topk", "candidate_scores", "recall_against_exact", "topk_of_candidates"]
 
@@ -243,15 +244,8 @@ def ann_topk(doc_emb, label_w, label_b, k: int, index: LabelIndex, shortlist: in
     """Top-k labels via ANN retrieval of ``shortlist`` candidates, re-scored exactly with torch (+ ``extra(rows,
     ids)``, e.g. a sampler's score correction). An ``index`` never built is built from (label_w, label_b).
     Returns ``(scores (N, k), ids (N, k) int64)`` on doc_emb's device, padded with id -1 / score -inf."""
-    doc = torch.as_tensor(doc_emb)
-    if not doc.is_floating_point():
-        doc = doc.float()
-    W = torch.as_tensor(label_w)
-    B = None if label_b is None else torch.as_tensor(label_b).reshape(-1)
+    doc, W, B, k = score_inputs(doc_emb, label_w, label_b, k)
     C = W.shape[0]
-    k = int(k)
-    if k < 1 or k > C:
-        raise ConfigError("eval.k", f"must be between 1 and the number of labels ({C}), got {k}")
     if index.version == 0:
         index.build(W, B)
     S = min(max(int(shortlist), k), C)

@@ -16,29 +16,35 @@ __all__ = ["exact_topk"]
 Correction = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
+def score_inputs(doc_emb, label_w, label_b, k):
+    """(doc_emb as a float tensor, label_w, label_b as (C,) or None, int k); ConfigError('eval.k') unless
+    1 <= k <= C."""
+    doc_emb = torch.as_tensor(doc_emb)
+    if not doc_emb.is_floating_point():
+        doc_emb = doc_emb.float()
+    label_w = torch.as_tensor(label_w)
+    label_b = None if label_b is None else torch.as_tensor(label_b).reshape(-1)
+    k, C = int(k), label_w.shape[0]
+    if k < 1 or k > C:
+        raise ConfigError("eval.k", f"must be between 1 and the number of labels ({C}), got {k}")
+    return doc_emb, label_w, label_b, k
+
+
 @torch.no_grad()
 def exact_topk(doc_emb, label_w, label_b=None, k: int = 5, doc_chunk: int = 2048, label_chunk: int = 262144,
                correction: Optional[Correction] = None):
     """Top-k of <doc_emb, label_w> + label_b (+ ``correction(doc_emb_chunk, start, end)``, an (n, end - start)
     term for labels ``start..end-1``) for every document: ``(scores (N, k), ids (N, k) int64)`` on doc_emb's
     device, sorted by decreasing score. Raises ConfigError('eval.k') when k > C or k < 1."""
-    doc_emb = torch.as_tensor(doc_emb)
-    if not doc_emb.is_floating_point():
-        doc_emb = doc_emb.float()
+    doc_emb, label_w, label_b, k = score_inputs(doc_emb, label_w, label_b, k)
     device, dtype = doc_emb.device, doc_emb.dtype
-    label_w = torch.as_tensor(label_w)
     if doc_emb.dim() != 2 or label_w.dim() != 2 or doc_emb.shape[1] != label_w.shape[1]:
         raise ValueError(f"shape mismatch: doc_emb {tuple(doc_emb.shape)} vs label_w {tuple(label_w.shape)}")
     N, C = doc_emb.shape[0], label_w.shape[0]
-    k = int(k)
-    if k < 1 or k > C:
-        raise ConfigError("eval.k", f"must be between 1 and the number of labels ({C}), got {k}")
     if doc_chunk < 1 or label_chunk < 1:
         raise ValueError("doc_chunk and label_chunk must be >= 1")
-    if label_b is not None:
-        label_b = torch.as_tensor(label_b).reshape(-1)
-        if label_b.shape[0] != C:
-            raise ValueError(f"label_b has {label_b.shape[0]} entries, label_w has {C} rows")
+    if label_b is not None and label_b.shape[0] != C:
+        raise ValueError(f"label_b has {label_b.shape[0]} entries, label_w has {C} rows")
 
     out_scores = torch.empty((N, k), dtype=dtype, device=device)
     out_ids = torch.empty((N, k), dtype=torch.long, device=device)

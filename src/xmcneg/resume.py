@@ -1,25 +1,14 @@
 """Resuming runs: checkpoints treated as untrusted input, sweep jobs that continue from their own last.ckpt,
 a checkpoint on the preemption signal, and the state that makes a mid-epoch resume retrace the uninterrupted run.
 
-- `read_checkpoint(path)`: a checkpoint named by the user (`eval.py ckpt_path=...`, `train.py ckpt_path=...`) is
-  loaded weights-only and checked; a truncated or corrupt file or a file of another kind stops with one line naming
-  the file and what to do (`CheckpointError`, exit code 2). `check_fits` does the same for a checkpoint whose
-  weights or config do not match the model built from this run's config.
-- `sweep_resume_ckpt(out_dir)`: what a job of a re-run sweep starts from: its own `checkpoints/last.ckpt`, unless
-  its last attempt failed on bad input or config (`results.json` `"error": "input"`: after the input is fixed the
-  old checkpoint is stale, so the job starts over) or the checkpoint is unreadable (reported, renamed to
-  `last.ckpt.corrupt`, and the job starts over).
-- `PreemptionCheckpoint`: on the preemption signal (SIGUSR2, or `$SUBMITIT_PREEMPT_SIGNAL`: the signal the submitit
-  launcher asks SLURM to send before a time limit or on preemption) every rank finishes its training batch, the
-  run saves `checkpoints/last.ckpt` there (mid-epoch), then the signal goes on to the handler that was installed
-  before (submitit's: it requeues the job, which then resumes from that checkpoint) or, without one, to the
-  signal's default action (the process ends).
-- `RankStates`: every rank's RNG streams (global torch/numpy/python RNGs, the negative sampler's generator) are
-  gathered into the checkpoint, and each rank restores its own at load (`select_rank_state`, called by
-  `records.AtomicCheckpointIO.load_checkpoint`); without it every rank of a DDP run would continue rank 0's
-  streams after a mid-epoch resume.
-- `SkipDoneBatches`: Lightning restarts a plain DataLoader from the epoch's first batch after a mid-epoch resume;
-  this makes the resumed epoch's first iteration skip the batches the checkpointed run had already trained on.
+- `read_checkpoint` / `check_fits`: an unreadable checkpoint, or one that does not fit this run's model and config,
+  stops with one line naming the file and what to do (`CheckpointError`, exit code 2).
+- `sweep_resume_ckpt`: a re-run sweep job resumes from its `checkpoints/last.ckpt`, unless its last attempt failed
+  on bad input or config (`results.json` `"error": "input"`) or the file is unreadable (renamed `.corrupt`).
+- `PreemptionCheckpoint`: on SIGUSR2 (or `$SUBMITIT_PREEMPT_SIGNAL`) every rank finishes its batch, last.ckpt is
+  saved, and the signal goes on to the previous handler (submitit requeues the job) or its default action.
+- `RankStates` / `select_rank_state`: every rank's RNG streams are stored in the checkpoint and each rank restores
+  its own; `SkipDoneBatches`: a mid-epoch resume skips the batches the checkpointed run had trained on.
 """
 import itertools
 import logging
@@ -32,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from xmcneg.distributed import active_dist
 from xmcneg.errors import MissingFileError, XMCError
 from xmcneg.records import read_results
 
@@ -135,7 +125,6 @@ def sweep_resume_ckpt(out_dir):
     return str(last)
 
 
-# ------------------------------------------------------------------------------------------ preemption
 def preempt_signal():
     """The signal submitit asks SLURM to send before a time limit / on preemption (USR2 unless overridden)."""
     name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
@@ -192,7 +181,6 @@ class PreemptionCheckpoint(pl.Callback):
             os.kill(os.getpid(), self.signum)  # the default action (ends the process), now with the checkpoint saved
 
 
-# ------------------------------------------------------------------------------------------ per-rank state
 def local_rank_state(pl_module):
     """This process's RNG streams: the global RNGs and the negative sampler's generator."""
     from xmcneg.methods.base import get_rng_state
@@ -204,17 +192,12 @@ def local_rank_state(pl_module):
     return state
 
 
-def _dist():
-    import torch.distributed as dist
-    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
-
-
 class RankStates(pl.Callback):
     """Writes every rank's RNG streams into the checkpoint (`rank_states`, a list indexed by rank)."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         local = local_rank_state(pl_module)
-        dist = _dist()
+        dist = active_dist()
         if dist is None:
             checkpoint["rank_states"] = [local]
             return
@@ -228,7 +211,7 @@ def select_rank_state(ckpt):
     states = ckpt.pop("rank_states", None) if isinstance(ckpt, dict) else None
     if not states:
         return ckpt
-    dist = _dist()
+    dist = active_dist()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
     if len(states) != world:
         log.warning("checkpoint written by %d processes, resumed by %d: every rank continues rank 0's RNG streams "
@@ -244,7 +227,6 @@ def select_rank_state(ckpt):
     return ckpt
 
 
-# ------------------------------------------------------------------------------------------ mid-epoch data
 class SkipFirstBatches(torch.utils.data.Sampler):
     """A batch sampler that skips the first `skip` batches of its first iteration (then passes everything)."""
 

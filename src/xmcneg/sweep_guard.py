@@ -1,10 +1,12 @@
 """Refuse Hydra multiruns (`python train.py -m ...`) with a DDP strategy that re-launches the script.
 
-Lightning's `ddp` strategy starts its extra processes by re-running the command line (`sys.argv`), so under
-`-m` every child process would run the whole sweep again. `ddp_spawn`/`ddp_fork`/`ddp_notebook` start workers
-without re-running the script and are allowed; so is any multirun under the submitit SLURM launcher, where SLURM
-starts one task per device and Lightning does not launch processes itself.
+Lightning's `ddp` starts its extra processes by re-running `sys.argv`, so every child would run the whole sweep
+again. `ddp_spawn`/`ddp_fork`/`ddp_notebook` do not re-run the script and are allowed, and so is any multirun under
+the submitit SLURM launcher (SLURM starts one task per device).
 """
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from xmcneg.errors import ConfigError
 
 MESSAGE = ("multirun with the ddp strategy re-runs the whole sweep in each child process; use "
@@ -42,12 +44,9 @@ def _count(v):
 
 
 def _strategy_name(strategy):
-    if strategy is None:
-        return ""
-    if isinstance(strategy, str):
-        return strategy.lower()
-    target = _get(strategy, "_target_")  # a strategy given as a config node
-    return str(target or strategy).lower()
+    if strategy is None or isinstance(strategy, str):
+        return (strategy or "").lower()
+    return str(_get(strategy, "_target_") or strategy).lower()  # a strategy given as a config node
 
 
 def is_ddp_like(hardware, choice=None):
@@ -64,11 +63,6 @@ def is_ddp_like(hardware, choice=None):
 
 def _hydra_state():
     """(is_multirun, launcher _target_, hardware option) from the running Hydra app, or (False, '', None)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-    except ImportError:
-        return False, "", None
     if not HydraConfig.initialized():
         return False, "", None
     hc = HydraConfig.get()
@@ -81,19 +75,14 @@ def _hydra_state():
 
 
 def check_multirun(cfg, multirun=None, launcher=None):
-    """Raise ConfigError('hardware.strategy', ...) for a multirun with a ddp-like hardware config.
-
-    `multirun`/`launcher` default to the running Hydra app's mode and `hydra.launcher._target_` (given
-    explicitly in tests). Multiruns under the submitit SLURM launcher are allowed.
-    """
+    """ConfigError('hardware.strategy') for a multirun with a ddp-like hardware config outside the SLURM launcher;
+    `multirun`/`launcher` default to the running Hydra app's mode and `hydra.launcher._target_`."""
     choice = None
     if multirun is None or launcher is None:
         m, lau, choice = _hydra_state()
         multirun = m if multirun is None else multirun
         launcher = lau if launcher is None else launcher
-    if not multirun:
-        return
-    if "slurm" in str(launcher).lower():
+    if not multirun or "slurm" in str(launcher).lower():
         return
     hardware = _get(cfg, "hardware")
     if hardware is not None and is_ddp_like(hardware, choice):

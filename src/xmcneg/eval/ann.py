@@ -1,14 +1,9 @@
-"""Approximate maximum-inner-product search over label vectors (with bias) using faiss, and the exact re-scoring
-of a shortlist shared by every method (`candidate_scores`, `topk_of_candidates`, `ann_topk`).
+"""Approximate maximum-inner-product search over label vectors with bias (faiss), and the exact re-scoring of a
+shortlist shared by every method (`candidate_scores`, `topk_of_candidates`, `ann_topk`).
 
-score(x, y) = <x, w_y> + b_y: the index stores w'_y = [w_y, b_y] and a query is x' = [x, 1].
-`LabelIndex(kind=flat | ivf | hnsw, mips=ip | l2)`: flat is exact; `mips="ip"` (default) searches by inner
-product directly, `"l2"` uses the MIPS -> L2 reduction of Bachrach et al. (2014) (exact, but recall collapses
-when label norms differ, as trained classifiers' do). IVF defaults (nlist = sqrt(C), nprobe 16, 8-bit scalar
-quantised storage) come from benchmarks/inference_cost.py; HNSW builds far slower on a few cores, so prefer
-IVF for large C on CPU. Deterministic builds: IVF has a fixed k-means sample and seed; HNSW with
-`deterministic=True` inserts with one thread. `use_gpu="auto"` moves flat / IVF indexes to a GPU when faiss
-has one (HNSW stays on the CPU).
+score(x, y) = <x, w_y> + b_y: the index stores [w_y, b_y] and a query is [x, 1]. IVF defaults (nlist = sqrt(C),
+nprobe 16, 8-bit scalar-quantised storage) come from benchmarks/inference_cost.py; HNSW builds far slower on a few
+cores, so prefer IVF for large C on CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +16,7 @@ import numpy as np
 import torch
 
 from xmcneg.errors import ConfigError
+from xmcneg.eval.topk import score_inputs
 
 __all__ = ["LabelIndex", "ann_topk", "candidate_scores", "recall_against_exact", "topk_of_candidates"]
 
@@ -28,12 +24,6 @@ log = logging.getLogger(__name__)
 _GPU_WARNED = False
 _KINDS = ("hnsw", "ivf", "flat")
 _STORAGE = {"flat": None, "sq8": "QT_8bit", "fp16": "QT_fp16"}
-
-
-def _faiss():
-    import faiss  # imported lazily: faiss is only needed when an index is used
-
-    return faiss
 
 
 def _np32(x) -> np.ndarray:
@@ -52,17 +42,13 @@ def _gpu_available(faiss) -> bool:
 
 
 class LabelIndex:
-    """faiss index over label vectors (+ bias) for maximum-inner-product search.
+    """faiss index (kind "hnsw" | "ivf" | "flat") over label vectors (+ bias) for maximum-inner-product search.
 
-    kind: "hnsw" | "ivf" | "flat".  M, ef_search, ef_construction: HNSW parameters (the search uses
-    ``max(ef_search, k)``).  nlist (IVF lists, default round(sqrt(C))), nprobe: IVF parameters.
-    use_gpu: "auto" | True | False.  mips: "ip" (METRIC_INNER_PRODUCT, default) | "l2" (Bachrach et al.).
-    seed: IVF k-means / training-sample seed.  deterministic: single-threaded HNSW build.
-    storage: how ivf/hnsw store the vectors: "auto" (= "sq8" for ivf, "flat" for hnsw), "flat" (float32,
-    exact scores), "sq8" (8-bit scalar quantizer: 4x less memory and memory traffic; scores approximate,
-    which ann_topk's exact re-scoring of the shortlist corrects) or "fp16".
-    max_train_points_per_list, kmeans_iters: IVF training cost.
-    Attributes: ``version`` (incremented by every build), ``nlist_used``, ``on_gpu``, ``index`` (the faiss index).
+    mips: "ip" (inner product, default) or "l2" (the exact MIPS -> L2 reduction of Bachrach et al. 2014, whose
+    recall collapses when label norms differ). storage for ivf/hnsw: "auto" (sq8 for ivf, flat for hnsw), "flat",
+    "sq8" (8-bit scalar quantizer: approximate scores, which ann_topk's exact re-scoring corrects) or "fp16".
+    use_gpu="auto" moves flat / IVF indexes to a GPU when faiss has one. Builds are deterministic (IVF: seeded
+    k-means sample; HNSW with `deterministic`: one insertion thread). `version` counts the builds.
     """
 
     def __init__(self, kind: str = "hnsw", M: int = 32, ef_search: int = 128, ef_construction: int = 200,
@@ -93,10 +79,10 @@ class LabelIndex:
         self.on_gpu, self._has_bias, self._aug_l2, self._index_dim, self._R2 = False, False, False, 0, 0.0
         self._gpu_res, self.nlist_used = None, None
 
-    # ------------------------------------------------------------------ build
     def build(self, label_w, label_b=None) -> "LabelIndex":
         """(Re)build the index from label vectors (C, d) float32 and optional biases (C,)."""
-        faiss = _faiss()
+        import faiss  # imported lazily: only needed when an index is used
+
         W = _np32(label_w)
         if W.ndim != 2 or W.shape[0] < 1:
             raise ValueError(f"label_w must be a non-empty (C, d) matrix, got shape {W.shape}")
@@ -186,7 +172,6 @@ class LabelIndex:
         rng = np.random.default_rng(self.seed)
         return np.ascontiguousarray(X[np.sort(rng.choice(X.shape[0], size=n, replace=False))])
 
-    # ----------------------------------------------------------------- search
     def _query_matrix(self, queries) -> np.ndarray:
         Q = _np32(queries)
         if Q.ndim != 2 or Q.shape[1] != self.dim:
@@ -201,11 +186,8 @@ class LabelIndex:
         return Q
 
     def search(self, queries, k: int):
-        """Top-k labels by (approximate) score <q, w> + b: returns (scores (n, k) float32, ids (n, k) int64).
-
-        Missing results (possible with IVF when the probed lists hold fewer than k labels) have id -1 and
-        score -inf.
-        """
+        """Top-k labels by (approximate) score <q, w> + b: (scores (n, k) float32, ids (n, k) int64); missing
+        results (IVF when the probed lists hold fewer than k labels) have id -1 and score -inf."""
         if self.index is None:
             raise RuntimeError("LabelIndex.search called before build()")
         k = int(k)
@@ -224,11 +206,6 @@ class LabelIndex:
             S = D.astype(np.float32, copy=False)
         S = np.where(I >= 0, S, -np.inf).astype(np.float32, copy=False)
         return S, I
-
-    def __repr__(self) -> str:
-        return (f"LabelIndex(kind={self.kind!r}, M={self.M}, ef_search={self.ef_search}, "
-                f"ef_construction={self.ef_construction}, nlist={self.nlist}, nprobe={self.nprobe}, "
-                f"mips={self.mips!r}, storage={self.storage!r}, version={self.version})")
 
 
 @torch.no_grad()
@@ -265,24 +242,10 @@ def topk_of_candidates(scores, cand, k: int):
 def ann_topk(doc_emb, label_w, label_b, k: int, index: LabelIndex, shortlist: int = 100,
              query_chunk: int = 4096, extra=None):
     """Top-k labels via ANN retrieval of ``shortlist`` candidates, re-scored exactly with torch (+ ``extra(rows,
-    ids)``, e.g. a sampler's score correction for the shortlisted ids).
-
-    If ``index`` has never been built it is built from (label_w, label_b); otherwise it is used as is (the
-    caller rebuilds it when the weights change). Returns ``(scores (N, k), ids (N, k) int64)`` on
-    doc_emb's device, like :func:`xmcneg.eval.topk.exact_topk`; rows with fewer than k candidates are
-    padded with id -1 / score -inf.
-    """
-    doc = doc_emb if isinstance(doc_emb, torch.Tensor) else torch.as_tensor(doc_emb)
-    if not doc.is_floating_point():
-        doc = doc.float()
-    W = label_w if isinstance(label_w, torch.Tensor) else torch.as_tensor(label_w)
-    B = None
-    if label_b is not None:
-        B = (label_b if isinstance(label_b, torch.Tensor) else torch.as_tensor(label_b)).reshape(-1)
+    ids)``, e.g. a sampler's score correction). An ``index`` never built is built from (label_w, label_b).
+    Returns ``(scores (N, k), ids (N, k) int64)`` on doc_emb's device, padded with id -1 / score -inf."""
+    doc, W, B, k = score_inputs(doc_emb, label_w, label_b, k)
     C = W.shape[0]
-    k = int(k)
-    if k < 1 or k > C:
-        raise ConfigError("eval.k", f"must be between 1 and the number of labels ({C}), got {k}")
     if index.version == 0:
         index.build(W, B)
     S = min(max(int(shortlist), k), C)
@@ -301,18 +264,10 @@ def ann_topk(doc_emb, label_w, label_b, k: int, index: LabelIndex, shortlist: in
 
 def recall_against_exact(ann_ids, exact_ids) -> float:
     """Mean over rows of the fraction of exact top-k ids (ignoring -1) that appear in the ANN top-k."""
-    a = ann_ids.detach().cpu().numpy() if isinstance(ann_ids, torch.Tensor) else np.asarray(ann_ids)
-    x = exact_ids.detach().cpu().numpy() if isinstance(exact_ids, torch.Tensor) else np.asarray(exact_ids)
+    a, x = (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in (ann_ids, exact_ids))
     if a.ndim != 2 or x.ndim != 2 or a.shape[0] != x.shape[0]:
         raise ValueError(f"shape mismatch: ann {a.shape} vs exact {x.shape}")
-    if x.shape[0] == 0:
-        return 0.0
     valid = x >= 0
-    found = np.zeros(x.shape, dtype=bool)
-    for j in range(a.shape[1]):  # K is small; vectorised over rows
-        found |= (x == a[:, j: j + 1])
-    found &= valid
-    nv = valid.sum(axis=1)
-    per_row = np.divide(found.sum(axis=1), nv, out=np.zeros(x.shape[0]), where=nv > 0)
+    found, nv = ((x[:, :, None] == a[:, None, :]).any(2) & valid).sum(1), valid.sum(1)
     rows = nv > 0
-    return float(per_row[rows].mean()) if rows.any() else 0.0
+    return float((found[rows] / nv[rows]).mean()) if rows.any() else 0.0

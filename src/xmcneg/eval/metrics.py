@@ -12,10 +12,8 @@ Conventions follow xclib (the Extreme Classification Repository's evaluation cod
 * ``PSnDCG@k`` = same ratio of sums with the positions discounted by 1 / log2(j + 2).
 * ``R@k``   = mean over points with at least one true label of (#hits in the top k) / #true.
 
-Predictions are an int64 array ``topk`` (N, K) of label ids ordered by decreasing score; an entry of -1
-(or any id outside [0, C)) means "no prediction" and counts as wrong. Ids beyond column K are missing, so
-``P@k`` with k > K counts the missing positions as wrong. Everything is vectorised over rows (processed in
-row blocks to bound memory), so N = 1M, K = 100 is fine.
+Predictions are an int64 array ``topk`` (N, K) of label ids ordered by decreasing score; -1 (or any id outside
+[0, C)) and positions beyond column K count as wrong. Rows are processed in vectorised blocks (bounded memory).
 """
 
 from __future__ import annotations
@@ -45,12 +43,8 @@ def _as_csr(Y) -> sp.csr_matrix:
 
 
 def propensities(train_Y, a: float = 0.55, b: float = 1.5) -> np.ndarray:
-    """Label propensities of Jain et al. (2016), shape (C,), float64.
-
-    p_l = 1 / (1 + c * exp(-a * log(n_l + b))),  c = (log N - 1) * (b + 1)^a,
-    where n_l is the number of training points carrying label l and N the number of training points.
-    The inverse propensities used by PSP@k are ``1 / p``.
-    """
+    """Label propensities of Jain et al. (2016), (C,) float64: p_l = 1 / (1 + c * exp(-a * log(n_l + b))),
+    c = (log N - 1) * (b + 1)^a, with n_l the training points carrying label l and N the training points."""
     if not (a > 0):
         raise ConfigError("dataset.propensity_a", f"must be > 0, got {a!r}")
     if not (b > 0):
@@ -100,13 +94,8 @@ def _ideal_prop_sums(Y: sp.csr_matrix, inv_prop: np.ndarray, ks, discount: np.nd
 
 
 def xc_metrics(topk, true_Y, inv_prop=None, ks=(1, 3, 5), recall_ks=(10, 100)) -> dict[str, float]:
-    """Compute P@k and nDCG@k (k in ks), PSP@k and PSnDCG@k (when ``inv_prop`` is given) and R@k
-    (k in recall_ks with k <= K). See the module docstring for the exact conventions.
-
-    topk: int array (N, K) of predicted label ids ordered by score, -1 = no prediction.
-    true_Y: scipy sparse (N, C) ground truth (nonzero = relevant).
-    inv_prop: optional (C,) inverse propensities (``1 / propensities(train_Y)``).
-    """
+    """P@k and nDCG@k (k in ks), PSP@k and PSnDCG@k (given ``inv_prop`` (C,)) and R@k (k in recall_ks, k <= K)
+    of predictions ``topk`` (N, K) against the scipy sparse (N, C) ground truth ``true_Y`` (module docstring)."""
     topk = _to_numpy(topk).astype(np.int64, copy=False)
     if topk.ndim != 2:
         raise ValueError(f"topk must be 2-D (N, K), got shape {topk.shape}")
@@ -126,10 +115,7 @@ def xc_metrics(topk, true_Y, inv_prop=None, ks=(1, 3, 5), recall_ks=(10, 100)) -
     cum_disc = np.concatenate([[0.0], np.cumsum(discount)])  # cum_disc[m] = IDCG for m true in top
 
     n_true = np.diff(Y.indptr).astype(np.int64)
-    p_sum = {k: 0.0 for k in ks}
-    ndcg_sum = {k: 0.0 for k in ks}
-    psp_num = {k: 0.0 for k in ks}
-    psn_num = {k: 0.0 for k in ks}
+    p_sum, ndcg_sum, psp_num, psn_num = ({k: 0.0 for k in ks} for _ in range(4))
     rec_sum = {k: 0.0 for k in rks}
 
     Kc = min(K, kmax)
@@ -158,18 +144,13 @@ def xc_metrics(topk, true_Y, inv_prop=None, ks=(1, 3, 5), recall_ks=(10, 100)) -
             has = nt > 0
             rec_sum[k] += (cum_hits[has, k - 1] / nt[has]).sum()
 
-    out: dict[str, float] = {}
     denom = max(N, 1)
-    for k in ks:
-        out[f"P@{k}"] = float(p_sum[k] / denom)
-    for k in ks:
-        out[f"nDCG@{k}"] = float(ndcg_sum[k] / denom)
+    out = {f"P@{k}": float(p_sum[k] / denom) for k in ks}
+    out.update({f"nDCG@{k}": float(ndcg_sum[k] / denom) for k in ks})
     if inv_prop is not None:
         ideal_p, ideal_n = _ideal_prop_sums(Y, inv_prop, ks, discount)  # len(discount) >= max(ks)
-        for k in ks:
-            out[f"PSP@{k}"] = float(psp_num[k] / ideal_p[k]) if ideal_p[k] > 0 else 0.0
-        for k in ks:
-            out[f"PSnDCG@{k}"] = float(psn_num[k] / ideal_n[k]) if ideal_n[k] > 0 else 0.0
+        out.update({f"PSP@{k}": float(psp_num[k] / ideal_p[k]) if ideal_p[k] > 0 else 0.0 for k in ks})
+        out.update({f"PSnDCG@{k}": float(psn_num[k] / ideal_n[k]) if ideal_n[k] > 0 else 0.0 for k in ks})
     n_with = int((n_true > 0).sum())
     for k in rks:
         out[f"R@{k}"] = float(rec_sum[k] / n_with) if n_with > 0 else 0.0
@@ -177,14 +158,9 @@ def xc_metrics(topk, true_Y, inv_prop=None, ks=(1, 3, 5), recall_ks=(10, 100)) -
 
 
 def filter_predictions(topk, scores, filter_pairs):
-    """Remove (doc, label) pairs from the predictions.
-
-    topk: int (N, K) label ids; scores: (N, K) scores or None; filter_pairs: int (M, 2) rows of
-    (doc index, label id) — e.g. the LF benchmarks' ``filter_labels_test.txt``. Each filtered entry is
-    replaced by -1 (score -inf) and moved to the end of its row; the other entries keep their order.
-    Returns ``(topk, scores)`` of the same kind (numpy or torch) as given; inputs are not modified.
-    """
-    is_torch = hasattr(topk, "detach")
+    """Remove the (doc index, label id) rows of ``filter_pairs`` (M, 2) (the LF benchmarks' filter files) from
+    predictions ``topk`` (N, K) and ``scores`` (or None): each filtered entry becomes -1 (score -inf) at the end
+    of its row, the others keep their order. Returns new ``(topk, scores)`` of the kind (numpy or torch) given."""
     ids = _to_numpy(topk).astype(np.int64, copy=True)
     sc = None if scores is None else _to_numpy(scores).copy()
     pairs = _to_numpy(filter_pairs).astype(np.int64).reshape(-1, 2)
@@ -209,10 +185,8 @@ def filter_predictions(topk, scores, filter_pairs):
                     if np.issubdtype(ssub.dtype, np.floating):
                         ssub[drop] = -np.inf
                     sc[rows] = np.take_along_axis(ssub, order, axis=1)
-    if is_torch:
-        import torch
+    if not hasattr(topk, "detach"):  # numpy in, numpy out
+        return ids, sc
+    import torch
 
-        ids_t = torch.from_numpy(ids).to(topk.device)
-        sc_t = None if sc is None else torch.from_numpy(sc).to(scores.device)
-        return ids_t, sc_t
-    return ids, sc
+    return torch.from_numpy(ids).to(topk.device), None if sc is None else torch.from_numpy(sc).to(scores.device)

@@ -1,12 +1,6 @@
-"""Exact top-k over all labels, chunked so that memory does not grow with C.
-
-scores(x, y) = <doc_emb[x], label_w[y]> + label_b[y] (+ correction(doc_emb_chunk, start, end)[:, y - start])
-
-Documents are processed in blocks of ``doc_chunk`` rows and labels in blocks of ``label_chunk`` rows; each
-label block's top-k is merged into a running top-k, so the peak extra memory is
-O(doc_chunk * label_chunk) whatever C is (C = 1M, d = 256 works on CPU). The computation runs on the
-device of ``doc_emb``; label blocks are moved there one at a time (so the label matrix may stay on CPU
-while documents are on a GPU).
+"""Exact top-k over all labels, chunked so that memory does not grow with C: documents in blocks of ``doc_chunk``
+rows, labels in blocks of ``label_chunk`` rows, each label block's top-k merged into a running top-k (peak extra
+memory O(doc_chunk * label_chunk)). It runs on the device of ``doc_emb``; label blocks are moved there one at a time.
 """
 
 from __future__ import annotations
@@ -22,61 +16,46 @@ __all__ = ["exact_topk"]
 Correction = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def _as_tensor(x, device=None, dtype=None):
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-    if device is not None or dtype is not None:
-        t = t.to(device=device if device is not None else t.device, dtype=dtype if dtype is not None else t.dtype)
-    return t
+def score_inputs(doc_emb, label_w, label_b, k):
+    """(doc_emb as a float tensor, label_w, label_b as (C,) or None, int k); ConfigError('eval.k') unless
+    1 <= k <= C."""
+    doc_emb = torch.as_tensor(doc_emb)
+    if not doc_emb.is_floating_point():
+        doc_emb = doc_emb.float()
+    label_w = torch.as_tensor(label_w)
+    label_b = None if label_b is None else torch.as_tensor(label_b).reshape(-1)
+    k, C = int(k), label_w.shape[0]
+    if k < 1 or k > C:
+        raise ConfigError("eval.k", f"must be between 1 and the number of labels ({C}), got {k}")
+    return doc_emb, label_w, label_b, k
 
 
 @torch.no_grad()
-def exact_topk(
-    doc_emb,
-    label_w,
-    label_b=None,
-    k: int = 5,
-    doc_chunk: int = 2048,
-    label_chunk: int = 262144,
-    correction: Optional[Correction] = None,
-):
-    """Exact top-k labels for every document.
-
-    doc_emb: (N, d) tensor (or array); label_w: (C, d); label_b: optional (C,) bias.
-    correction: optional callable ``(doc_emb_chunk (n, d), start, end) -> (n, end - start)`` tensor added
-    to the scores of labels ``start..end-1`` (e.g. an auxiliary model's log-probabilities).
-    Returns ``(scores (N, k), ids (N, k) int64)`` on doc_emb's device, sorted by decreasing score, in
-    doc_emb's floating dtype. Raises ConfigError('eval.k') when k > C or k < 1.
-    """
-    doc_emb = _as_tensor(doc_emb)
-    if not doc_emb.is_floating_point():
-        doc_emb = doc_emb.float()
+def exact_topk(doc_emb, label_w, label_b=None, k: int = 5, doc_chunk: int = 2048, label_chunk: int = 262144,
+               correction: Optional[Correction] = None):
+    """Top-k of <doc_emb, label_w> + label_b (+ ``correction(doc_emb_chunk, start, end)``, an (n, end - start)
+    term for labels ``start..end-1``) for every document: ``(scores (N, k), ids (N, k) int64)`` on doc_emb's
+    device, sorted by decreasing score. Raises ConfigError('eval.k') when k > C or k < 1."""
+    doc_emb, label_w, label_b, k = score_inputs(doc_emb, label_w, label_b, k)
     device, dtype = doc_emb.device, doc_emb.dtype
-    label_w = _as_tensor(label_w)
     if doc_emb.dim() != 2 or label_w.dim() != 2 or doc_emb.shape[1] != label_w.shape[1]:
         raise ValueError(f"shape mismatch: doc_emb {tuple(doc_emb.shape)} vs label_w {tuple(label_w.shape)}")
     N, C = doc_emb.shape[0], label_w.shape[0]
-    k = int(k)
-    if k < 1 or k > C:
-        raise ConfigError("eval.k", f"must be between 1 and the number of labels ({C}), got {k}")
     if doc_chunk < 1 or label_chunk < 1:
         raise ValueError("doc_chunk and label_chunk must be >= 1")
-    if label_b is not None:
-        label_b = _as_tensor(label_b).reshape(-1)
-        if label_b.shape[0] != C:
-            raise ValueError(f"label_b has {label_b.shape[0]} entries, label_w has {C} rows")
+    if label_b is not None and label_b.shape[0] != C:
+        raise ValueError(f"label_b has {label_b.shape[0]} entries, label_w has {C} rows")
 
     out_scores = torch.empty((N, k), dtype=dtype, device=device)
     out_ids = torch.empty((N, k), dtype=torch.long, device=device)
     if N == 0:
         return out_scores, out_ids
 
-    # Label blocks already on the right device/dtype are used as views (no copy).
     same_place = label_w.device == device and label_w.dtype == dtype
     for ds in range(0, N, doc_chunk):
         de = min(N, ds + doc_chunk)
         d = doc_emb[ds:de]
-        best_s = None
-        best_i = None
+        best_s = best_i = None
         for ls in range(0, C, label_chunk):
             le = min(C, ls + label_chunk)
             w = label_w[ls:le] if same_place else label_w[ls:le].to(device=device, dtype=dtype)
@@ -86,8 +65,7 @@ def exact_topk(
             else:
                 s = d @ w.t()
             if correction is not None:
-                corr = correction(d, ls, le)
-                s += corr.to(device=device, dtype=dtype)
+                s += correction(d, ls, le).to(device=device, dtype=dtype)
             kk = min(k, le - ls)
             cs, ci = torch.topk(s, kk, dim=1, largest=True, sorted=True)
             del s

@@ -1,11 +1,8 @@
-"""The label-scoring method of the full and the sampled samplers (conf/method/classifier.yaml).
-
-Score s(x, y) = <f(x), w_y> + b_y (methods/label_table.py). `sampler=None` (`sampler=full`): every label scored
-every step, dense AdamW on the table. Otherwise positives + the sampler's negatives are looked up in sparse
-tables and a row-wise optimiser (methods/sparse_optim.py) updates the touched rows only. Evaluation scores all
-labels exactly in chunks (eval/topk.py) or re-scores a faiss shortlist (eval.search=ann, eval/ann.py), adds the
-sampler's prediction-time correction when the loss is not logQ-corrected, and logs both the corrected metrics
-and the raw ones (`raw/...`).
+"""The label-scoring method of the full and the sampled samplers (conf/method/classifier.yaml): s(x, y) =
+<f(x), w_y> + b_y. `sampler=None` (`sampler=full`) scores every label every step (dense AdamW on the table);
+otherwise positives + the sampler's negatives are looked up in sparse tables updated row-wise. Evaluation scores
+all labels exactly (eval/topk.py) or re-scores a faiss shortlist (eval.search=ann), adds the sampler's correction
+when the loss is not logQ-corrected, and logs the corrected metrics and the raw ones (`raw/...`).
 """
 import logging
 import time
@@ -39,7 +36,6 @@ class XMCClassifier(XMCModule):
                               f"{sampler.num_negatives} negatives must be fewer than the {num_labels} labels")
         self._ann_cache = None
 
-    # ------------------------------------------------------------------ training
     def training_loss(self, batch):
         h = self.encoder(batch["x"])
         if self.sampler is None:
@@ -53,19 +49,16 @@ class XMCClassifier(XMCModule):
         pos_ids = pos.clamp(min=0)
         neg, log_q_neg = self.sampler.sample(batch, h.detach())
         neg_mask = mask_positives(neg, pos)
-        if neg.dim() == 2:  # per-document negatives may be padded with -1 (variable-size candidate sets)
-            neg_mask &= neg >= 0
-            neg = neg.clamp(min=0)
         if neg.dim() == 1:  # shared negatives: one (B,U) matmul
             s_pos = self.labels.score(h, pos_ids)
             s_neg = self.labels.score(h, neg)
             log_q_neg = log_q_neg.unsqueeze(0).expand_as(s_neg)
-        else:  # per-document negatives: one gather and one bmm for positives and negatives together
-            s = self.labels.score(h, torch.cat([pos_ids, neg], dim=1))
+        else:  # per-document negatives, maybe padded with -1: one gather and one bmm together with the positives
+            neg_mask &= neg >= 0
+            s = self.labels.score(h, torch.cat([pos_ids, neg.clamp(min=0)], dim=1))
             s_pos, s_neg = s[:, : pos.shape[1]], s[:, pos.shape[1]:]
-        log_q_pos = None
-        if getattr(self.loss, "needs_log_q_pos", False):
-            log_q_pos = self.sampler.log_prob(batch, h.detach(), pos_ids)
+        needs_log_q_pos = getattr(self.loss, "needs_log_q_pos", False)
+        log_q_pos = self.sampler.log_prob(batch, h.detach(), pos_ids) if needs_log_q_pos else None
         return self.loss(s_pos, pos_mask.float(), s_neg, neg_mask.float(), log_q_neg, log_q_pos)
 
     def full_loss(self, h, batch):
@@ -91,7 +84,6 @@ class XMCClassifier(XMCModule):
             labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
         return CombinedOptimizer({"encoder": wrap(enc, warmup=warm, clip=o.grad_clip), "labels": labels})
 
-    # ------------------------------------------------------------------ evaluation
     def use_correction(self):
         return self.sampler is not None and not self.loss.logq_corrected
 
@@ -102,9 +94,9 @@ class XMCClassifier(XMCModule):
         dm = self.trainer.datamodule
         Y = dm.split(split)[1][idx]
         pairs = dm.filter_pairs(split, idx=idx) if hasattr(dm, "filter_pairs") else None  # LF benchmarks
-        self._ann_corrected_done = False
         metrics = {}
         for prefix, q in ((("", query),) if query is None else (("", query), ("raw/", None))):
+            self._eval_prefix = prefix  # names the ANN recall logged by predict_topk
             ids = self.predict_topk(emb, q)[1].cpu().numpy()
             if pairs is not None:
                 ids, _ = filter_predictions(ids, None, pairs)
@@ -113,10 +105,8 @@ class XMCClassifier(XMCModule):
 
     def predict_topk(self, emb, query=None, k=None):
         """Top-k (scores, ids) over all labels for document embeddings `emb` (+ the sampler's score correction for
-        `query`). eval.search=ann: a faiss shortlist of eval.ann_shortlist labels (uncorrected scores) re-scored
-        exactly with the correction (the sampler's `score_correction_ids`; a sampler without it falls back to
-        exact search, logged as `<stage>/ann_fallback_exact`); `<stage>/ann_recall@5` against exact search (first
-        1000 documents) is logged during validation/test."""
+        `query`). eval.search=ann re-scores a faiss shortlist with the sampler's `score_correction_ids` (without
+        it: exact search) and logs `<stage>/ann_recall@5` against exact search on the first 1000 documents."""
         k = min(int(k or self.evaluation.k), self.num_labels)
         if self.evaluation.search == "ann":
             out = self._ann_predict_topk(emb, query, k)
@@ -165,7 +155,6 @@ class XMCClassifier(XMCModule):
                     self._ann_fallback_warned = True
                 if stage is not None:
                     self.log(f"{stage}/ann_fallback_exact", 1.0)
-                self._ann_corrected_done = True  # the raw pass that follows logs raw/ann_recall@5
                 return None
             extra = lambda rows, ids: corr_ids(query[rows], ids)  # noqa: E731
         w, b = self.labels.weights()
@@ -175,10 +164,5 @@ class XMCClassifier(XMCModule):
             n, kk = min(1000, emb.shape[0]), min(5, k)
             _, exact_ids = self._exact_predict_topk(emb[:n], None if query is None else query[:n], kk)
             recall = recall_against_exact(ids[:n, :kk], exact_ids)
-            raw = query is None and getattr(self, "_ann_corrected_done", False)
-            name = "raw/ann_recall@5" if raw else "ann_recall@5"
-            if query is not None:
-                self._ann_corrected_done = True
-            self.ann_recall = {**getattr(self, "ann_recall", {}), f"{stage}/{name}": recall}
-            self.log(f"{stage}/{name}", float(recall))
+            self.log(f"{stage}/{getattr(self, '_eval_prefix', '')}ann_recall@5", float(recall))
         return scores, ids

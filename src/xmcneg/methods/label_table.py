@@ -9,10 +9,9 @@ SPARSE_GRAD_SYNC = ("auto", "ddp", "all_gather")
 
 
 def sparse_sync_mode(mode, sparse):
-    """How a table's gradients are averaged over the running process group: None (one process), `ddp` (DDP's
-    reducer; dense tables, or sparse ones on gloo) or `all_gather` (sparse tables left out of DDP, touched rows
-    all-gathered; any backend). `mode` is hardware.sparse_grad_sync, checked by train.py before any process
-    started: `auto` = ddp on gloo, all_gather on any other backend (NCCL has no sparse all-reduce)."""
+    """How a table's gradients are averaged over the process group: None (one process), `ddp` (DDP's reducer) or
+    `all_gather` (sparse tables left out of DDP). `mode` (hardware.sparse_grad_sync) `auto` = ddp on gloo, else
+    all_gather (NCCL has no sparse all-reduce); dense tables always use ddp."""
     dist = active_dist()
     if dist is None:
         return None
@@ -22,11 +21,9 @@ def sparse_sync_mode(mode, sparse):
 
 
 class LabelTable(nn.Module):
-    """Scores s(x, y) = <h, w_y> + b_y. `sparse=True`: `nn.Embedding(sparse=True)` tables, so a step's gradient
-    holds the looked-up rows only, for a row-wise optimiser (methods/sparse_optim.py). Under DDP the ranks must
-    apply the same updates; `resolve_sync(hardware.sparse_grad_sync)`: `ddp` = DDP reduces the sparse gradients
-    (gloo only), `all_gather` = the tables stay out of DDP and `sync_grads` all-gathers the touched rows (any
-    backend), `auto` = `ddp` on gloo, else `all_gather`. Dense tables (sampler=full) are reduced by DDP."""
+    """Scores s(x, y) = <h, w_y> + b_y. `sparse=True`: `nn.Embedding(sparse=True)` tables whose gradients hold the
+    looked-up rows only, for a row-wise optimiser (methods/sparse_optim.py); under DDP they are averaged as
+    `resolve_sync` decides (`sync_grads` does the all_gather mode)."""
 
     def __init__(self, num_labels: int, dim: int, sparse: bool):
         super().__init__()
@@ -57,11 +54,9 @@ class LabelTable(nn.Module):
         return h @ self.w.weight.T + self.b.weight.T
 
     def bias(self, ids):
-        """b(ids) without its width-1 dimension. With sync=ddp the gradient flowing into the lookup is copied
-        first: the values of nn.Embedding's sparse gradient are a view of that gradient, which for the width-1
-        bias added to the scores is the scores' own gradient buffer, still to be used for w and the encoder, and
-        DDP's reducer divides a sparse gradient in place by the world size as soon as it is ready; without the
-        copy the encoder's and w's gradients would be divided by the world size twice."""
+        """b(ids) without its width-1 dimension. With sync=ddp the gradient flowing into the lookup is copied first:
+        the sparse gradient's values are a view of the scores' own gradient, which DDP's reducer divides in place by
+        the world size; without the copy w's and the encoder's gradients would be divided twice."""
         b = self.b(ids)
         if self.sync == "ddp" and self.sparse and b.requires_grad:
             b.register_hook(lambda g: g.clone())
@@ -76,8 +71,7 @@ class LabelTable(nn.Module):
 
     @torch.no_grad()
     def broadcast(self):
-        """sync=all_gather: DDP does not broadcast the tables from rank 0 when it wraps the module; do it here, so
-        the ranks start from the same tables whatever their RNGs did."""
+        """sync=all_gather: broadcast rank 0's tables (DDP does not, for tables it does not wrap)."""
         dist = active_dist()
         if self.sync == "all_gather" and dist is not None:
             for p in (self.w.weight, self.b.weight):

@@ -16,8 +16,14 @@ import torch.nn.functional as F
 
 from xmcneg.errors import ConfigError
 
+
 def _masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _row_mean(x, mask):
+    """Per row, the mean of x over the mask's entries (0 for an empty row)."""
+    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
 def bce_loss(pos, pos_mask, neg, neg_mask):
@@ -25,26 +31,20 @@ def bce_loss(pos, pos_mask, neg, neg_mask):
     return total / (pos_mask.sum() + neg_mask.sum()).clamp(min=1)
 
 
-def sampled_softmax_loss(pos, pos_mask, neg, neg_mask, log_q_neg, num_draws=None):
-    k = neg.shape[-1] if num_draws is None else num_draws
-    corrected = neg - (log_q_neg + math.log(k))
-    corrected = corrected.masked_fill(~neg_mask.bool(), float("-inf"))
+def sampled_softmax_loss(pos, pos_mask, neg, neg_mask, log_q_neg):
+    corrected = (neg - (log_q_neg + math.log(neg.shape[-1]))).masked_fill(~neg_mask.bool(), float("-inf"))
     neg_lse = torch.logsumexp(corrected, dim=-1, keepdim=True)  # (B,1); -inf when no valid negative
-    denom = torch.logaddexp(pos, neg_lse.expand_as(pos))
-    return _masked_mean(denom - pos, pos_mask)
+    return _masked_mean(torch.logaddexp(pos, neg_lse.expand_as(pos)) - pos, pos_mask)
 
 
 def ns_loss(pos, pos_mask, neg, neg_mask, log_q_pos=None, log_q_neg=None, reg_lambda=0.0):
     doc_has_pos = (pos_mask.sum(1) > 0).float()
-    pos_term = (F.softplus(-pos) * pos_mask).sum(1) / pos_mask.sum(1).clamp(min=1)
-    neg_term = (F.softplus(neg) * neg_mask).sum(1) / neg_mask.sum(1).clamp(min=1)
-    per_doc = pos_term + neg_term
+    per_doc = _row_mean(F.softplus(-pos), pos_mask) + _row_mean(F.softplus(neg), neg_mask)
     if reg_lambda > 0:
         if log_q_pos is None:
             raise ConfigError("loss.reg_lambda", "the regulariser needs a sampler that gives log q of positives")
-        rp = ((pos + log_q_pos) ** 2 * pos_mask).sum(1) / pos_mask.sum(1).clamp(min=1)
-        rn = ((neg + log_q_neg) ** 2 * neg_mask).sum(1) / neg_mask.sum(1).clamp(min=1)
-        per_doc = per_doc + reg_lambda * (rp + rn)
+        reg = _row_mean((pos + log_q_pos) ** 2, pos_mask) + _row_mean((neg + log_q_neg) ** 2, neg_mask)
+        per_doc = per_doc + reg_lambda * reg
     return (per_doc * doc_has_pos).sum() / doc_has_pos.sum().clamp(min=1)
 
 
@@ -72,8 +72,7 @@ class SampledSoftmax:
         pos_mask = pos >= 0
         s_pos = logits.gather(1, pos.clamp(min=0))
         neg_lse = torch.logsumexp(logits.masked_fill(target, float("-inf")), dim=1, keepdim=True)
-        denom = torch.logaddexp(s_pos, neg_lse.expand_as(s_pos))
-        return ((denom - s_pos) * pos_mask).sum() / pos_mask.sum().clamp(min=1)
+        return _masked_mean(torch.logaddexp(s_pos, neg_lse.expand_as(s_pos)) - s_pos, pos_mask)
 
 
 class NegativeSampling:

@@ -1,8 +1,7 @@
 """Optimisers as one object: named parts (dense AdamW for the encoder, row-wise for the label table, ...) behind
 one `CombinedOptimizer`, with warm-up and gradient clipping as wrappers around a part (the design of torchrec's
 CombinedOptimizer / OptimizerWrapper). Lightning sees one optimiser; a checkpoint holds each part by name."""
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -16,7 +15,7 @@ def params_of(cls, d, key):
     unknown or a missing key is a ConfigError."""
     if isinstance(d, cls):
         return d
-    d, names = dict(d or {}), {f.name for f in dataclasses.fields(cls)}
+    d, names = dict(d or {}), {f.name for f in fields(cls)}
     for k in sorted(set(d) ^ names):
         raise ConfigError(f"{key}.{k}", "unknown key" if k in d else "missing (declare it in conf/)")
     return cls(**d)

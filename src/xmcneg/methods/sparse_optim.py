@@ -1,15 +1,9 @@
-"""Row-wise optimisers for the label matrix: cost proportional to the rows touched in a step, never to C.
-
-Gradients come from `nn.Embedding(sparse=True)` (uncoalesced sparse COO). After coalescing, each touched row r
-with gradient g_r is updated in place with index_add_; no dense C x d temporaries and no per-step work over
-untouched rows (their values stay bit-identical).
-- rowwise_adagrad: one accumulator per row (as in DLRM/FBGEMM): G_r += mean(g_r^2); w_r -= lr g_r / (sqrt(G_r)+eps)
-- adagrad:         one accumulator per element:                  G   += g^2;        w   -= lr g   / (sqrt(G)+eps)
-- sgd:             w_r -= lr g_r
-
-`RowAdam` is the lazy (row-wise) AdamW of the BoW encoders' sparse input tables (`xmcneg.encoders.sparse_bag`)
-and `encoder_optimizers` splits an encoder's parameters between it and a dense AdamW.
-`all_gather_sparse_mean` averages such gradients over DDP ranks with dense collectives (hardware.sparse_grad_sync).
+"""Row-wise optimisers for tables with sparse row gradients (`nn.Embedding(sparse=True)`): each step updates the
+touched rows in place, at a cost proportional to their number, never to C; untouched rows stay bit-identical.
+- `SparseRowOptimizer` (label table): rowwise_adagrad (one accumulator per row, as in DLRM/FBGEMM:
+  G_r += mean(g_r^2); w_r -= lr g_r / (sqrt(G_r) + eps)), adagrad (one per element) or sgd.
+- `RowAdam`: lazy AdamW of the BoW encoders' sparse input tables; `encoder_optimizers` pairs it with a dense AdamW.
+- `all_gather_sparse_mean` averages such gradients over DDP ranks with dense collectives.
 """
 import math
 
@@ -22,11 +16,9 @@ KINDS = ("rowwise_adagrad", "adagrad", "sgd")
 
 
 def coalesced(grad):
-    """`grad.coalesce()` for a sparse row gradient (one sparse dim: rows of a table). On the CPU: a gradient whose
-    rows are already strictly increasing (the input tables': autograd drops their coalesced flag when it stores
-    them as `.grad`) is only re-flagged; otherwise the rows are sorted once and each row's values summed by an
-    EmbeddingBag with one bag per distinct row, about twice as fast as torch's CPU coalesce (the same sums, in
-    another float order). Elsewhere torch's coalesce."""
+    """`grad.coalesce()` for a sparse row gradient. On the CPU, rows already strictly increasing are only
+    re-flagged, others are sorted once and summed by an EmbeddingBag with one bag per distinct row (about twice as
+    fast as torch's CPU coalesce; the same sums in another float order). Elsewhere torch's coalesce."""
     if grad.is_coalesced():
         return grad
     rows, values = grad._indices()[0], grad._values()
@@ -80,21 +72,17 @@ class SparseRowOptimizer(torch.optim.Optimizer):
 
 
 class RowAdam(torch.optim.Optimizer):
-    """Lazy AdamW for tables with sparse row gradients (as `torch.optim.SparseAdam`, with decoupled weight decay,
-    and with gathered rows instead of sparse masks). Each step, for the rows r the gradient touches only:
-    m_r = b1 m_r + (1-b1) g_r; v_r = b2 v_r + (1-b2) g_r^2; w_r -= lr (wd w_r + m_r/(1-b1^t) / (sqrt(v_r/(1-b2^t))
-    + eps)), t = the table's step count. Untouched rows, and their moments, are left bit-identical. State per
-    table: `step` (a CPU scalar tensor, like torch's optimisers: no device sync), `exp_avg`, `exp_avg_sq`."""
+    """Lazy AdamW (`torch.optim.SparseAdam` with decoupled weight decay, on gathered rows): only the touched rows
+    and their moments are updated, with t = the table's step count (a CPU scalar tensor, as in torch)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         if lr <= 0:
             raise ConfigError("optim.encoder_lr", f"must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        self._scratch_bufs = {}  # per table: two (capacity, d) scratch tensors, reused across steps (not state)
+        self._scratch_bufs = {}  # per table: two (capacity, d) scratch tensors reused across steps
 
     def _scratch(self, p, n):
-        """Two n-row scratch views for table p, from buffers that only grow (x1.5): large temporaries are not
-        allocated (and page-faulted in) afresh every step."""
+        """Two n-row scratch views for table p, from buffers that only grow (x1.5), not allocated every step."""
         bufs = self._scratch_bufs.get(p)
         if bufs is None or bufs[0].shape[0] < n:
             cap = max(n, int(1.5 * bufs[0].shape[0]) if bufs is not None else n)
@@ -140,9 +128,8 @@ def sparse_tables(module):
 
 
 def encoder_optimizers(encoder, lr, weight_decay):
-    """[AdamW over the encoder's dense parameters] + [RowAdam over its sparse input tables, if any], at the same
-    lr and weight decay. The dense AdamW is torch's fused implementation on CPU and CUDA parameters (on the CPU
-    about 4x faster than the default per-parameter loop for the BoW MLP's 1024 x 1024 layer), else foreach."""
+    """[AdamW over the encoder's dense parameters (fused on CPU / CUDA, else foreach)] + [RowAdam over its sparse
+    input tables, if any], at the same lr and weight decay."""
     sparse = sparse_tables(encoder)
     ids = {id(p) for p in sparse}
     dense = [p for p in encoder.parameters() if id(p) not in ids]
@@ -156,9 +143,7 @@ def encoder_optimizers(encoder, lr, weight_decay):
 
 @torch.no_grad()
 def clip_grad_norm_(params, max_norm):
-    """`torch.nn.utils.clip_grad_norm_` (L2, in place, returns the total norm) for parameters of which some have
-    sparse row gradients (torch's version takes dense gradients only): a sparse gradient counts with the values
-    of its coalesced rows."""
+    """`torch.nn.utils.clip_grad_norm_` that also takes sparse row gradients (counted by their coalesced rows)."""
     params = [p for p in params if p.grad is not None]
     if not any(p.grad.is_sparse for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -178,14 +163,10 @@ def clip_grad_norm_(params, max_norm):
 
 @torch.no_grad()
 def all_gather_sparse_mean(params, dist):
-    """Replace the sparse COO `.grad` of each of `params` by its average over the ranks, with dense collectives
-    only (NCCL has no sparse all-reduce): every rank coalesces its gradient, the ranks exchange their nnz counts
-    (one small all_gather and one host read), then per table the row indices and values, padded to the largest
-    count, are all-gathered; the padding is stripped and the rank-ordered concatenation, divided by the world
-    size, is coalesced (duplicate rows summed). That is DistributedDataParallel's semantics (each rank's gradient
-    divided by the world size, then summed), so the result equals DDP's sparse all-reduce up to float summation
-    order. Cost O(world size x most rows touched on a rank x d), never O(C). A None gradient counts as empty on
-    that rank (every rank runs the same collectives); it stays None when no rank has one. Call on every rank."""
+    """Replace the sparse `.grad` of each of `params` by its average over the ranks (DDP's semantics, up to float
+    summation order) with dense collectives only (NCCL has no sparse all-reduce): the ranks exchange their nnz
+    counts, then all-gather each table's rows and values padded to the largest count. Cost O(world size x rows
+    touched x d), never O(C). A None gradient counts as empty; call on every rank."""
     W = dist.get_world_size()
     dev = params[0].device
     local = []
@@ -204,18 +185,17 @@ def all_gather_sparse_mean(params, dist):
     counts = torch.stack(gathered).cpu().tolist()  # [rank][table]
     for t, (p, (idx, val)) in enumerate(zip(params, local)):
         n = [counts[r][t] for r in range(W)]
-        m = max(n)
-        if m == 0:
+        if max(n) == 0:
             p.grad = None
             continue
-        pad_idx = idx.new_zeros(m)
-        pad_idx[: idx.numel()] = idx
-        pad_val = val.new_zeros((m, *val.shape[1:]))
-        pad_val[: val.shape[0]] = val
-        all_idx = [torch.empty_like(pad_idx) for _ in range(W)]
-        all_val = [torch.empty_like(pad_val) for _ in range(W)]
-        dist.all_gather(all_idx, pad_idx)
-        dist.all_gather(all_val, pad_val)
-        rows = torch.cat([all_idx[r][: n[r]] for r in range(W)])
-        vals = torch.cat([all_val[r][: n[r]] for r in range(W)]).div_(W)
+        rows, vals = _gather_padded(idx, n, dist), _gather_padded(val, n, dist).div_(W)
         p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), vals, p.shape, check_invariants=False).coalesce()
+
+
+def _gather_padded(x, n, dist):
+    """all_gather of x, which has n[r] rows on rank r, padded to max(n) rows: the ranks' rows concatenated."""
+    pad = x.new_zeros((max(n), *x.shape[1:]))
+    pad[: x.shape[0]] = x
+    out = [torch.empty_like(pad) for _ in n]
+    dist.all_gather(out, pad)
+    return torch.cat([o[:k] for o, k in zip(out, n)])

@@ -1,16 +1,12 @@
-"""Adversarial negatives (Bamler & Mandt, ICLR 2020); options in conf/sampler/adversarial.yaml. Negatives are
-drawn from p_n(y|x), a balanced binary tree of logistic regressions on a whitened SVD projection x~ of the
-features (label_tree.py), with exact log p_n; at prediction the method adds log p_n(y|x) to every label's score
-(`correction_query` gives x~, `score_correction` log p_n of a label range). `refit_every_epochs` refits the
-projection and tree on the encoder's embeddings of the train split (x~ then comes from the encoder output);
-`uniform_mix` mixes in uniform draws (log q becomes log((1 - m) p_n + m / C)). Tree, projection and generator
-are in the checkpoint; under DDP rank 0 fits and broadcasts (identical trees on every rank).
+"""Adversarial negatives (Bamler & Mandt, ICLR 2020): draws from p_n(y|x), the label tree of label_tree.py on a
+whitened projection x~ of the features, with exact log p_n, which prediction adds to every label's score.
+`refit_every_epochs` refits on the encoder's embeddings of the train split; `uniform_mix` m mixes in uniform draws
+(log q = log((1 - m) p_n + m / C)). Under DDP rank 0 fits and broadcasts the tree and projection.
 """
 import logging
 import math
 import time
 
-import numpy as np
 import torch
 
 from xmcneg.distributed import active_dist, is_rank0
@@ -43,21 +39,19 @@ class AdversarialSampler(Sampler):
         self.newton_steps, self.hessian_every, self.resplit = int(newton_steps), int(hessian_every), bool(resplit)
         self.refit_every_epochs, self.uniform_mix = int(refit_every_epochs), float(uniform_mix)
         self.svd_iters, self.encode_batch_size = int(svd_iters), int(encode_batch_size)
-        self.tree = None
-        self.proj = None
-        self.last_refit_epoch = 0
-        self.fit_info = {}
-        self._dm = None
-        self._cache = {}
+        self.tree = self.proj = self._dm = None
+        self.last_refit_epoch, self.fit_info, self._cache = 0, {}, {}
 
-    # ------------------------------------------------------------------------------------------ life cycle
     def setup(self, datamodule, model=None, state=None):
         self._dm = datamodule
         super().setup(datamodule, model, state)
 
-    def _fit_kwargs(self):
-        return dict(l2=self.node_l2, newton_steps=self.newton_steps, hessian_every=self.hessian_every,
-                    resplit=self.resplit, seed=self.seed)
+    def _fit_tree(self, proj, Z, Y):
+        """Fit the tree on projected inputs Z and the train labels Y, install it with `proj`; returns its info."""
+        tree, info = fit_label_tree(Z, *csr_pairs(Y), self.num_labels, l2=self.node_l2, newton_steps=self.newton_steps,
+                                    hessian_every=self.hessian_every, resplit=self.resplit, seed=self.seed)
+        self._set(tree, proj)
+        return info
 
     def fit(self, datamodule, model=None):
         if is_rank0():  # under DDP the other ranks get rank 0's tree from _sync_ranks
@@ -70,39 +64,28 @@ class AdversarialSampler(Sampler):
         proj = fit_projection_sparse(X, self.k, seed=self.seed, n_iter=self.svd_iters)
         Z = proj.csr(X)
         t1 = time.perf_counter()
-        rows, labels = csr_pairs(Y)
-        tree, info = fit_label_tree(Z, rows, labels, datamodule.num_labels, **self._fit_kwargs())
-        self._set(tree, proj)
+        info = self._fit_tree(proj, Z, Y)
         self.fit_info = {"svd_s": t1 - t0, "tree_fit_s": info["fit_s"], "fit_s": time.perf_counter() - t0,
                          "pairs": info["pairs"], "depth": info["depth"], "train_avg_log_p": info["train_avg_log_p"]}
         log.info("adversarial sampler: tree over %d labels (depth %d) fitted on %d pairs in %.1fs "
-                 "(svd %.1fs); train avg log p_n = %.3f (uniform: %.3f)", tree.num_labels, tree.depth,
+                 "(svd %.1fs); train avg log p_n = %.3f (uniform: %.3f)", info["num_labels"], info["depth"],
                  info["pairs"], self.fit_info["fit_s"], self.fit_info["svd_s"], info["train_avg_log_p"],
-                 -math.log(tree.num_labels))
+                 -math.log(info["num_labels"]))
 
     def refresh(self, step: int, epoch: int, model=None):
+        """Every `refit_every_epochs` epochs: refit projection + tree on the encoder's embeddings (rank 0 under DDP)."""
         n = self.refit_every_epochs
-        if n <= 0 or model is None or epoch <= 0 or epoch % n != 0 or epoch == self.last_refit_epoch:
-            return None
-        self.refit_on_encoder(model, epoch)
-        return None
-
-    def refit_on_encoder(self, model, epoch: int):
-        """Refit projection + tree on the encoder's current embeddings of the train split (rank 0 under DDP)."""
-        if is_rank0():
-            self._refit_on_encoder(model, epoch)
-        self._sync_ranks()
+        if n > 0 and model is not None and epoch > 0 and epoch % n == 0 and epoch != self.last_refit_epoch:
+            if is_rank0():
+                self._refit_on_encoder(model, epoch)
+            self._sync_ranks()
 
     @torch.no_grad()
     def _refit_on_encoder(self, model, epoch: int):
-        dm = self._dm
-        Y = dm.split("train")[1]
         t0 = time.perf_counter()
-        H = model.embed_split("train", self.encode_batch_size, datamodule=dm).cpu()
+        H = model.embed_split("train", self.encode_batch_size, datamodule=self._dm).cpu()
         proj = fit_projection_dense(H, self.k)
-        rows, labels = csr_pairs(Y)
-        tree, info = fit_label_tree(proj.dense(H), rows, labels, dm.num_labels, **self._fit_kwargs())
-        self._set(tree, proj)
+        info = self._fit_tree(proj, proj.dense(H), self._dm.split("train")[1])
         self.last_refit_epoch = int(epoch)
         self.fit_info = {**self.fit_info, "refit_s": time.perf_counter() - t0, "refit_epoch": int(epoch),
                          "refit_train_avg_log_p": info["train_avg_log_p"]}
@@ -140,7 +123,6 @@ class AdversarialSampler(Sampler):
             self._cache[key] = (self.tree.to(device), self.proj.to(device))
         return self._cache[key]
 
-    # ------------------------------------------------------------------------------------------ sampling
     def project(self, batch, doc_emb):
         """x~ (B, k) on doc_emb's device: from the sparse features, or from doc_emb after an encoder refit."""
         tree, proj = self._on(doc_emb.device)
@@ -176,7 +158,6 @@ class AdversarialSampler(Sampler):
         tree, _ = self._on(doc_emb.device)
         return self._mix(tree.log_prob(self.project(batch, doc_emb), label_ids.clamp(min=0)))
 
-    # ------------------------------------------------------------------------------------------ correction
     def correction_query(self, batch, doc_emb):
         return self.project(batch, doc_emb)
 
@@ -185,10 +166,8 @@ class AdversarialSampler(Sampler):
         return self._mix(tree.label_log_probs(query, int(start), int(end)))
 
     def debug_state(self):
-        return {"tree": self.tree.state_dict(), "projection": self.proj.state_dict(),
-                "last_refit_epoch": int(self.last_refit_epoch)}
+        return {k: v for k, v in self._model_state().items() if k != "fit_info"}
 
-    # ------------------------------------------------------------------------------------------ resume
     def _model_state(self):
         return {"tree": self.tree.state_dict(), "projection": self.proj.state_dict(),
                 "last_refit_epoch": int(self.last_refit_epoch),

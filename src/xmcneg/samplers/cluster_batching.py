@@ -1,16 +1,8 @@
 """NGAME's negative-mining-aware mini-batching (Dahiya et al., WSDM 2023): batches cut from a random permutation
 of clusters of similar training documents, so the other documents' positives are hard in-batch negatives.
-
-* `balanced_spherical_clusters`: recursive balanced spherical 2-means (every cluster split into two equal
-  halves until there are 2^L clusters of size in (s/2, s]); all clusters of a level are split together in one
-  batched torch computation; deterministic for a seed.
-* `ClusterBatchSampler`: yields lists of row ids. Without clusters random batches; with clusters a random
-  permutation of the clusters, cut at cluster boundaries near k*N/M. The global list of M batches (a multiple
-  of the world size) is the same on every rank and rank r takes batches r, r + W, ...: disjoint, the same
-  number per rank, every document once per epoch. `drop_last=True` cuts batches of exactly batch_size.
-* `ClusterCurriculum`: the cluster-size schedule of conf/sampler/ngame.yaml (`cluster_size_start`, doubled at
-  each epoch in `cluster_doubling_epochs`, capped at `cluster_size_max`, from `cluster_start_epoch`, refreshed
-  every `refresh_epochs`).
+Clusters come from recursive balanced spherical 2-means (`balanced_spherical_clusters`, one batched computation
+per level); `ClusterBatchSampler` cuts the global list of batches (the same on every rank; rank r takes batches
+r, r + W, ...) at cluster boundaries; `ClusterCurriculum` is the cluster-size schedule of conf/sampler/ngame.yaml.
 """
 from __future__ import annotations
 
@@ -23,7 +15,6 @@ from torch.utils.data import Sampler
 from xmcneg.errors import ConfigError
 
 
-# ----------------------------------------------------------------------------------------------- clustering
 @torch.no_grad()
 def _split_group(X, idx, gen, max_iter, tol):
     """Balanced 2-means on G segments of equal length L at once. X (N, d) normalised; idx (G, L) row ids.
@@ -59,14 +50,14 @@ def _split_group(X, idx, gen, max_iter, tol):
 
 
 def _threads_for(numel, num_threads=None):
-    """Intra-op threads for the clustering: the many small ops of the deep levels run far slower with
-    several threads on a busy CPU (every op waits at a barrier for a descheduled thread), so use one thread
-    per 8M embedding values (at least 1, at most torch's setting) unless told."""
+    """Intra-op threads for the clustering: one per 8M embedding values (at least 1, at most torch's setting)
+    unless told; the many small ops of the deep levels run far slower with several threads on a busy CPU."""
     if num_threads is not None:
         return max(1, int(num_threads))
     return int(min(torch.get_num_threads(), max(1, numel // (8 << 20))))
 
 
+@torch.no_grad()
 def balanced_spherical_clusters(emb, cluster_size, seed=0, max_iter=10, tol=1e-4, num_threads=None):
     """Cluster id of each row of `emb` (N, d): recursive balanced spherical 2-means into 2^L clusters with
     2^L = (N / cluster_size) rounded up to a power of two (at most N). Returns int64 numpy (N,)."""
@@ -74,44 +65,37 @@ def balanced_spherical_clusters(emb, cluster_size, seed=0, max_iter=10, tol=1e-4
     prev = torch.get_num_threads()
     torch.set_num_threads(_threads_for(X.numel(), num_threads))
     try:
-        return _balanced_spherical_clusters(X, cluster_size, seed, max_iter, tol)
+        N = X.shape[0]
+        if N == 0:
+            return np.zeros(0, dtype=np.int64)
+        X = torch.nn.functional.normalize(X, dim=1)
+        want = max(1, math.ceil(N / max(int(cluster_size), 1)))
+        levels = min(max(0, math.ceil(math.log2(want))), int(math.floor(math.log2(N))))
+        gen = torch.Generator().manual_seed(int(seed))
+        order = torch.randperm(N, generator=gen)
+        bounds = np.array([0, N], dtype=np.int64)
+        for _ in range(levels):
+            lens = np.diff(bounds)
+            nb = np.zeros(2 * len(lens) + 1, dtype=np.int64)
+            for L in np.unique(lens):
+                segs = np.flatnonzero(lens == L)
+                starts = torch.from_numpy(bounds[segs])
+                idx = order[starts.unsqueeze(1) + torch.arange(int(L)).unsqueeze(0)]  # (G, L)
+                if L >= 2:
+                    idx = _split_group(X, idx, gen, max_iter, tol)
+                order[starts.unsqueeze(1) + torch.arange(int(L)).unsqueeze(0)] = idx
+                h = (int(L) + 1) // 2
+                nb[2 * segs + 1] = bounds[segs] + h
+                nb[2 * segs + 2] = bounds[segs] + L
+            bounds = nb
+        ids = np.empty(N, dtype=np.int64)
+        lens = np.diff(bounds)
+        ids[order.numpy()] = np.repeat(np.arange(len(lens)), lens)
+        return ids
     finally:
         torch.set_num_threads(prev)
 
 
-@torch.no_grad()
-def _balanced_spherical_clusters(X, cluster_size, seed, max_iter, tol):
-    N = X.shape[0]
-    if N == 0:
-        return np.zeros(0, dtype=np.int64)
-    X = torch.nn.functional.normalize(X, dim=1)
-    want = max(1, math.ceil(N / max(int(cluster_size), 1)))
-    levels = min(max(0, math.ceil(math.log2(want))), int(math.floor(math.log2(N))))
-    gen = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(N, generator=gen)
-    bounds = np.array([0, N], dtype=np.int64)
-    for _ in range(levels):
-        lens = np.diff(bounds)
-        nb = np.empty(2 * len(lens) + 1, dtype=np.int64)
-        nb[0] = 0
-        for L in np.unique(lens):
-            segs = np.flatnonzero(lens == L)
-            starts = torch.from_numpy(bounds[segs])
-            idx = order[starts.unsqueeze(1) + torch.arange(int(L)).unsqueeze(0)]  # (G, L)
-            if L >= 2:
-                idx = _split_group(X, idx, gen, max_iter, tol)
-            order[starts.unsqueeze(1) + torch.arange(int(L)).unsqueeze(0)] = idx
-            h = (int(L) + 1) // 2
-            nb[2 * segs + 1] = bounds[segs] + h
-            nb[2 * segs + 2] = bounds[segs] + L
-        bounds = nb
-    ids = np.empty(N, dtype=np.int64)
-    lens = np.diff(bounds)
-    ids[order.numpy()] = np.repeat(np.arange(len(lens)), lens)
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------- curriculum
 class ClusterCurriculum:
     def __init__(self, start_size, doubling_epochs, max_size, start_epoch, refresh_epochs):
         self.start_size = int(start_size)
@@ -140,7 +124,6 @@ class ClusterCurriculum:
         return (epoch - self.start_epoch) % self.refresh_epochs == 0 and epoch != last_epoch
 
 
-# ----------------------------------------------------------------------------------------------- batch sampler
 class ClusterBatchSampler(Sampler):
     def __init__(self, num_docs, batch_size, seed=0, rank=0, world_size=1, drop_last=False):
         if hasattr(num_docs, "num_replicas") and hasattr(num_docs, "rank"):  # Lightning's DistributedSampler
@@ -161,7 +144,6 @@ class ClusterBatchSampler(Sampler):
         self.epoch = 0
         self.cluster_ids = None
 
-    # -- configuration -----------------------------------------------------------------------------------------
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
 
@@ -179,7 +161,6 @@ class ClusterBatchSampler(Sampler):
     def set_distributed(self, rank, world_size):
         self.rank, self.world_size = int(rank), int(world_size)
 
-    # -- batches -----------------------------------------------------------------------------------------------
     def num_batches(self):
         """M: the number of batches of the whole epoch (all ranks together)."""
         N, B, W = self.num_docs, self.batch_size, self.world_size
@@ -242,7 +223,6 @@ class ClusterBatchSampler(Sampler):
     def __len__(self):
         return self.num_batches() // self.world_size
 
-    # -- resume ------------------------------------------------------------------------------------------------
     def state_dict(self):
         return {"epoch": self.epoch,
                 "cluster_ids": None if self.cluster_ids is None else torch.from_numpy(self.cluster_ids.copy())}

@@ -1,57 +1,21 @@
-"""Bamler & Mandt's auxiliary model: a probabilistic balanced binary tree of logistic regressions over the labels.
+"""Bamler & Mandt's auxiliary model: a balanced binary tree of logistic regressions over the labels (no Lightning).
 
-Pure torch / numpy / scipy (no Lightning), so it can be tested and benchmarked alone.
-
-Model
------
-* ``x~ = Projection(x)``: a whitened truncated SVD (= PCA, centred implicitly) of the sparse train features,
-  ``x~ = (x - mu) V diag(1/std)``, stored as one ``(F, k)`` matrix ``weight = V / std`` and an ``offset = mu @ weight``,
-  so a batch in EmbeddingBag form costs one ``embedding_bag`` (``x~ = bag(x) @ weight - offset``).
-* A complete binary tree of depth ``D = ceil(log2 C)`` (``D >= 1``) in heap order: node ``g`` has children
-  ``2g+1`` (left, bit 0) and ``2g+2`` (right, bit 1); level ``l`` holds nodes ``2^l - 1 .. 2^(l+1) - 2``. Leaf ``j``
-  (``0 <= j < 2^D``) is the path read as a binary number, most significant bit at the root; it holds one label or
-  is a padding leaf. Node ``g`` goes right with probability ``sigmoid(s_g)``, ``s_g = w_g . x~ + b_g``, so
-  ``log p_n(y|x) = sum over the path of log sigmoid(+-s_g)``.
-* **Padding.** A node one of whose subtrees holds no label has ``w = 0`` and ``b = +-PAD_LOGIT`` (1000) towards the
-  inhabited child: in float32 ``sigmoid(+-1000)`` is exactly 1 / 0, so padding leaves have probability exactly 0
-  (``log p`` <= -1000) and the Bernoulli test ``u < sigmoid(s)`` with ``u`` in [0, 1) can never take that branch
-  (no resampling or remapping is needed; the invariant is re-imposed whenever a tree is built or loaded).
-
-Fitting (``fit_label_tree``) -- top-down, level by level, every step vectorised over all nodes of a level
----------------------------------------------------------------------------------------------------------
-(Python loops only over levels, Newton steps and fixed-size chunks; segment sums are sparse CSR matmuls.)
-1. class embeddings ``e_y = sum_{x in D_y} x~`` (a segment sum over the (point, label) pairs);
-2. per node, the dominant direction of the covariance of its classes' ``e_y`` (power iteration batched over the
-   nodes: ``v <- sum_y (e_y - m)((e_y - m) . v)``, seeded start), and a balanced split: the ``floor(n/2)`` classes
-   with the largest projection go right (levels whose nodes hold <= 2 classes skip the power iteration);
-3. per node an L2-regularised logistic regression (on w and b, lambda = ``l2``) on all (point, label) pairs whose
-   label lies under the node (target: the label's side; a point with several labels under the node counts once
-   per pair), by ``newton_steps`` batched Newton steps (batched (k+1)x(k+1) Cholesky per node, step norm clipped
-   at 4). The Hessian uses each label's mean curvature ``c_y = mean p(1-p)`` over its pairs:
-   ``H_v = sum_{y in v} c_y G_y + lambda I`` with per-label Gram matrices ``G_y = sum x x^T`` computed once, so a
-   Hessian costs O(C k^2) instead of O(E k^2); it is exact at the start ``theta = 0`` (all curvatures 1/4) and is
-   rebuilt every ``hessian_every`` steps (its inverse reused in between, as the paper's code rebuilds it every 8);
-   a step costs one O(E k) gradient pass + a batched matvec;
-4. optionally (``resplit``) re-split each node's classes by their fitted score sums
-   ``Delta_y = sum_{x in D_y} (w . x~ + b)`` (paper Eq. 9; the sum, not the mean, so that frequent classes get
-   their preferred side first), right = largest, the number going right = the number with ``Delta_y > 0`` clamped
-   so that each child holds at most half the node's leaves (and, for >= 2 classes, at least one class), then
-   refit (warm start);
-5. nodes with an empty child get ``w = 0, b = +-PAD_LOGIT`` (see Padding).
-Cost: O(D * (E * k * steps + C * k^2 * hessians + nodes * k^3)) with E the number of pairs: near-linear in E and C
-(times log C). Deterministic given the data and ``seed`` (seeded power-iteration starts, stable sorts, fixed
-chunking).
-
-Sampling / probabilities
-------------------------
-* ``sample``: ancestral, root to leaf, one Bernoulli per level for all rows x draws at once (a row gather of the
-  current nodes' parameters + a row-wise dot product per level): O(k log C) per negative; returns exact log p_n.
-* ``log_prob``: the given labels' paths (ancestor ids and branch bits from the leaf index), one batched gather.
-* ``label_log_probs``: log p_n of a label range for each input, memory bounded (see there).
+* ``x~ = x @ weight - offset``: a whitened truncated SVD (PCA) of the train features (`Projection`).
+* A complete binary tree of depth ``D = ceil(log2 C)`` in heap order (children of ``g``: ``2g+1`` left, ``2g+2``
+  right); leaf ``j`` is the path read as a binary number, root bit first. Node ``g`` goes right with probability
+  ``sigmoid(w_g . x~ + b_g)``; ``log p_n(y|x)`` is the sum of ``log sigmoid(+-s_g)`` along y's path.
+* Padding: a node with an empty subtree has ``w = 0``, ``b = +-PAD_LOGIT`` towards the inhabited child; in float32
+  ``sigmoid(+-1000)`` is exactly 1 / 0, so padding leaves have probability exactly 0 and are never sampled.
+* `fit_label_tree` fits top-down, each level vectorised over its nodes: a balanced split of each node's classes
+  along the dominant direction of their embeddings (batched power iteration), an L2-regularised logistic
+  regression per node by batched Newton steps (Hessian from per-label Gram matrices and mean curvatures, rebuilt
+  every ``hessian_every`` steps), optionally a capacity-constrained re-split by the score sums (paper Eq. 9) and a
+  warm refit. Near-linear in the number of (point, label) pairs; deterministic given the data and ``seed``.
+* `LabelTree.sample` draws ancestrally (one Bernoulli per level, O(k log C) per negative) with exact log p_n;
+  `log_prob` and `label_log_probs` evaluate given labels or a label range.
 """
 from __future__ import annotations
 
-import logging
 import math
 import time
 import warnings
@@ -60,8 +24,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger("xmcneg")
 
 PAD_LOGIT = 1000.0
 _PAIR_CHUNK = 1 << 19
@@ -74,7 +36,6 @@ def tree_depth(num_labels: int) -> int:
     return max(1, int(math.ceil(math.log2(max(int(num_labels), 1)))))
 
 
-# ================================================================================================ projection
 class Projection:
     """x~ = x @ weight - offset (whitened PCA of the training inputs). ``kind`` says which input it expects:
     "bag" = sparse features (EmbeddingBag dict or CSR matrix), "dense" = dense vectors (encoder embeddings)."""
@@ -120,7 +81,7 @@ class Projection:
 
 
 def _whiten(V, s, mu, n_rows, k, eps=1e-8):
-    """(F, r) right singular vectors, (r,) singular values -> Projection with k columns (zero-padded)."""
+    """(F, r) right singular vectors, (r,) singular values -> whitened (weight, offset) with k columns."""
     r = min(k, V.shape[1])
     V, s = V[:, :r], s[:r]
     # sign convention (deterministic across BLAS builds): the largest-|.| entry of each component is positive
@@ -173,12 +134,11 @@ def fit_projection_dense(H: torch.Tensor, k: int = 16) -> Projection:
     return Projection(W, off, "dense")
 
 
-# ================================================================================================ the tree
 class LabelTree:
     """Node parameters ``weight (M, k)``, ``bias (M,)`` with M = 2^D - 1 (heap order), ``label_to_leaf (C,)``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, label_to_leaf: torch.Tensor, depth: int,
-                 num_labels: int, enforce_padding: bool = True):
+                 num_labels: int):
         self.depth, self.num_labels = int(depth), int(num_labels)
         M = (1 << self.depth) - 1
         if weight.shape[0] != M or bias.shape != (M,):
@@ -194,17 +154,11 @@ class LabelTree:
             raise ValueError("label_to_leaf is not one-to-one")
         # one (M, k+1) table [w | b]: one gather per level fetches a node's whole parameter row
         self.wb = torch.cat([weight.float(), bias.float().unsqueeze(1)], dim=1).contiguous()
-        if enforce_padding:
-            self._enforce_padding()
+        self._enforce_padding()
 
-    # ---------------------------------------------------------------------------------------------- basics
     @property
     def dim(self):
         return self.wb.shape[1] - 1
-
-    @property
-    def num_nodes(self):
-        return self.wb.shape[0]
 
     @property
     def weight(self):
@@ -213,10 +167,6 @@ class LabelTree:
     @property
     def bias(self):
         return self.wb[:, -1]
-
-    @property
-    def device(self):
-        return self.wb.device
 
     def _enforce_padding(self):
         """Nodes with exactly one inhabited child: w = 0, b = +-PAD_LOGIT towards it (padding mass exactly 0)."""
@@ -233,12 +183,8 @@ class LabelTree:
             occ = pairs.sum(1)
 
     def to(self, device):
-        t = LabelTree.__new__(LabelTree)
-        t.depth, t.num_labels = self.depth, self.num_labels
-        t.wb = self.wb.to(device)
-        t.label_to_leaf = self.label_to_leaf.to(device)
-        t.leaf_to_label = self.leaf_to_label.to(device)
-        return t
+        return LabelTree(self.weight.to(device), self.bias.to(device), self.label_to_leaf.to(device), self.depth,
+                         self.num_labels)
 
     def state_dict(self):
         return {"weight": self.weight.cpu().contiguous(), "bias": self.bias.cpu().contiguous(),
@@ -250,20 +196,22 @@ class LabelTree:
 
     @classmethod
     def random(cls, num_labels: int, k: int = 16, seed: int = 0, scale: float = 1.0, shuffle: bool = True):
-        """Random node parameters of the right shape (benchmarks, tests); labels at random leaves if `shuffle`,
-        else balanced (label i at the leaf of the i-th of C evenly spread leaves)."""
+        """Random node parameters (benchmarks, tests); labels at evenly spread leaves, shuffled if `shuffle`."""
         g = torch.Generator().manual_seed(seed)
         D = tree_depth(num_labels)
         M = (1 << D) - 1
         w = torch.randn(M, k, generator=g) * (scale / math.sqrt(k))
         b = torch.randn(M, generator=g) * 0.5 * scale
-        # spread labels evenly: leaves j*2^D // C are distinct and leave padding scattered
         leaves = (torch.arange(num_labels, dtype=torch.float64) * (1 << D) / num_labels).floor().long()
         if shuffle:
             leaves = leaves[torch.randperm(num_labels, generator=g)]
         return cls(w, b, leaves, D, num_labels)
 
-    # ---------------------------------------------------------------------------------------------- paths
+    def _with_one(self, xt):
+        """[x~, 1] (n, k+1) on the tree's device and dtype: one dot product with a [w | b] row gives w . x~ + b."""
+        xt = xt.to(self.wb.device, self.wb.dtype)
+        return torch.cat([xt, torch.ones_like(xt[:, :1])], 1)
+
     def path(self, labels: torch.Tensor):
         """(..., ) label ids -> node ids (..., D) and branch bits (..., D) (bool, True = right)."""
         D = self.depth
@@ -281,29 +229,25 @@ class LabelTree:
             labels = labels.unsqueeze(1)
         B, P = labels.shape
         nodes, bits = self.path(labels)  # (B, P, D)
-        x1 = torch.cat([xt.to(self.wb.dtype), torch.ones_like(xt[:, :1], dtype=self.wb.dtype)], 1)
+        x1 = self._with_one(xt)
         prm = F.embedding(nodes.reshape(B, P * self.depth), self.wb)
         s = torch.linalg.vecdot(prm, x1.unsqueeze(1)).view(B, P, self.depth)  # w . x~ + b of every path node
         out = F.logsigmoid(torch.where(bits, s, -s)).sum(-1)
         return out.squeeze(1) if squeeze else out
 
     def sample(self, xt: torch.Tensor, num: int, generator: torch.Generator = None, u: torch.Tensor = None):
-        """Ancestral sampling: `num` labels per row of xt (B, k), one Bernoulli per level (go right iff
-        u < sigmoid(s)), all rows and draws at once: per level one gather of the current nodes' parameter rows and
-        one row-wise dot product. Uniforms `u` (D, B, num) are drawn on the CPU from `generator` (then moved)
-        unless given. Returns (labels (B, num) long, log p_n (B, num) float32)."""
+        """Ancestral sampling of `num` labels per row of xt (B, k): per level, go right iff u < sigmoid(s), with
+        uniforms `u` (D, B, num) drawn on the CPU from `generator` unless given. Returns (labels, log p_n) (B, num)."""
         B, D = xt.shape[0], self.depth
         dev = self.wb.device
         if u is None:
             u = torch.rand((D, B, num), generator=generator)
         u = u.to(dev, non_blocking=True).view(D, B * num)
-        xt = xt.to(dev, self.wb.dtype)
-        xr = torch.cat([xt, torch.ones_like(xt[:, :1])], 1).repeat_interleave(num, dim=0)  # (B*num, k+1)
+        xr = self._with_one(xt).repeat_interleave(num, dim=0)  # (B*num, k+1)
         node = torch.zeros(B * num, dtype=torch.long, device=dev)
         S = torch.empty((D, B * num), dtype=self.wb.dtype, device=dev)
         R = torch.empty((D, B * num), dtype=torch.bool, device=dev)
         for l in range(D):
-            # F.embedding: the same row gather as index_select, ~2x faster on CPU for scattered rows of big tables
             s = torch.linalg.vecdot(F.embedding(node, self.wb), xr, out=S[l])  # w . x~ + b of the current nodes
             right = torch.lt(u[l], torch.sigmoid(s), out=R[l])
             node = node.mul_(2).add_(right).add_(1)
@@ -311,11 +255,9 @@ class LabelTree:
         leaves = node - ((1 << D) - 1)
         return self.leaf_to_label[leaves].view(B, num), logp.view(B, num)
 
-    # ---------------------------------------------------------------------------------------------- all labels
     def _descend(self, x1, lp, level, first, count, levels):
-        """Top-down pass over `levels` levels from nodes [first, first + count) of `level` whose log-probs are
-        lp (R, count): per level, the node logits of that contiguous slice (one GEMM), then
-        child = parent + log sigmoid(+-s). Returns the log-probs (R, count * 2^levels) of the descendants."""
+        """Log-probs (R, count * 2^levels) of the descendants, `levels` levels down, of nodes [first, first + count)
+        of `level` with log-probs lp (R, count): per level one GEMM, then child = parent + log sigmoid(+-s)."""
         R = x1.shape[0]
         for d in range(levels):
             lo = (1 << (level + d)) - 1 + (first << d)
@@ -327,21 +269,16 @@ class LabelTree:
 
     def leaf_log_probs(self, xt: torch.Tensor) -> torch.Tensor:
         """log p_n of every leaf (n, 2^D) (padding leaves <= -PAD_LOGIT)."""
-        x1 = torch.cat([xt.to(self.wb.dtype), torch.ones_like(xt[:, :1], dtype=self.wb.dtype)], 1)
+        x1 = self._with_one(xt)
         lp = torch.zeros((xt.shape[0], 1), dtype=x1.dtype, device=x1.device)
         return self._descend(x1, lp, 0, 0, 1, self.depth)
 
     def label_log_probs(self, xt: torch.Tensor, start: int = 0, end: int = None,
                         budget_bytes: int = _CORRECTION_BUDGET_BYTES) -> torch.Tensor:
-        """log p_n(y|x) for labels [start, end) and every row of xt (n, k) -> (n, end-start). Exact; memory
-        bounded by about `budget_bytes` of temporaries beyond the output. Two strategies:
-        * many labels (blocked table): rows in blocks of <= 256; the top T = D - h levels (h = min(D, 10)) once,
-          then the subtrees rooted at level T in groups of ~8192 leaves: per level one GEMM for the group's
-          contiguous node slice, log sigmoid, and child = parent + log sigmoid(+-s), then the group's labels are
-          gathered from its leaves. Each node's logit is computed once per row, every parameter row is read once
-          per row block, and the working set stays cache-sized; groups holding none of the labels are skipped.
-        * few labels (L * 2D < 2^D): per level, logits of the distinct ancestors only, gathered by each label's
-          ancestor id and branch bit (D terms per label)."""
+        """log p_n(y|x) for labels [start, end) and every row of xt (n, k) -> (n, end-start), exact, with about
+        `budget_bytes` of temporaries. Many labels: rows in blocks, the top D - h levels once, then subtrees in
+        cache-sized groups of ~8192 leaves (`_descend`), skipping groups without wanted labels. Few labels
+        (L * 2D < 2^D): per level the logits of the distinct ancestors only, gathered per label."""
         end = self.num_labels if end is None else int(end)
         start = int(start)
         L, n, D = end - start, xt.shape[0], self.depth
@@ -351,7 +288,7 @@ class LabelTree:
         if L == 0 or n == 0:
             return out
         labels = torch.arange(start, end, device=dev)
-        x1 = torch.cat([xt, torch.ones_like(xt[:, :1])], 1)
+        x1 = self._with_one(xt)
         if L * 2 * D >= (1 << D):
             h = min(D, 10)
             T = D - h
@@ -363,8 +300,7 @@ class LabelTree:
             bounds = torch.searchsorted(sleaves >> h, torch.arange(0, (1 << T) + g, g, device=dev)).tolist()
             for i in range(0, n, rows):
                 xi = x1[i: i + rows]
-                # labels x rows buffer: each label's values land as one contiguous row (a random row write
-                # instead of rows-many scattered element writes), then one tiled transpose into `out`
+                # labels x rows: each label's values land as one contiguous row, then one transpose into `out`
                 buf_t = torch.empty((L, xi.shape[0]), dtype=xt.dtype, device=dev)
                 top = self._descend(xi, torch.zeros((xi.shape[0], 1), dtype=xi.dtype, device=dev), 0, 0, 1, T)
                 for j, a in enumerate(range(0, 1 << T, g)):
@@ -392,7 +328,6 @@ class LabelTree:
         return out
 
 
-# ================================================================================================ fitting
 def _rank_within(node: np.ndarray, key: np.ndarray, num_nodes: int):
     """Ascending rank of each item's key among the items of the same node (stable: ties by item id)."""
     order = np.lexsort((key, node))
@@ -404,8 +339,8 @@ def _rank_within(node: np.ndarray, key: np.ndarray, num_nodes: int):
 
 
 class _Segments:
-    """Items grouped by a segment id in [0, nn); weighted segment sums sum_{i in v} w_i data_i as one sparse
-    (nn x n) CSR matmul (several times faster than index_add_ on CPU). `presorted`: the ids are non-decreasing."""
+    """Items grouped by a segment id in [0, nn); weighted segment sums as one sparse (nn x n) CSR matmul (several
+    times faster than index_add_ on CPU). `presorted`: the ids are non-decreasing."""
 
     def __init__(self, seg: torch.Tensor, nn: int, presorted: bool = False):
         self.seg, self.nn, self.n = seg, nn, seg.numel()
@@ -429,9 +364,8 @@ class _Segments:
 
 
 def _directions(cls: torch.Tensor, node: torch.Tensor, lseg: _Segments, gen, iters: int):
-    """Per node, the dominant eigenvector of the covariance of its classes' embeddings (power iteration batched
-    over the nodes); returns each class's centred projection on its node's direction. When no node holds more
-    than two classes any direction splits them the same way (one each side): zeros, no work."""
+    """Each class's centred projection on the dominant eigenvector of its node's class-embedding covariance (power
+    iteration batched over the nodes); zeros when no node holds more than two classes (any split is the same)."""
     nn, k = lseg.nn, cls.shape[1]
     v = torch.randn(nn, k, generator=gen, dtype=cls.dtype)  # drawn in all cases: the stream stays aligned
     if int(lseg.counts.max()) <= 2:
@@ -472,9 +406,8 @@ def _sym_index(K):
 
 
 def _inverse_hessians(G_lab, curv, lseg: _Segments, K, lam, node_chunk=1 << 16):
-    """(nn, K, K) float32 inverses of H_v = sum_{y in v} curv_y G_y + lam I (float64 batched Cholesky). With curv
-    the per-label mean of p(1-p) over the label's pairs this is the Newton Hessian with each pair's curvature
-    replaced by its label's mean (exact at theta = 0, where every curvature is 1/4)."""
+    """(nn, K, K) float32 inverses of H_v = sum_{y in v} curv_y G_y + lam I (float64 batched Cholesky): the Newton
+    Hessian with each pair's curvature replaced by its label's mean (exact at theta = 0)."""
     nn = lseg.nn
     Hn = lseg.sum(G_lab, curv)
     sym = _sym_index(K)
@@ -496,19 +429,15 @@ def _pair_scores(Xp, pnode, theta, chunk=_PAIR_CHUNK):
     th32 = theta.float()
     out = torch.empty(Xp.shape[0], dtype=torch.float32)
     for s in range(0, Xp.shape[0], chunk):
-        x = Xp[s: s + chunk]  # row-wise dot products as a batched (1 x K) @ (K x 1) matmul: ~2x faster than mul+sum
-        out[s: s + chunk] = torch.bmm(x.unsqueeze(1), th32.index_select(0, pnode[s: s + chunk]).unsqueeze(2)).view(-1)
+        out[s: s + chunk] = _rowdot(Xp[s: s + chunk], th32.index_select(0, pnode[s: s + chunk]))
     return out
 
 
 def _newton(Xp, pseg, plabels, target, theta, lam, steps, hessian_every, G_lab, lseg, label_count,
             max_step=_MAX_STEP, Hinv=None):
     """`steps` Newton steps of every node's L2-regularised logistic regression at once (step norm clipped at
-    `max_step`). Xp (E, K) float32 pair inputs [x~, 1], sorted by node (pseg); target (E,) float32 in {0, 1}.
-    The Hessian (label-mean curvature, `_inverse_hessians`) is rebuilt at step 0 and every `hessian_every`
-    steps (0: only at step 0); in between its inverse is reused. A given `Hinv` (the last one of a previous fit
-    at the same theta, e.g. before a re-split: the pairs under each node are the same) replaces the one at step 0.
-    Returns (theta, Hinv)."""
+    `max_step`) on pair inputs Xp (E, K) = [x~, 1] sorted by node and targets (E,) in {0, 1}. The inverse Hessian
+    is rebuilt at step 0 (unless `Hinv` is given) and every `hessian_every` steps. Returns (theta, Hinv)."""
     C = G_lab.shape[0]
     for it in range(steps):
         need_h = Hinv is None or (hessian_every > 0 and it > 0 and it % hessian_every == 0)
@@ -524,17 +453,15 @@ def _newton(Xp, pseg, plabels, target, theta, lam, steps, hessian_every, G_lab, 
 
 
 def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_steps: int = 6, hessian_every: int = 3,
-                   resplit: bool = True, seed: int = 0, power_iters: int = 8, verbose: bool = False):
+                   resplit: bool = True, seed: int = 0, power_iters: int = 8):
     """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)).
     Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "num_labels", "train_avg_log_p" (mean over
     the pairs of log p_n(label | point)), "level_s" (seconds per level)}."""
     t0 = time.perf_counter()
     C = int(num_labels)
     D = tree_depth(C)
-    Z = (Z if isinstance(Z, torch.Tensor) else torch.from_numpy(np.asarray(Z))).float()
-    rows = (rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.asarray(rows, dtype=np.int64))).long()
-    labels = (labels if isinstance(labels, torch.Tensor)
-              else torch.from_numpy(np.asarray(labels, dtype=np.int64))).long()
+    Z = torch.as_tensor(Z).float()
+    rows, labels = torch.as_tensor(rows).long(), torch.as_tensor(labels).long()
     if rows.shape != labels.shape or rows.dim() != 1:
         raise ValueError("rows and labels must be 1-d and of the same length")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
@@ -599,8 +526,6 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
             perm = torch.argsort(node[labels], stable=True)
             Xp, labels = Xp[perm], labels[perm]
         level_s.append(time.perf_counter() - tl)
-        if verbose:
-            log.info("label tree level %d/%d: %d nodes, %.2fs", l + 1, D, nn, level_s[-1])
     tree = LabelTree(wb[:, :k], wb[:, k], node, D, C)
     info = {"fit_s": time.perf_counter() - t0, "pairs": int(E), "depth": D, "num_labels": C,
             "train_avg_log_p": total_ll / max(E, 1), "level_s": level_s}
@@ -616,11 +541,9 @@ def csr_pairs(Y: sp.spmatrix):
 
 def synthetic_pairs(num_labels: int, num_points: int, avg_labels: float = 3.0, k: int = 16, seed: int = 0,
                     zipf_a: float = 1.0, noise: float = 1.0):
-    """Clustered synthetic data in x~-space for tests and benchmarks (vectorised; 1M labels in seconds).
-    ~sqrt(C) clusters; label centres = cluster centre + N(0, 1); a point's first label by Zipf popularity,
-    1 + Poisson(avg_labels - 1) labels in all, the others uniform from the first label's cluster; the point is
-    the mean of its labels' centres + N(0, noise^2), then standardised. Returns (Z (N, k) float32, rows, labels,
-    label_cluster) with duplicate (point, label) pairs removed."""
+    """Clustered synthetic data in x~-space for tests and benchmarks: ~sqrt(C) clusters, a Zipf-popular first
+    label per point, the others from its cluster; points = mean of their labels' centres + noise, standardised.
+    Returns (Z (N, k) float32, rows, labels, label_cluster) without duplicate pairs."""
     rng = np.random.default_rng(seed)
     C, N = int(num_labels), int(num_points)
     G = max(1, int(round(math.sqrt(C))))

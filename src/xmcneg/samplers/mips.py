@@ -1,19 +1,12 @@
 """MIPS hard negatives + uniform negatives (Qaraei & Babbar); options in conf/sampler/mips.yaml.
 
-Candidate set per document i with p_i positives: its positives + n_i = max(num_candidates - p_i, num_hard)
-negatives, of which h_i are hard (mode mix: num_hard; mips_only: n_i; uniform_only, and during the first
-`warmup_epochs`: 0) and the rest uniform. Hard negatives are the highest-scoring non-positive labels from a
-faiss index over the label table (eval/ann.py `LabelIndex`); too few usable neighbours are filled with uniform
-ones. Uniform negatives are drawn exactly uniformly from the labels outside the positives and hard negatives
-(rank-shift trick, no rejection). `label_ids` (B, W) rows are [hard | uniform | -1 padding].
-
-log_q (used by loss=softmax only) is the per-slot probability of that stratified proposal: hard y: -log W
-(correction log(W q) = 0); uniform y: log(u_i / (W (C - m_i))) with u_i uniform slots and m_i = p_i + h_i.
-
-Schedule: while hard negatives are active the index is rebuilt from the current table at the first step of
-every epoch, every `refresh_steps` steps, and after a resume. Under DDP every rank rebuilds at the same steps
-from identical weights with a deterministic build, so all ranks hold the same index. `refresh` returns the
-cumulative index build / query seconds and their share of the training step time (the method logs them).
+Document i with p_i positives gets n_i = max(num_candidates - p_i, num_hard) negatives: h_i hard ones (mode mix:
+num_hard; mips_only: n_i; uniform_only and the first `warmup_epochs`: 0), the highest-scoring non-positive labels of
+a faiss index over the label table (eval/ann.py), and the rest drawn exactly uniformly from the other labels
+(rank shift, no rejection). Rows of `label_ids` (B, W) are [hard | uniform | -1 padding]; log_q is the per-slot
+probability of that stratified proposal: -log W for hard y, log(u_i / (W (C - m_i))) for uniform y (u_i uniform
+slots, m_i = p_i + h_i). The index is rebuilt at the first step of every epoch, every `refresh_steps` steps and
+after a resume, deterministically, so all DDP ranks hold the same index.
 """
 import logging
 import math
@@ -28,6 +21,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("mix", "mips_only", "uniform_only")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+# index bookkeeping saved in checkpoints, with its value for a checkpoint without it
+SAVED = {"index_version": 0, "last_refresh_step": -1, "index_epoch": -1, "build_s": 0.0, "query_s": 0.0, "step_s": 0.0}
 
 
 class MIPSSampler(Sampler):
@@ -50,14 +45,12 @@ class MIPSSampler(Sampler):
         self.num_hard, self.num_candidates, self.index_kind = int(num_hard), int(num_candidates), index
         self.refresh_steps, self.warmup_epochs, self.mode = int(refresh_steps), int(warmup_epochs), mode
         self.index_args = dict(index_args or {})
-        # index state (the index itself is rebuilt, never saved); index_version = builds so far (survives resume)
-        self.index, self.index_version, self.hard_active = None, 0, False
+        self.index, self.index_version, self.hard_active = None, 0, False  # the index is rebuilt, never saved
         self.last_refresh_step, self.index_epoch = -1, -1  # train step and epoch of the last build
-        self.refresh_steps_log = []     # steps at which the index was (re)built in this process (tests/diagnostics)
+        self.refresh_steps_log = []     # steps at which this process (re)built the index
         self.build_s, self.query_s, self.step_s = 0.0, 0.0, 0.0  # timing
         self._prev_call = None          # (step, epoch, perf_counter) of the previous refresh call
 
-    # ------------------------------------------------------------------ life cycle
     def setup(self, datamodule, model=None, state=None):
         if self.num_candidates >= datamodule.num_labels:
             raise ConfigError("sampler.num_candidates",
@@ -118,7 +111,6 @@ class MIPSSampler(Sampler):
                 "time/index_share": spent / self.step_s if self.step_s > 0 else 0.0,
                 "sampler/index_version": float(self.index_version)}
 
-    # ------------------------------------------------------------------ sampling
     def _hard_targets(self, n):
         if not self.hard_active:
             return torch.zeros_like(n)
@@ -202,22 +194,13 @@ class MIPSSampler(Sampler):
             out["index_answers"] = [torch.as_tensor(ids), torch.as_tensor(scores)]
         return out
 
-    # ------------------------------------------------------------------ resume
     def state_dict(self):
-        s = super().state_dict()
-        s.update({"index_version": int(self.index_version), "last_refresh_step": int(self.last_refresh_step),
-                  "index_epoch": int(self.index_epoch), "build_s": float(self.build_s),
-                  "query_s": float(self.query_s), "step_s": float(self.step_s)})
-        return s
+        return {**super().state_dict(), **{k: type(d)(getattr(self, k)) for k, d in SAVED.items()}}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.index_version = int(state.get("index_version", 0))
-        self.last_refresh_step = int(state.get("last_refresh_step", -1))
-        self.index_epoch = int(state.get("index_epoch", -1))
-        self.build_s = float(state.get("build_s", 0.0))
-        self.query_s = float(state.get("query_s", 0.0))
-        self.step_s = float(state.get("step_s", 0.0))
+        for k, d in SAVED.items():
+            setattr(self, k, type(d)(state.get(k, d)))
         self.index = None          # rebuilt at the first refresh after load (when hard negatives are active)
         self.hard_active = False
         self._prev_call = None

@@ -40,10 +40,55 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from xmcneg.samplers.adversarial import AdversarialSampler  # noqa: E402
 from xmcneg.samplers.frequency import FrequencySampler  # noqa: E402
-from xmcneg.samplers.label_tree import LabelTree, Projection, fit_label_tree, synthetic_pairs  # noqa: E402
+from xmcneg.samplers.label_tree import LabelTree, Projection, fit_label_tree, tree_depth  # noqa: E402
 from xmcneg.samplers.uniform import UniformSampler  # noqa: E402
 
 SAMPLERS = ("uniform", "frequency", "adversarial")
+
+
+def random_tree(num_labels: int, k: int = 16, seed: int = 0, scale: float = 1.0, shuffle: bool = True):
+    """A LabelTree with random node parameters; labels at evenly spread leaves, shuffled if `shuffle`."""
+    g = torch.Generator().manual_seed(seed)
+    D = tree_depth(num_labels)
+    M = (1 << D) - 1
+    w = torch.randn(M, k, generator=g) * (scale / math.sqrt(k))
+    b = torch.randn(M, generator=g) * 0.5 * scale
+    leaves = (torch.arange(num_labels, dtype=torch.float64) * (1 << D) / num_labels).floor().long()
+    if shuffle:
+        leaves = leaves[torch.randperm(num_labels, generator=g)]
+    return LabelTree(w, b, leaves, D, num_labels)
+
+
+def synthetic_pairs(num_labels: int, num_points: int, avg_labels: float = 3.0, k: int = 16, seed: int = 0,
+                    zipf_a: float = 1.0, noise: float = 1.0):
+    """Clustered synthetic data in x~-space: ~sqrt(C) clusters, a Zipf-popular first label per point, the
+    others from its cluster; points = mean of their labels' centres + noise, standardised.
+    Returns (Z (N, k) float32, rows, labels, label_cluster) without duplicate pairs."""
+    rng = np.random.default_rng(seed)
+    C, N = int(num_labels), int(num_points)
+    G = max(1, int(round(math.sqrt(C))))
+    cluster = rng.integers(G, size=C)
+    centres = (rng.standard_normal((G, k)) * 2.0)[cluster] + rng.standard_normal((C, k))
+    w = np.arange(1, C + 1, dtype=np.float64) ** -zipf_a
+    cdf = np.cumsum(w[rng.permutation(C)])
+    cdf /= cdf[-1]
+    first = np.minimum(np.searchsorted(cdf, rng.random(N), side="right"), C - 1)
+    n_lab = 1 + rng.poisson(max(avg_labels - 1.0, 0.0), size=N)
+    order = np.argsort(cluster, kind="stable")
+    starts = np.searchsorted(cluster[order], np.arange(G))
+    sizes = np.bincount(cluster, minlength=G)
+    rows = np.repeat(np.arange(N), n_lab)
+    c = cluster[first][rows]
+    labels = order[starts[c] + (rng.random(len(rows)) * sizes[c]).astype(np.int64)]
+    is_first = np.concatenate([[True], rows[1:] != rows[:-1]])
+    labels[is_first] = first
+    key = np.unique(rows.astype(np.int64) * C + labels)
+    rows, labels = key // C, key % C
+    Z = np.zeros((N, k))
+    np.add.at(Z, rows, centres[labels])
+    Z = Z / np.bincount(rows, minlength=N)[:, None] + noise * rng.standard_normal((N, k))
+    Z = (Z - Z.mean(0)) / Z.std(0)
+    return torch.from_numpy(Z.astype(np.float32)), rows, labels, cluster
 
 
 class _DM:
@@ -85,7 +130,7 @@ def build(name, C, args):
         # no fit: a random tree of the right shape (sampling cost does not depend on the fitted values)
         g = torch.Generator().manual_seed(args.seed + 1)
         proj = Projection(torch.randn(args.features, args.k, generator=g), torch.zeros(args.k), "bag")
-        s.set_model(LabelTree.random(C, k=args.k, seed=args.seed), proj)
+        s.num_labels, s.tree, s.proj = C, random_tree(C, k=args.k, seed=args.seed), proj
         s.generator.manual_seed(args.seed)
         return s
     else:
@@ -128,7 +173,7 @@ def _fitted(C, N, args):
     tree, info = fit_label_tree(Z, rows, labels, C, seed=args.seed)
     s = AdversarialSampler(**conf_args("adversarial", num_negatives=args.negatives, k=args.k), seed=args.seed)
     # x~ = Z rows: a "dense" identity projection, so the timed batch samples at real (training) inputs
-    s.set_model(tree, Projection(torch.eye(args.k), torch.zeros(args.k), "dense"))
+    s.num_labels, s.tree, s.proj = C, tree, Projection(torch.eye(args.k), torch.zeros(args.k), "dense")
     return s, Z[: args.batch], info
 
 

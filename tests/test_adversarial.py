@@ -1,6 +1,8 @@
 """Adversarial (Bamler & Mandt) sampler and its label tree: exact probabilities, sampling, fitting, resume."""
+import importlib.util
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,11 +11,17 @@ import torch
 from omegaconf import OmegaConf
 from scipy.stats import chisquare
 
-from xmcneg.data.datamodule import csr_rows_to_bag, pad_label_rows
+from xmcneg.data.datamodule import csr_rows_to_bag
+from xmcneg.data.token_cache import TokenRows
 from xmcneg.errors import ConfigError
 from xmcneg.samplers.adversarial import AdversarialSampler
-from xmcneg.samplers.label_tree import LabelTree, PAD_LOGIT, fit_label_tree, synthetic_pairs, tree_depth
+from xmcneg.samplers.label_tree import fit_label_tree, tree_depth
 from train_conf import encoder_args, sampler_args
+
+_spec = importlib.util.spec_from_file_location("sampler_cost", Path(__file__).parents[1] / "benchmarks/sampler_cost.py")
+sampler_cost = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sampler_cost)
+random_tree, synthetic_pairs = sampler_cost.random_tree, sampler_cost.synthetic_pairs  # random trees, x~-space data
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,7 +83,8 @@ class FakeDM:
 
     def batch(self, rows):
         rows = np.asarray(rows, dtype=np.int64)
-        return {"x": csr_rows_to_bag(self.X, rows), "pos": pad_label_rows(self.Y, rows), "idx": torch.from_numpy(rows)}
+        pos = TokenRows(self.Y.indices, self.Y.indptr).padded(rows, pad_id=-1)["input_ids"]  # label ids, -1 padded
+        return {"x": csr_rows_to_bag(self.X, rows), "pos": pos, "idx": torch.from_numpy(rows)}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +107,7 @@ def doc_emb(n):
 
 # ------------------------------------------------------------------------------------------------ tree maths
 def test_sample_frequencies_match_path_product():
-    tree = LabelTree.random(13, k=3, seed=5, scale=1.5)  # depth 4: 16 leaves, 3 of them padding
+    tree = random_tree(13, k=3, seed=5, scale=1.5)  # depth 4: 16 leaves, 3 of them padding
     assert tree.depth == 4 and int((tree.leaf_to_label < 0).sum()) == 3
     x = torch.tensor([[0.3, -0.8, 0.5]])
     p = np.exp([brute_log_p(tree, x[0], y) for y in range(13)])
@@ -113,18 +122,16 @@ def test_sample_frequencies_match_path_product():
 
 
 def test_padding_gets_exactly_zero_mass():
-    tree = LabelTree.random(5, k=2, seed=1)  # 8 leaves, 3 padding; random parameters everywhere first
-    lp_leaves = tree.leaf_log_probs(torch.randn(7, 2))
-    pad = tree.leaf_to_label < 0
-    assert bool((lp_leaves[:, pad] <= -PAD_LOGIT / 2).all())
-    assert torch.allclose(lp_leaves[:, ~pad].exp().sum(1), torch.ones(7), atol=1e-6)
+    tree = random_tree(5, k=2, seed=1)  # 8 leaves, 3 padding; random parameters everywhere first
+    lp = tree.label_log_probs(torch.randn(7, 2))  # the 5 labels hold all the mass: the 3 padding leaves none
+    assert torch.allclose(lp.exp().sum(1), torch.ones(7), atol=1e-6)
     ids, _ = tree.sample(torch.randn(50, 2) * 5, 500, torch.Generator().manual_seed(1))
     assert int(ids.min()) >= 0
 
 
 @pytest.mark.parametrize("budget", [1 << 30, 64])
 def test_label_log_probs_sum_to_one_and_match_brute_force(budget):
-    tree = LabelTree.random(13, k=3, seed=2)
+    tree = random_tree(13, k=3, seed=2)
     x = torch.randn(6, 3)
     full = tree.label_log_probs(x, 0, 13, budget_bytes=budget)  # table strategy
     brute = torch.tensor([[brute_log_p(tree, x[i], y) for y in range(13)] for i in range(6)], dtype=torch.float64)
@@ -139,7 +146,7 @@ def test_label_log_probs_sum_to_one_and_match_brute_force(budget):
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_blocked_table_matches_paths_on_a_deep_tree(shuffle):
     C = 9000  # depth 14: 16 subtrees of height 10 in 2 groups
-    tree = LabelTree.random(C, k=3, seed=4, shuffle=shuffle)
+    tree = random_tree(C, k=3, seed=4, shuffle=shuffle)
     x = torch.randn(5, 3)
     ref = tree.log_prob(x, torch.arange(C).expand(5, C))  # per-label path gathers
     full = tree.label_log_probs(x, 0, C, budget_bytes=1 << 20)  # forces row chunks

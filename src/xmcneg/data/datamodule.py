@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
-import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -16,11 +15,6 @@ from xmcneg.data.inputs import FeatureTransform, csr_rows_to_bag, make_inputs  #
 from xmcneg.data.lf_json import read_filter_pairs
 from xmcneg.data.token_cache import TokenRows
 from xmcneg.errors import ConfigError
-
-
-def pad_label_rows(Y: sp.csr_matrix, rows):
-    """(B, P) LongTensor of each row's label ids, padded with -1."""
-    return TokenRows(Y.indices, Y.indptr).padded(rows, pad_id=-1)["input_ids"]
 
 
 # ------------------------------------------------------------------------------------------------ sharding

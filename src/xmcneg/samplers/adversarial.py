@@ -92,12 +92,6 @@ class AdversarialSampler(Sampler):
         log.info("adversarial sampler: refitted on encoder embeddings at epoch %d in %.1fs (train avg log p_n %.3f)",
                  epoch, self.fit_info["refit_s"], info["train_avg_log_p"])
 
-    def set_model(self, tree: LabelTree, proj: Projection):
-        """Install a tree and projection directly (benchmarks, external fits); no fitting."""
-        if self.num_labels is None:
-            self.num_labels = tree.num_labels
-        self._set(tree, proj)
-
     def _set(self, tree, proj):
         if self.num_labels is not None and tree.num_labels != self.num_labels:
             raise ConfigError("sampler", f"the adversarial tree covers {tree.num_labels} labels, the data has "

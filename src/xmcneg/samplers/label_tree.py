@@ -194,19 +194,6 @@ class LabelTree:
     def from_state_dict(cls, st):
         return cls(st["weight"], st["bias"], st["label_to_leaf"], st["depth"], st["num_labels"])
 
-    @classmethod
-    def random(cls, num_labels: int, k: int = 16, seed: int = 0, scale: float = 1.0, shuffle: bool = True):
-        """Random node parameters (benchmarks, tests); labels at evenly spread leaves, shuffled if `shuffle`."""
-        g = torch.Generator().manual_seed(seed)
-        D = tree_depth(num_labels)
-        M = (1 << D) - 1
-        w = torch.randn(M, k, generator=g) * (scale / math.sqrt(k))
-        b = torch.randn(M, generator=g) * 0.5 * scale
-        leaves = (torch.arange(num_labels, dtype=torch.float64) * (1 << D) / num_labels).floor().long()
-        if shuffle:
-            leaves = leaves[torch.randperm(num_labels, generator=g)]
-        return cls(w, b, leaves, D, num_labels)
-
     def _with_one(self, xt):
         """[x~, 1] (n, k+1) on the tree's device and dtype: one dot product with a [w | b] row gives w . x~ + b."""
         xt = xt.to(self.wb.device, self.wb.dtype)
@@ -266,12 +253,6 @@ class LabelTree:
             left = right - S  # log sigmoid(-s) = log sigmoid(s) - s
             lp = torch.stack((lp + left, lp + right), dim=2).reshape(R, -1)
         return lp
-
-    def leaf_log_probs(self, xt: torch.Tensor) -> torch.Tensor:
-        """log p_n of every leaf (n, 2^D) (padding leaves <= -PAD_LOGIT)."""
-        x1 = self._with_one(xt)
-        lp = torch.zeros((xt.shape[0], 1), dtype=x1.dtype, device=x1.device)
-        return self._descend(x1, lp, 0, 0, 1, self.depth)
 
     def label_log_probs(self, xt: torch.Tensor, start: int = 0, end: int = None,
                         budget_bytes: int = _CORRECTION_BUDGET_BYTES) -> torch.Tensor:
@@ -538,34 +519,3 @@ def csr_pairs(Y: sp.spmatrix):
     rows = np.repeat(np.arange(Y.shape[0], dtype=np.int64), np.diff(Y.indptr))
     return rows, Y.indices.astype(np.int64)
 
-
-def synthetic_pairs(num_labels: int, num_points: int, avg_labels: float = 3.0, k: int = 16, seed: int = 0,
-                    zipf_a: float = 1.0, noise: float = 1.0):
-    """Clustered synthetic data in x~-space for tests and benchmarks: ~sqrt(C) clusters, a Zipf-popular first
-    label per point, the others from its cluster; points = mean of their labels' centres + noise, standardised.
-    Returns (Z (N, k) float32, rows, labels, label_cluster) without duplicate pairs."""
-    rng = np.random.default_rng(seed)
-    C, N = int(num_labels), int(num_points)
-    G = max(1, int(round(math.sqrt(C))))
-    cluster = rng.integers(G, size=C)
-    centres = (rng.standard_normal((G, k)) * 2.0)[cluster] + rng.standard_normal((C, k))
-    w = np.arange(1, C + 1, dtype=np.float64) ** -zipf_a
-    cdf = np.cumsum(w[rng.permutation(C)])
-    cdf /= cdf[-1]
-    first = np.minimum(np.searchsorted(cdf, rng.random(N), side="right"), C - 1)
-    n_lab = 1 + rng.poisson(max(avg_labels - 1.0, 0.0), size=N)
-    order = np.argsort(cluster, kind="stable")
-    starts = np.searchsorted(cluster[order], np.arange(G))
-    sizes = np.bincount(cluster, minlength=G)
-    rows = np.repeat(np.arange(N), n_lab)
-    c = cluster[first][rows]
-    labels = order[starts[c] + (rng.random(len(rows)) * sizes[c]).astype(np.int64)]
-    is_first = np.concatenate([[True], rows[1:] != rows[:-1]])
-    labels[is_first] = first
-    key = np.unique(rows.astype(np.int64) * C + labels)
-    rows, labels = key // C, key % C
-    Z = np.zeros((N, k))
-    np.add.at(Z, rows, centres[labels])
-    Z = Z / np.bincount(rows, minlength=N)[:, None] + noise * rng.standard_normal((N, k))
-    Z = (Z - Z.mean(0)) / Z.std(0)
-    return torch.from_numpy(Z.astype(np.float32)), rows, labels, cluster

@@ -77,10 +77,9 @@ def main(argv=None):
     ap.add_argument("--M", type=int, default=None)
     ap.add_argument("--ef-search", type=int, default=None)
     ap.add_argument("--ef-construction", type=int, default=None)
-    ap.add_argument("--mips", choices=["l2", "ip"], default="ip")
     ap.add_argument("--norm-spread", type=float, default=0.0,
                     help="scale label vectors by exp(spread * N(0,1)) (unequal norms, like trained classifiers)")
-    ap.add_argument("--storage", choices=["flat", "sq8", "fp16"], default=None)
+    ap.add_argument("--storage", choices=["flat", "sq8"], default=None)
     ap.add_argument("--nondeterministic", action="store_true", help="multi-threaded HNSW build")
     ap.add_argument("--label-noise", type=float, default=1.5)
     ap.add_argument("--query-noise", type=float, default=1.0)
@@ -113,7 +112,7 @@ def main(argv=None):
         shortlist = args.shortlist or k
     if args.storage is not None:
         kw["storage"] = args.storage
-    index = LabelIndex(kind=args.index, mips=args.mips, **kw)
+    index = LabelIndex(kind=args.index, **kw)
     t0 = time.perf_counter()
     index.build(W.numpy(), b.numpy())
     build_s = time.perf_counter() - t0
@@ -144,7 +143,6 @@ def main(argv=None):
         params["nlist"] = index.nlist_used
     params["storage"] = index.storage
     params["shortlist"] = shortlist
-    params["mips"] = args.mips
     print(json.dumps({"mode": f"ann_{args.index}", "labels": C, "dim": d, "queries": n, "timed_queries": n,
                       "k": k, "ms_per_query": round(ann_ms, 4), "ms_per_query_median": round(ann_med, 4),
                       "build_s": round(build_s, 2), "params": params, "gpu": index.on_gpu}), flush=True)

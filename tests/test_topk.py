@@ -95,20 +95,19 @@ def test_flat_index_with_bias_equals_exact():
     assert recall_against_exact(i2, ref_i) == 1.0
 
 
-@pytest.mark.parametrize("mips", ["l2", "ip"])
-def test_hnsw_and_ivf_recall_on_structured_data(mips):
+def test_hnsw_and_ivf_recall_on_structured_data():
     Q, W, b = _structured()
     _, ref_i = exact_topk(Q, W, b, k=5)
-    hnsw = LabelIndex("hnsw", M=16, ef_search=64, ef_construction=64, mips=mips)
+    hnsw = LabelIndex("hnsw", M=16, ef_search=64, ef_construction=64)
     _, i = ann_topk(Q, W, b, 5, hnsw, shortlist=50)          # builds the never-built index
     assert hnsw.version == 1
     assert recall_against_exact(i, ref_i) >= 0.95
-    ivf = LabelIndex("ivf", nprobe=8, mips=mips, use_gpu=False)
+    ivf = LabelIndex("ivf", nprobe=8, use_gpu=False)
     ivf.build(W.numpy(), b.numpy())
     assert ivf.nlist_used == round(2000 ** 0.5)
     _, i = ann_topk(Q, W, b, 5, ivf, shortlist=20)
     assert recall_against_exact(i, ref_i) >= 0.95
-    # scores returned by the index are inner products + bias, whatever the metric reduction
+    # scores returned by the index are inner products + bias
     s, ids = hnsw.search(Q.numpy(), 5)
     exact = (Q.numpy()[:, None, :] * W.numpy()[ids]).sum(-1) + b.numpy()[ids]
     assert np.allclose(s, exact, atol=1e-4)

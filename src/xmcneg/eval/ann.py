@@ -23,7 +23,7 @@ __all__ = ["LabelIndex", "ann_topk", "candidate_scores", "recall_against_exact",
 log = logging.getLogger(__name__)
 _GPU_WARNED = False
 _KINDS = ("hnsw", "ivf", "flat")
-_STORAGE = {"flat": None, "sq8": "QT_8bit", "fp16": "QT_fp16"}
+_STORAGE = {"flat": None, "sq8": "QT_8bit"}
 
 
 def _np32(x) -> np.ndarray:
@@ -42,13 +42,12 @@ def _gpu_available(faiss) -> bool:
 
 
 class LabelIndex:
-    """faiss index (kind "hnsw" | "ivf" | "flat") over label vectors (+ bias) for maximum-inner-product search.
+    """faiss inner-product index (kind "hnsw" | "ivf" | "flat") over label vectors (+ bias).
 
-    mips: "ip" (inner product, default) or "l2" (the exact MIPS -> L2 reduction of Bachrach et al. 2014, whose
-    recall collapses when label norms differ). storage for ivf/hnsw: "auto" (sq8 for ivf, flat for hnsw), "flat",
-    "sq8" (8-bit scalar quantizer: approximate scores, which ann_topk's exact re-scoring corrects) or "fp16".
-    use_gpu="auto" moves flat / IVF indexes to a GPU when faiss has one. Builds are deterministic (IVF: seeded
-    k-means sample; HNSW with `deterministic`: one insertion thread). `version` counts the builds.
+    storage for ivf/hnsw: "auto" (sq8 for ivf, flat for hnsw), "flat" or "sq8" (8-bit scalar quantizer: approximate
+    scores, which ann_topk's exact re-scoring corrects). mips: "ip" only. use_gpu="auto" moves flat / IVF indexes
+    to a GPU when faiss has one. Builds are deterministic (IVF: seeded k-means sample; HNSW with `deterministic`:
+    one insertion thread). `version` counts the builds.
     """
 
     def __init__(self, kind: str = "hnsw", M: int = 32, ef_search: int = 128, ef_construction: int = 200,
@@ -57,8 +56,8 @@ class LabelIndex:
                  storage: str = "auto"):
         if kind not in _KINDS:
             raise ConfigError("index.kind", f"must be one of {_KINDS}, got {kind!r}")
-        if mips not in ("l2", "ip"):
-            raise ConfigError("index.mips", f"must be 'l2' or 'ip', got {mips!r}")
+        if mips != "ip":
+            raise ConfigError("index.mips", f"must be 'ip' (inner product), got {mips!r}")
         if storage == "auto":
             storage = "sq8" if kind == "ivf" else "flat"
         if storage not in _STORAGE:
@@ -73,10 +72,10 @@ class LabelIndex:
             raise ConfigError("index.nlist", f"must be >= 1, got {nlist!r}")
         self.kind, self.M, self.ef_search, self.ef_construction = kind, int(M), int(ef_search), int(ef_construction)
         self.nlist, self.nprobe = None if nlist is None else int(nlist), int(nprobe)
-        self.use_gpu, self.mips, self.seed, self.deterministic = use_gpu, mips, int(seed), bool(deterministic)
+        self.use_gpu, self.seed, self.deterministic = use_gpu, int(seed), bool(deterministic)
         self.max_train_points_per_list, self.kmeans_iters = int(max_train_points_per_list), int(kmeans_iters)
         self.storage, self.version, self.index, self.num_labels, self.dim = storage, 0, None, 0, 0
-        self.on_gpu, self._has_bias, self._aug_l2, self._index_dim, self._R2 = False, False, False, 0, 0.0
+        self.on_gpu, self._has_bias, self._index_dim = False, False, 0
         self._gpu_res, self.nlist_used = None, None
 
     def build(self, label_w, label_b=None) -> "LabelIndex":
@@ -94,12 +93,6 @@ class LabelIndex:
             if b.shape[0] != C:
                 raise ValueError(f"label_b has {b.shape[0]} entries, label_w has {C} rows")
             parts.append(b[:, None])
-        self._aug_l2 = self.kind != "flat" and self.mips == "l2"
-        if self._aug_l2:
-            Wb = np.hstack(parts) if len(parts) > 1 else W
-            sq = np.einsum("ij,ij->i", Wb, Wb, dtype=np.float64)
-            self._R2 = float(sq.max())
-            parts.append(np.sqrt(np.maximum(self._R2 - sq, 0.0)).astype(np.float32)[:, None])
         width = sum(p.shape[1] for p in parts)
         if self.kind != "flat" and self.storage != "flat" and width % 16:
             # faiss' SIMD scalar-quantizer kernels need d % 16 == 0 (else a slow scalar path): zero-pad
@@ -107,7 +100,7 @@ class LabelIndex:
         X = np.ascontiguousarray(np.hstack(parts)) if len(parts) > 1 else W
         D = X.shape[1]
         self._index_dim = D
-        metric = faiss.METRIC_L2 if self._aug_l2 else faiss.METRIC_INNER_PRODUCT
+        metric = faiss.METRIC_INNER_PRODUCT
 
         if self.kind == "flat":
             index = faiss.IndexFlatIP(D)
@@ -131,7 +124,7 @@ class LabelIndex:
             nlist = self.nlist if self.nlist is not None else int(round(math.sqrt(C)))
             nlist = max(1, min(nlist, C // 39 if C >= 39 else 1))
             self.nlist_used = nlist
-            quantizer = faiss.IndexFlatL2(D) if self._aug_l2 else faiss.IndexFlatIP(D)
+            quantizer = faiss.IndexFlatIP(D)
             if self.storage == "flat":
                 index = faiss.IndexIVFFlat(quantizer, D, nlist, metric)
             else:
@@ -177,7 +170,7 @@ class LabelIndex:
         if Q.ndim != 2 or Q.shape[1] != self.dim:
             raise ValueError(f"queries must be (n, {self.dim}), got shape {Q.shape}")
         if self._index_dim != self.dim:
-            # [q, 1 (bias), 0 (L2 reduction), 0... (padding)]
+            # [q, 1 (bias), 0... (padding)]
             Qa = np.zeros((Q.shape[0], self._index_dim), dtype=np.float32)
             Qa[:, : self.dim] = Q
             if self._has_bias:
@@ -199,13 +192,7 @@ class LabelIndex:
             self.index.hnsw.efSearch = max(self.ef_search, k)
         D, I = self.index.search(Q, k)
         I = I.astype(np.int64, copy=False)
-        if self._aug_l2:
-            qn = np.einsum("ij,ij->i", Q, Q, dtype=np.float64)[:, None]
-            S = ((qn + self._R2 - D.astype(np.float64)) * 0.5).astype(np.float32)
-        else:
-            S = D.astype(np.float32, copy=False)
-        S = np.where(I >= 0, S, -np.inf).astype(np.float32, copy=False)
-        return S, I
+        return np.where(I >= 0, D, -np.inf).astype(np.float32, copy=False), I
 
 
 @torch.no_grad()

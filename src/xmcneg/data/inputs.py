@@ -371,7 +371,6 @@ class TextInputs:
         return self.x(rows if cls else self._bag(rows), np.arange(len(rows)))
 
 
-
 def _lines(path, n):
     """The lines of a text file, less any blank lines after the first n."""
     lines = formats.read_lines(path)

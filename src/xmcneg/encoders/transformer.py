@@ -5,7 +5,6 @@ optionally project to ``dim`` and L2-normalise; ``bf16`` runs the transformer un
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
@@ -13,19 +12,9 @@ from torch import nn
 
 from xmcneg.encoders.base import Encoder
 from xmcneg.errors import ConfigError, MissingFileError
-from xmcneg.hf_model import resolve_model_dir
+from xmcneg.hf_model import import_transformers, resolve_model_dir
 
 POOLINGS = ("mean", "cls")
-
-
-def _transformers():
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
-        import transformers
-    except ImportError:
-        raise MissingFileError("text encoders need transformers: pip install -e .[text]") from None
-    return transformers
 
 
 class _TokenEncoder(Encoder):
@@ -79,7 +68,7 @@ class TransformerEncoder(_TokenEncoder):
         # the learning rate this encoder wants (a pretrained model needs ~5e-5); None = optim.encoder_lr
         self.lr = None if lr is None else float(lr)
         path = resolve_model_dir(name_or_path)
-        tf = _transformers()
+        tf = import_transformers()
         self.name_or_path, self.max_len = str(path), int(max_len)
         try:
             self.model = tf.AutoModel.from_pretrained(str(path), local_files_only=True)
@@ -100,7 +89,7 @@ class TinyTransformerEncoder(_TokenEncoder):
         super().__init__()
         if int(hidden) % int(num_heads):
             raise ConfigError("encoder.hidden", f"{hidden} must be a multiple of encoder.num_heads={num_heads}")
-        tf = _transformers()
+        tf = import_transformers()
         cfg = tf.BertConfig(vocab_size=int(num_features), hidden_size=int(hidden), num_hidden_layers=int(num_layers),
                             num_attention_heads=int(num_heads), intermediate_size=int(intermediate),
                             max_position_embeddings=int(max_len), hidden_dropout_prob=float(dropout),

@@ -45,32 +45,18 @@ class _BlockError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- opening files
-class _CheckedGzipFile(gzip.GzipFile):
-    """A gzip reader whose decompression failures (not gzip data, corrupt or cut-short data, a CRC mismatch)
-    raise :class:`DataFormatError` naming the file instead of the gzip module's own exceptions."""
+_GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
-    def _checked(self, fn, *args):
-        try:
-            return fn(*args)
-        except gzip.BadGzipFile as e:
-            if "Not a gzipped file" in str(e):
-                raise DataFormatError(self.name, None, f"not gzip data although the file name ends in .gz ({e})") \
-                    from None
-            raise DataFormatError(self.name, None, f"corrupt gzip data ({e})") from None
-        except EOFError:
-            raise DataFormatError(self.name, None, "gzip data cut short (the compressed stream ends before its "
-                                                   "end marker: an incomplete copy or download?)") from None
-        except zlib.error as e:
-            raise DataFormatError(self.name, None, f"corrupt gzip data ({e})") from None
 
-    def read(self, size=-1):
-        return self._checked(super().read, size)
-
-    def read1(self, size=-1):
-        return self._checked(super().read1, size)
-
-    def readline(self, size=-1):
-        return self._checked(super().readline, size)
+def _gzip_error(path, e) -> DataFormatError:
+    """The DataFormatError naming the file for a gzip decompression failure (one of ``_GZIP_ERRORS``: not gzip
+    data, corrupt or cut-short data, a CRC mismatch)."""
+    if isinstance(e, EOFError):
+        return DataFormatError(path, None, "gzip data cut short (the compressed stream ends before its end marker: "
+                                           "an incomplete copy or download?)")
+    if "Not a gzipped file" in str(e):
+        return DataFormatError(path, None, f"not gzip data although the file name ends in .gz ({e})")
+    return DataFormatError(path, None, f"corrupt gzip data ({e})")
 
 
 def _open_plain_for_reading(path):
@@ -85,8 +71,8 @@ def _open_plain_for_reading(path):
 def open_text(path, mode="rt"):
     """Open a plain or gzip (``.gz`` suffix) file for reading (``rt``, ``rb``) or writing text (``wt``, ``at``,
     ``xt``). Text is UTF-8; reading uses universal newlines, writing writes ``\\n``. Gzip files are written without
-    a name or time stamp, so identical content gives identical bytes. Reading a ``.gz`` file that is not valid
-    gzip data, or a plain file that holds gzip data, raises :class:`DataFormatError`."""
+    a name or time stamp, so identical content gives identical bytes. A plain file that holds gzip data raises
+    :class:`DataFormatError`; the readers below turn gzip decompression failures into one (:func:`_gzip_error`)."""
     gz = str(path).endswith(".gz")
     if any(c in mode for c in "wax"):
         if not gz:
@@ -95,7 +81,7 @@ def open_text(path, mode="rt"):
         f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
         f.myfileobj = raw  # closed together with the gzip stream
         return io.TextIOWrapper(f, encoding="utf-8", newline="\n")
-    f = _CheckedGzipFile(path, "rb") if gz else _open_plain_for_reading(path)
+    f = gzip.GzipFile(path, "rb") if gz else _open_plain_for_reading(path)
     return f if "b" in mode else io.TextIOWrapper(f, encoding="utf-8", newline=None)
 
 
@@ -105,7 +91,10 @@ def iter_lines(path):
     with open_text(path, "rb") as f:
         k = 0
         while True:
-            raw = f.readline(MAX_LINE_BYTES + 1)
+            try:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+            except _GZIP_ERRORS as e:
+                raise _gzip_error(path, e) from None
             if not raw:
                 return
             k += 1
@@ -136,7 +125,10 @@ def _iter_blocks(path):
         carry = b""
         lines_done = 0
         while True:
-            block = f.read(_BLOCK_BYTES)
+            try:
+                block = f.read(_BLOCK_BYTES)
+            except _GZIP_ERRORS as e:
+                raise _gzip_error(path, e) from None
             if not block:
                 break
             block = carry + block if carry else block

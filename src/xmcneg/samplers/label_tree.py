@@ -437,7 +437,7 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
                    resplit: bool = True, seed: int = 0, power_iters: int = 8):
     """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)).
     Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "num_labels", "train_avg_log_p" (mean over
-    the pairs of log p_n(label | point)), "level_s" (seconds per level)}."""
+    the pairs of log p_n(label | point))}."""
     t0 = time.perf_counter()
     C = int(num_labels)
     D = tree_depth(C)
@@ -466,9 +466,7 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
     wb = torch.zeros((1 << D) - 1, K, dtype=torch.float32)
     node = torch.zeros(C, dtype=torch.long)  # each label's node (index within the level)
     total_ll = 0.0
-    level_s = []
     for l in range(D):
-        tl = time.perf_counter()
         nn, cap = 1 << l, 1 << (D - l - 1)
         lseg = _Segments(node, nn)
         pseg = _Segments(node[labels], nn, presorted=True)
@@ -506,10 +504,9 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
         if l + 1 < D:  # keep the pairs sorted by their node at the next level
             perm = torch.argsort(node[labels], stable=True)
             Xp, labels = Xp[perm], labels[perm]
-        level_s.append(time.perf_counter() - tl)
     tree = LabelTree(wb[:, :k], wb[:, k], node, D, C)
     info = {"fit_s": time.perf_counter() - t0, "pairs": int(E), "depth": D, "num_labels": C,
-            "train_avg_log_p": total_ll / max(E, 1), "level_s": level_s}
+            "train_avg_log_p": total_ll / max(E, 1)}
     return tree, info
 
 

@@ -237,9 +237,7 @@ class RunRecorder(pl.Callback):
     def __init__(self, out_dir, resume=True):
         self.out_dir = Path(out_dir)
         self.csv_path = self.out_dir / "metrics.csv"
-        self.train_time = 0.0
-        self.samples = 0
-        self._started = None
+        self.train_time, self.samples, self._started = 0.0, 0, None
         # a resumed run keeps the rows up to its checkpoint (load_state_dict); a fresh one starts a new file
         self.rows = read_metrics_csv(self.csv_path) if resume else []
 
@@ -296,7 +294,5 @@ class RunRecorder(pl.Callback):
         return {"train_time": self.elapsed(), "samples": self.samples, "rows": len(self.rows)}
 
     def load_state_dict(self, state):
-        self.train_time = float(state["train_time"])
-        self.samples = int(state["samples"])
-        self._started = None
+        self.train_time, self.samples, self._started = float(state["train_time"]), int(state["samples"]), None
         self.rows = self.rows[: int(state["rows"])]  # drop rows logged after the checkpoint

@@ -137,9 +137,7 @@ class PreemptionCheckpoint(pl.Callback):
 
     def __init__(self, path, signum=None):
         self.path, self.signum = str(path), signum or preempt_signal()
-        self._received = False
-        self._previous = None
-        self._installed = False
+        self._received, self._previous, self._installed = False, None, False
 
     def _handler(self, signum, frame):
         self._received = True  # acted on at the next training batch end (a save needs every rank)

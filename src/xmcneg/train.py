@@ -57,9 +57,7 @@ def resolve_ckpt(cfg, out_dir):
         if not last.exists():
             raise MissingFileError(f"ckpt_path=last: {last} not found (resume with hydra.run.dir=<the run's dir>)")
         return str(last)
-    if not Path(p).exists():
-        raise MissingFileError(f"ckpt_path: {p} not found")
-    return p
+    return p  # resume.read_checkpoint says when it is missing
 
 
 def run(cfg: DictConfig):

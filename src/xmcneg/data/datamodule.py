@@ -134,8 +134,7 @@ class XCDataModule(pl.LightningDataModule):
             raise ConfigError("data.batch_size", f"must be > 0, got {data_cfg.batch_size}")
         self.inputs = make_inputs(dataset_cfg, paths_cfg, encoder_cfg)
         self.reads_text = self.inputs.reads_text
-        self._label_X = None
-        self._filters = {}
+        self._label_X, self._filters = None, {}
 
     # ---------------------------------------------------------------- loading
     def dataset_dir(self) -> Path:

@@ -92,11 +92,9 @@ def balanced_spherical_clusters(emb, cluster_size, seed=0, max_iter=10, tol=1e-4
 
 class ClusterCurriculum:
     def __init__(self, start_size, doubling_epochs, max_size, start_epoch, refresh_epochs):
-        self.start_size = int(start_size)
+        self.start_size, self.max_size = int(start_size), int(max_size)
+        self.start_epoch, self.refresh_epochs = int(start_epoch), int(refresh_epochs)
         self.doubling_epochs = sorted(int(e) for e in (doubling_epochs or []))
-        self.max_size = int(max_size)
-        self.start_epoch = int(start_epoch)
-        self.refresh_epochs = int(refresh_epochs)
         for key, v, lo in (("cluster_size_start", self.start_size, 1), ("cluster_size_max", self.max_size, 1),
                            ("refresh_epochs", self.refresh_epochs, 1), ("cluster_start_epoch", self.start_epoch, 0)):
             if v < lo:
@@ -120,18 +118,13 @@ class ClusterCurriculum:
 
 class ClusterBatchSampler(Sampler):
     def __init__(self, num_docs, batch_size, seed=0, rank=0, world_size=1, drop_last=False):
-        self.num_docs = int(num_docs)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.drop_last = bool(drop_last)
+        self.num_docs, self.batch_size, self.seed = int(num_docs), int(batch_size), int(seed)
+        self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
         if self.batch_size < 1:
             raise ConfigError("data.batch_size", f"must be > 0, got {batch_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.epoch = 0
-        self.cluster_ids = None
+        self.epoch, self.cluster_ids = 0, None
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)

@@ -306,7 +306,7 @@ def test_damaged_parse_cache_is_reparsed(tmp_path, damage):
         with np.load(cf) as z:
             arrays = {k: z[k] for k in z.files}
         arrays["X_indices"] = arrays["X_indices"] + 1000
-        formats.save_npz_atomic(cf, arrays)
+        formats.save_cache(cf, arrays)
         b = cf.read_bytes()
     cf.write_bytes(bytes(b))
     got = formats.load_bow_cached(p, tmp_path / "cache")

@@ -14,6 +14,7 @@ again line by line, to report its first bad line precisely.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -554,26 +555,21 @@ def write_lines(path, lines):
 
 
 # ---------------------------------------------------------------------------------------------------- cache
-def save_npz_atomic(target: Path, arrays: dict):
-    """``np.savez`` into a temporary file renamed onto ``target`` (readers never see a partial file)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_cache(path, arrays):
-    """:func:`save_npz_atomic`, logging instead of failing when the cache dir is not writable."""
+    """``np.savez`` into a temporary file renamed onto ``path`` (readers never see a partial file); logs instead of
+    failing when the cache dir is not writable."""
+    target = Path(path)
     try:
-        save_npz_atomic(Path(path), arrays)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     except OSError as e:
         log.warning("could not write cache %s: %s", path, e)
 

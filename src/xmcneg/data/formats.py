@@ -60,15 +60,6 @@ def _gzip_error(path, e) -> DataFormatError:
     return DataFormatError(path, None, f"corrupt gzip data ({e})")
 
 
-def _open_plain_for_reading(path):
-    f = open(path, "rb")
-    if f.peek(2)[:2] == _GZIP_MAGIC:
-        f.close()
-        raise DataFormatError(path, 1, "gzip-compressed data, but the file name does not end in .gz (rename it "
-                                       "to end in .gz, or decompress it)")
-    return f
-
-
 def open_text(path, mode="rt"):
     """Open a plain or gzip (``.gz`` suffix) file for reading (``rt``, ``rb``) or writing text (``wt``, ``at``,
     ``xt``). Text is UTF-8; reading uses universal newlines, writing writes ``\\n``. Gzip files are written without
@@ -82,7 +73,11 @@ def open_text(path, mode="rt"):
         f = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0)
         f.myfileobj = raw  # closed together with the gzip stream
         return io.TextIOWrapper(f, encoding="utf-8", newline="\n")
-    f = gzip.GzipFile(path, "rb") if gz else _open_plain_for_reading(path)
+    f = gzip.GzipFile(path, "rb") if gz else open(path, "rb")
+    if not gz and f.peek(2)[:2] == _GZIP_MAGIC:
+        f.close()
+        raise DataFormatError(path, 1, "gzip-compressed data, but the file name does not end in .gz (rename it "
+                                       "to end in .gz, or decompress it)")
     return f if "b" in mode else io.TextIOWrapper(f, encoding="utf-8", newline=None)
 
 

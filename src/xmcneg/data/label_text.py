@@ -77,10 +77,6 @@ def read_vocab(path, num_features):
     return vocab, df
 
 
-def default_token_pattern(vocab) -> str:
-    return TOKEN_ALNUM if any(re.search(r"[0-9']", t) for t in vocab) else TOKEN_ALPHA
-
-
 def tokenize(text, pattern, vocab):
     """Feature ids of the in-vocabulary tokens of `text` (hyphenated out-of-vocabulary tokens -> their parts)."""
     out = []
@@ -131,7 +127,8 @@ def bow_label_features(dm) -> sp.csr_matrix:
     vocab_path = formats.resolve_path(vocab_file, required=False)
     if vocab_path is not None:
         vocab, df = read_vocab(vocab_path, F)
-        pattern = _cfg_get(dm, "label_token_pattern") or default_token_pattern(vocab)
+        pattern = _cfg_get(dm, "label_token_pattern") or (
+            TOKEN_ALNUM if any(re.search(r"[0-9']", t) for t in vocab) else TOKEN_ALPHA)
         rows = [tokenize(t, pattern, vocab) for t in texts]
         idf = np.log(max(_train_df(dm, F)[1], 1) / np.maximum(df, 1.0))
     else:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # sampler groups: a multirun each (the options after the names apply to that group only)
 GROUPS = {
     "main": (["full", "uniform", "frequency", "in_batch", "adversarial"], []),
-    "mips": (["mips", "mips_only"], ["sampler.index=ivf", "sampler.warmup_epochs=0"]),
+    "mips": (["mips", "mips_only"], ["sampler.index=ivf"]),
     "ngame": (["ngame", "in_batch_random"], ["sampler.phase1_share=0.5"]),
 }
 
@@ -36,22 +36,32 @@ def synthetic(c, train, features, test=2000):
             f"dataset.num_train={train}", f"dataset.num_test={test}"]
 
 
+# IVF with 256 lists: k-means over 10^6 labels with the default sqrt(C) = 1000 lists took ~170 s on one thread
+MIPS_1M = ["+sampler.index_args.nlist=256", "sampler.index_args.nprobe=16"]
 NGAME_1M = ["sampler.inference=exact", "sampler.fusion_alphas=[0.5]"]  # no HNSW build over 10^6 labels on 1 thread
-# name: (overrides, seeds, budget_s, val_every_s, samplers left out, extra options by group)
+# name: (overrides, seeds, budget_s, val_every_s, samplers left out, extra options by group). Every setting trains on
+# the same seeded 12,800 training documents (data.max_train_docs: 50 batches an epoch, so that NGAME's clustering
+# curriculum and the MIPS warm-up, both counted in epochs, happen within budgets of a minute). Sizing (full, about
+# 55 minutes on 2 cores): 3 seeds where a job is cheap; at 10^5 2 seeds; at 10^6 one seed, no full softmax (a
+# 10^6-wide dense softmax step) and no adversarial (its label tree alone takes over 2 minutes to fit on one thread).
+SUB = ["data.max_train_docs=12800"]
+M4 = synthetic(10_000, 50_000, 20_000) + SUB
+M5 = synthetic(100_000, 50_000, 50_000) + SUB + ["data.val_max_docs=1000"]  # validation over 10^5+ labels is costly
+M6 = synthetic(1_000_000, 50_000, 50_000, 1000) + SUB + ["data.val_max_docs=500", "diagnostics.every_steps=50"]
+EUR = ["dataset=eurlex57k"] + SUB
 SIZES = {
     "full": {
-        "eurlex57k": (["dataset=eurlex57k"], 3, 45, 9, [], {}),
-        "synthetic_C10000": (synthetic(10_000, 50_000, 20_000), 3, 45, 9, [], {}),
-        "synthetic_C100000": (synthetic(100_000, 50_000, 50_000), 3, 45, 9, [], {}),
-        "synthetic_C1000000": (synthetic(1_000_000, 50_000, 50_000, 1000) + ["data.val_max_docs=1000"], 1, 60, 20,
-                               ["full"], {"ngame": NGAME_1M}),
+        "eurlex57k": (EUR, 3, 35, 7, [], {}),
+        "synthetic_C10000": (M4, 3, 35, 7, [], {}),
+        "synthetic_C100000": (M5, 2, 50, 10, [], {}),
+        "synthetic_C1000000": (M6, 1, 100, 50, ["full", "adversarial"], {"ngame": NGAME_1M, "mips": MIPS_1M}),
     },
     "quick": {
-        "eurlex57k": (["dataset=eurlex57k"], 1, 15, 5, [], {}),
-        "synthetic_C10000": (synthetic(10_000, 50_000, 20_000), 1, 15, 5, [], {}),
-        "synthetic_C100000": (synthetic(100_000, 50_000, 50_000), 1, 15, 5, ["full"], {}),
-        "synthetic_C1000000": (synthetic(1_000_000, 50_000, 50_000, 1000) + ["data.val_max_docs=1000"], 1, 15, 10,
-                               ["full", "adversarial"], {"ngame": NGAME_1M}),
+        "eurlex57k": (EUR, 1, 10, 5, [], {}),
+        "synthetic_C10000": (M4, 1, 10, 5, [], {}),
+        "synthetic_C100000": (M5, 1, 10, 5, [], {}),
+        "synthetic_C1000000": (M6, 1, 10, 10, ["full", "adversarial", "frequency", "in_batch", "mips_only", "ngame",
+                                               "in_batch_random"], {"mips": MIPS_1M}),
     },
 }
 
@@ -80,7 +90,7 @@ def commands(size, out):
                     continue
                 # at C = 10^6 one job per multirun, so that its checkpoints are deleted before the next one starts
                 for part in ([names] if "C1000000" not in name else [[n] for n in names]):
-                    yield (budget + 30 * ("C1000000" in name)) * len(part), name, f"{'+'.join(part)}_seed{seed}", [
+                    yield seed, (budget + 100 * ("C1000000" in name)) * len(part), name, f"{'+'.join(part)}_seed{seed}", [
                         sys.executable, "train.py", "-m", "+sweep=study", *overrides, *opts,
                                  *extra.get(group, []), f"sampler={','.join(part)}", f"seed={seed}",
                                  f"trainer.train_budget_s={budget}", f"trainer.val_every_s={val_every}",
@@ -109,7 +119,8 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = p.parse_args(argv)
     out = Path(a.out or ROOT / "outputs" / "study" / a.size).resolve()
-    cmds = [c[1:] for c in sorted(commands(a.size, out), key=lambda c: -c[0])]  # longest first
+    # seed by seed (a study cut short misses the last seeds, not whole settings), the longest multiruns first
+    cmds = [c[2:] for c in sorted(commands(a.size, out), key=lambda c: (c[0], -c[1]))]
     if a.dry_run:
         print("\n".join(" ".join(c) for *_, c in cmds))
         return 0

@@ -28,8 +28,8 @@ def _csv(path):
 # ---------------------------------------------------------------------------------------------------- training
 def test_val_every_s_and_train_budget_and_diagnostics(tmp_path):
     out = tmp_path / "run"
-    args = [*TINY, "logger=csv", "trainer.max_epochs=1000", "trainer.train_budget_s=3", "trainer.val_every_s=0.5",
-            "diagnostics.every_steps=5", f"hydra.run.dir={out}"]
+    args = [*TINY, "logger=csv", "trainer.max_epochs=1000", "trainer.train_budget_s=3", "trainer.val_every_s=0.8",
+            "diagnostics.every_steps=2", f"hydra.run.dir={out}"]
     p = run("train.py", args, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -37,11 +37,11 @@ def test_val_every_s_and_train_budget_and_diagnostics(tmp_path):
     times = [float(r["train_time_s"]) for r in rows]
     steps_per_epoch = math.ceil(1425 / 128)
     # validation on the training-time cadence (not once per epoch), and a last one when the budget ends training
-    assert len(rows) >= 4 and min(b - a for a, b in zip(times, times[1:])) > 0.3
+    assert len(rows) >= 3 and min(b - a for a, b in zip(times, times[1:])) > 0.6
     assert any(int(r["step"]) % steps_per_epoch for r in rows)  # validations in the middle of epochs
     assert 3.0 <= res["train_time_s"] < 4.5 and res["epochs"] < 1000 and times[-1] >= 3.0
     diag = [r for r in _csv(out / "csv" / "metrics.csv") if r.get("diag/rank_pct")]
-    assert len(diag) >= 2 and [int(r["step"]) for r in diag[:2]] == [0, 5]
+    assert len(diag) >= 2 and [int(r["step"]) for r in diag[:2]] == [0, 2]
     for r in diag:
         assert 0 <= float(r["diag/rank_pct"]) <= 100 and 0 <= float(r["diag/above_min_pos"]) <= 1
         assert 0 <= float(r["diag/pos_hit"]) < 0.2 and float(r["diag/cost_s"]) > 0
@@ -56,18 +56,18 @@ def test_diagnostics_leave_training_unchanged(tmp_path):
                              "logger=csv", f"hydra.run.dir={out}"], tmp_path)
         assert p.returncode == 0, p.stderr[-3000:]
         res.append(json.loads((out / "results.json").read_text())["test"])
-        assert bool(every) == (out / "csv" / "metrics.csv").read_text().count("diag/rank_pct") > 0
+        assert bool(every) == ("diag/rank_pct" in (out / "csv" / "metrics.csv").read_text())
     assert res[0] == res[1]
 
 
 def test_ngame_phase_share_switches_on_the_budget_share(tmp_path):
-    args = [*TINY, "sampler=ngame", "sampler.inference=exact", "trainer.max_epochs=100", "trainer.max_steps=48",
+    args = [*TINY, "sampler=ngame", "sampler.inference=exact", "trainer.max_epochs=100", "trainer.max_steps=24",
             "sampler.phase1_share=0.5", f"hydra.run.dir={tmp_path / 'run'}"]
     p = run("train.py", args, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     log = p.stdout + p.stderr
-    # 12 batches per epoch: 24 of 48 steps (a share of 0.5) are done at the start of epoch 2
-    assert "ngame: epoch 2: phase 2" in log and "ngame: epoch 1: phase 2" not in log
+    # 12 batches per epoch: 12 of 24 steps (a share of 0.5) are done at the start of epoch 1
+    assert "ngame: epoch 1: phase 2" in log and "ngame: epoch 0: phase 2" not in log
     p = run("train.py", [*args[:-3], "sampler.phase1_share=0.5", f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path)
     assert p.returncode == 2 and "error: config key 'sampler.phase1_share'" in p.stderr
     assert "Traceback" not in p.stderr

@@ -88,8 +88,9 @@ def commands(size, out):
                 names = [s for s in samplers if s not in left_out]
                 if seed >= seeds or not names:
                     continue
-                # at C = 10^6 one job per multirun, so that its checkpoints are deleted before the next one starts
-                for part in ([names] if "C1000000" not in name else [[n] for n in names]):
+                # one job per multirun where the group has its own options (Hydra checks them against the default
+                # sampler when the sampler itself is swept) and at C = 10^6 (its checkpoints go before the next job)
+                for part in ([names] if "C1000000" not in name and not opts else [[n] for n in names]):
                     yield seed, (budget + 100 * ("C1000000" in name)) * len(part), name, f"{'+'.join(part)}_seed{seed}", [
                         sys.executable, "train.py", "-m", "+sweep=study", *overrides, *opts,
                                  *extra.get(group, []), f"sampler={','.join(part)}", f"seed={seed}",

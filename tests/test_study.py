@@ -195,6 +195,8 @@ def test_study_commands_compose():
                 "in_batch_random"} <= {s for ln in lines for s in ln.split(" sampler=")[1].split()[0].split(",")}
         for line in lines:
             over = [o for o in line.split(" -m ")[1].split() if not o.startswith("hydra.")]
+            if any(o.startswith("sampler.") for o in over):  # Hydra checks them before sweeping the sampler
+                assert not any(o.startswith(("sampler=", "seed=")) and "," in o for o in over), line
             over = [o.split(",")[0] if o.startswith(("sampler=", "seed=")) else o for o in over]
             with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
                 cfg = compose("train", overrides=over)

@@ -14,8 +14,8 @@ put back afterwards, so training draws the same negatives as without diagnostics
   diag/grad_snr       signal-to-noise ratio of G, the loss gradient w.r.t. the label matrix W (C x d), over draws of
                       negatives for the same probe batch: ||E G||^2 / E||G - E G||^2. From R draws G_1..G_R:
                       V = sum_r ||G_r - mean G||^2 / (R - 1), S = ||mean G||^2 - V / R (unbiased for ||E G||^2),
-                      snr = S / V (may be < 0 by chance when S is small); NaN when V = 0 (negatives fixed by the
-                      batch, e.g. in_batch)
+                      snr = S / V (may be < 0 by chance when S is small); NaN when V is float rounding (under 1e-5
+                      of E||G||^2: negatives fixed by the batch, e.g. in_batch)
   diag/cost_s         seconds the call took
 The first three are over the first draw and the non-padding negatives (pos_hit) or the real ones (the others).
 """
@@ -67,7 +67,7 @@ def grad_snr(parts, dim):
         total += G
     m2 = float((total / R).pow(2).sum())
     var = (sq - R * m2) / (R - 1)
-    return (m2 - var / R) / var if var > 1e-12 * max(sq / R, 1e-30) else float("nan")
+    return (m2 - var / R) / var if var > 1e-5 * max(sq / R, 1e-30) else float("nan")  # below: float32 rounding
 
 
 @torch.no_grad()

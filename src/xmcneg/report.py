@@ -604,7 +604,9 @@ def plot_diagnostics(groups, path):
             band = _band([r.diag_curve(key) for r in runs if r.diag])
             if band is not None:
                 x, mean, mn, mx = band
-                ax.plot(x, mean, ".-", color=f"C{gi % 10}", markersize=3, label=f"{g} (n={len(runs)})")
+                ax.plot(x, mean, color=f"C{gi % 10}", label=f"{g} (n={len(runs)})")
+                for r in runs:
+                    ax.plot(*r.diag_curve(key), ".", color=f"C{gi % 10}", alpha=0.5, markersize=4)
                 ax.fill_between(x, mn, mx, color=f"C{gi % 10}", alpha=0.2, linewidth=0)
     for ax, key in zip(axes.flat, DIAG_KEYS):
         ax.set(xlabel="train time (s)", ylabel=key, title=key)

@@ -119,10 +119,13 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="study dir (default outputs/study/<size>)")
     p.add_argument("--jobs", type=int, default=2, help="multiruns at a time (one thread each)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument("--settings", nargs="+", default=None, help="only these settings (default: all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds (default: all)")
     a = p.parse_args(argv)
     out = Path(a.out or ROOT / "outputs" / "study" / a.size).resolve()
     # seed by seed (a study cut short misses the last seeds, not whole settings), the longest multiruns first
-    cmds = [c[2:] for c in sorted(commands(a.size, out), key=lambda c: (c[0], -c[1]))]
+    cmds = [c[2:] for c in sorted(commands(a.size, out), key=lambda c: (c[0], -c[1]))
+            if (a.seeds is None or c[0] in a.seeds) and (a.settings is None or c[2] in a.settings)]
     if a.dry_run:
         print("\n".join(" ".join(c) for *_, c in cmds))
         return 0

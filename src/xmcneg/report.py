@@ -379,14 +379,15 @@ def summary_csv(rows):
     for name, _, _, _ in COLUMNS:
         header += [f"{name}_mean", f"{name}_std"]
     header.insert(header.index("time_to_target_s_mean"), "reached_target")
+    header.insert(header.index("time_to_uniform_s_mean"), "reached_uniform")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     for r in rows:
         out = [r["group"], r["n"], r["failed"]]
         for name, _, key, _ in COLUMNS:
-            if name == "time_to_target_s":
-                out.append(r["reached"])
+            if name in ("time_to_target_s", "time_to_uniform_s"):
+                out.append(r["reached" if name == "time_to_target_s" else "reached_uniform"])
             m, s, n = r[key]
             out += ["" if n == 0 else repr(round(m, 6)), "" if n == 0 else repr(round(s, 6))]
         w.writerow(out)

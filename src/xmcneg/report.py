@@ -20,6 +20,12 @@ Every run dir found (recursively) under the given dirs is read; a run dir is a d
 - convergence.png: 2x2, validation P@1 / P@5 against train time and against epoch; per group the mean over seeds
   with a min-max band, and each run's own validation points as faint dots. Each run's curve is linearly
   interpolated onto a common grid over the range all runs of the group cover (never extrapolated).
+- Speed-up vs uniform (when a group "uniform" exists): the target is uniform's final validation P@1 (mean over its
+  runs); each group's time to reach it (mean over the runs that do), and uniform's time / that time.
+- diagnostics.png: the negative diagnostics (xmcneg/diagnostics.py, each run's csv/metrics.csv) against train time,
+  mean over seeds with a min-max band, for the groups that log them.
+- Several settings (dataset and label count, e.g. a whole study): one subdir per setting with all of the above, and
+  study.md with every setting's table.
 - --peers: the JSON lines of `benchmarks/peers.py` (linear baselines). The lines of the sweep's datasets (the
   completed runs' results.json "dataset"; all lines when no run names one) get a table in summary.md and are drawn
   as labelled horizontal lines (their test P@1 / P@5) on the P@1 / P@5 panels of convergence.png.
@@ -41,6 +47,7 @@ TEST_KEYS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
 RUN_KEYS = ("train_time_s", "samples_per_s", "peak_rss_mb")
 DEFAULT_MARGIN = 0.01
 PLOT_METRICS = ("val/P@1", "val/P@5")
+DIAG_KEYS = ("diag/rank_pct", "diag/above_min_pos", "diag/pos_hit", "diag/grad_snr")
 
 
 # ---------------------------------------------------------------------------------------------------- discovery
@@ -131,6 +138,16 @@ class Run:
             self.results_error = self.results_error or f"unreadable metrics.csv ({e})"
         self.config = _load_yaml(self.dir / ".hydra" / "config.yaml") or {}
         self.overrides = _overrides(self.dir)
+        try:  # the diagnostics, logged through the CSV logger
+            self.diag = [r for r in read_metrics_csv(self.dir / "csv" / "metrics.csv") if r.get(DIAG_KEYS[0]) != ""]
+        except (OSError, ValueError, csv.Error):
+            self.diag = []
+
+    @property
+    def setting(self):
+        """'<dataset> C=<labels>': the runs of one race."""
+        c = _select(self.config, "dataset.num_labels") or self.get("num_labels")
+        return f"{self.get('dataset.name') or self.get('dataset') or '?'}" + (f" C={c}" if c else "")
 
     def get(self, dotted):
         """A config value: results.json first (top-level keys), then .hydra/config.yaml, then overrides."""
@@ -181,6 +198,11 @@ class Run:
         if st == "interrupted":
             return "interrupted before the planned end of training"
         return f"status {st}"
+
+    def diag_curve(self, key):
+        """(train_time_s, value) of the diagnostics rows."""
+        t = np.asarray([_float(r.get("train_time_s")) for r in self.diag])
+        return t, np.asarray([_float(r.get(key)) for r in self.diag])
 
     def curve(self, key):
         """(train_time_s, fractional epoch, value) arrays of the rows that have a numeric `key`."""
@@ -290,6 +312,7 @@ def summarize(runs, target=None, group_by=()):
         source = "best final validation P@1 (mean over seeds, best group) - 0.01"
     else:
         source = "--target"
+    uni = mean_std([r.final_val("val/P@1") for r in groups.get("uniform", [])])[0]
     rows = []
     for g in sorted(set(groups) | set(failed_count)):
         grp = groups.get(g, [])
@@ -303,7 +326,12 @@ def summarize(runs, target=None, group_by=()):
         row["time_to_target_s"] = mean_std([_float(x) for x in ttt])
         row["reached"] = sum(x is not None for x in ttt)
         row["epochs"] = mean_std([r.value("epochs") for r in grp])
+        tu = [_float(time_to_target(r.rows, None if math.isnan(uni) else uni)) for r in grp]
+        row["time_to_uniform_s"], row["reached_uniform"] = mean_std(tu), sum(not math.isnan(x) for x in tu)
         rows.append(row)
+    base = [r["time_to_uniform_s"][0] for r in rows if r["group"] == "uniform"]
+    for row in rows:
+        row["speedup_vs_uniform"] = (base[0] / row["time_to_uniform_s"][0] if base else math.nan, 0.0, 1)
     first = _first_to_target(rows)
     failed = [r for r in runs if not r.completed]
     return rows, target, source, first, failed
@@ -341,7 +369,8 @@ COLUMNS = [  # (csv name, md header, row key, digits)
     ("train_time_s", "train time (s)", "train_time_s", 1), ("samples_per_s", "samples/s", "samples_per_s", 0),
     ("peak_rss_mb", "peak RSS (MB)", "peak_rss_mb", 0), ("time_to_target_s", "time to target (s)",
                                                          "time_to_target_s", 1),
-    ("epochs", "epochs", "epochs", 1),
+    ("epochs", "epochs", "epochs", 1), ("time_to_uniform_s", "time to uniform's P@1 (s)", "time_to_uniform_s", 1),
+    ("speedup_vs_uniform", "speed-up vs uniform", "speedup_vs_uniform", 2),
 ]
 
 
@@ -350,14 +379,15 @@ def summary_csv(rows):
     for name, _, _, _ in COLUMNS:
         header += [f"{name}_mean", f"{name}_std"]
     header.insert(header.index("time_to_target_s_mean"), "reached_target")
+    header.insert(header.index("time_to_uniform_s_mean"), "reached_uniform")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
     for r in rows:
         out = [r["group"], r["n"], r["failed"]]
         for name, _, key, _ in COLUMNS:
-            if name == "time_to_target_s":
-                out.append(r["reached"])
+            if name in ("time_to_target_s", "time_to_uniform_s"):
+                out.append(r["reached" if name == "time_to_target_s" else "reached_uniform"])
             m, s, n = r[key]
             out += ["" if n == 0 else repr(round(m, 6)), "" if n == 0 else repr(round(s, 6))]
         w.writerow(out)
@@ -416,7 +446,8 @@ def summary_md(rows, target, source, first, failed, runs, out_dir, plot_name="co
         for name, _, key, digits in COLUMNS:
             if name == "time_to_target_s":
                 cells.append(f"{r['reached']}/{r['n']}")
-            cells.append(_fmt(r[key], digits))
+            cells.append(_fmt(r[key], digits) + (f" ({r['reached_uniform']}/{r['n']})"
+                                                 if name == "time_to_uniform_s" else ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if peers is not None:
@@ -562,18 +593,63 @@ def plot_convergence(groups, path, log_time=False, target=None, peers=()):
     os.replace(tmp, path)
 
 
-def make_report(dirs, out=None, target=None, log_time=False, group_by=(), peers=None):
+def plot_diagnostics(groups, path):
+    """diagnostics.png: DIAG_KEYS against train time, per group the mean over seeds with a min-max band."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for gi, (g, runs) in enumerate(sorted(groups.items())):
+        for ax, key in zip(axes.flat, DIAG_KEYS):
+            band = _band([r.diag_curve(key) for r in runs if r.diag])
+            if band is not None:
+                x, mean, mn, mx = band
+                ax.plot(x, mean, color=f"C{gi % 10}", label=f"{g} (n={len(runs)})")
+                for r in runs:
+                    ax.plot(*r.diag_curve(key), ".", color=f"C{gi % 10}", alpha=0.5, markersize=4)
+                ax.fill_between(x, mn, mx, color=f"C{gi % 10}", alpha=0.2, linewidth=0)
+    for ax, key in zip(axes.flat, DIAG_KEYS):
+        ax.set(xlabel="train time (s)", ylabel=key, title=key)
+        ax.grid(True, alpha=0.3)
+        if key == "diag/grad_snr":
+            ax.set_yscale("symlog", linthresh=1e-2)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("Negative diagnostics on a fixed probe batch (mean over seeds, min-max band)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def make_study(runs, out_dir, **kw):
+    """One report per setting (Run.setting) in out_dir/<setting>/, and out_dir/study.md with their tables."""
+    lines = ["# Study", ""]
+    for setting in sorted({r.setting for r in runs}):
+        sub = out_dir / setting.replace(" ", "_").replace("=", "")
+        res = make_report([], out=sub, runs=[r for r in runs if r.setting == setting], **kw)
+        table = [ln for ln in res["md"].read_text().splitlines() if ln.startswith("|")]
+        lines += [f"## {setting}", "", f"[{sub.name}/summary.md]({sub.name}/summary.md)", "",
+                  table[0], table[1]] + [ln for ln in table[2:] if ln.count("|") == table[0].count("|")] + [""]
+        lines += [f"![convergence]({sub.name}/convergence.png)", ""]
+    atomic_write_text(out_dir / "study.md", "\n".join(lines))
+    return {"md": out_dir / "study.md", "runs": runs}
+
+
+def make_report(dirs, out=None, target=None, log_time=False, group_by=(), peers=None, runs=None):
     """Read every run under `dirs`, write convergence.png, summary.md, summary.csv (+ summary.json) into `out`
     (default: the first dir). `peers`: the lines of benchmarks/peers.py (see read_peers) to add, or None.
     Returns a dict with the paths and the summary."""
     dirs = [Path(d) for d in dirs]
-    run_dirs = find_run_dirs(dirs)
-    if not run_dirs:
-        raise FileNotFoundError("no run dirs (with .hydra/, results.json or metrics.csv) under "
-                                + ", ".join(map(str, dirs)))
-    runs = [Run(d) for d in run_dirs]
+    if runs is None:
+        run_dirs = find_run_dirs(dirs)
+        if not run_dirs:
+            raise FileNotFoundError("no run dirs (with .hydra/, results.json or metrics.csv) under "
+                                    + ", ".join(map(str, dirs)))
+        runs = [Run(d) for d in run_dirs]
     out_dir = Path(out) if out is not None else dirs[0]
     out_dir.mkdir(parents=True, exist_ok=True)
+    if len({r.setting for r in runs}) > 1:
+        return make_study(runs, out_dir, target=target, log_time=log_time, group_by=group_by, peers=peers)
     rows, target, source, first, failed = summarize(runs, target=target, group_by=group_by)
     groups = {}
     for r in runs:
@@ -583,6 +659,8 @@ def make_report(dirs, out=None, target=None, log_time=False, group_by=(), peers=
         peers = peers_for_runs(peers, runs)
     png, md, csv_path = out_dir / "convergence.png", out_dir / "summary.md", out_dir / "summary.csv"
     plot_convergence(groups, png, log_time=log_time, target=target, peers=peers or ())
+    if any(r.diag for g in groups.values() for r in g):
+        plot_diagnostics(groups, out_dir / "diagnostics.png")
     atomic_write_text(md, summary_md(rows, target, source, first, failed, runs, out_dir, png.name, peers=peers))
     atomic_write_text(csv_path, summary_csv(rows))
     write_json(out_dir / "summary.json", {
@@ -624,6 +702,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_ok = sum(r.completed for r in res["runs"])
+    if "rows" not in res:  # several settings: one report each
+        print(f"{len(res['runs'])} runs ({n_ok} completed) in {len({r.setting for r in res['runs']})} settings; "
+              f"wrote {res['md']}")
+        return 0
     print(f"{len(res['runs'])} runs ({n_ok} completed, {len(res['failed'])} failed/unfinished)")
     if res["target"] is not None:
         f = res["first"]

@@ -3,6 +3,7 @@ import logging
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -64,7 +65,9 @@ def run(cfg: DictConfig):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from xmcneg.budget import TrainBudget
     from xmcneg.data.datamodule import build_datamodule
+    from xmcneg.diagnostics import NegativeDiagnostics
     from xmcneg.factory import build_module
     from xmcneg.methods.label_table import SPARSE_GRAD_SYNC
     from xmcneg.records import AtomicCheckpointIO, KillSwitch, RankDebugRecorder, RunRecorder
@@ -127,12 +130,14 @@ def run(cfg: DictConfig):
             callbacks.append(KillSwitch(kill_in, cfg.debug.kill_epoch))
         if cfg.debug.record_train_rows:
             callbacks.append(RankDebugRecorder(out_dir))
-        t = cfg.trainer
+        t, d = cfg.trainer, cfg.diagnostics
+        callbacks += [TrainBudget(recorder, t.train_budget_s), NegativeDiagnostics(recorder, **d, seed=cfg.seed)]
         trainer = pl.Trainer(
             accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
             strategy=cfg.hardware.strategy, precision=cfg.hardware.precision,
             max_epochs=int(t.max_epochs), max_steps=int(t.max_steps), max_time=t.max_time,
-            check_val_every_n_epoch=t.check_val_every_n_epoch, val_check_interval=t.val_check_interval,
+            check_val_every_n_epoch=t.check_val_every_n_epoch, val_check_interval=t.val_check_interval
+            if t.val_every_s is None else timedelta(seconds=float(t.val_every_s)),
             log_every_n_steps=int(t.log_every_n_steps), enable_progress_bar=bool(t.enable_progress_bar),
             limit_train_batches=t.limit_train_batches, num_sanity_val_steps=0,
             logger=build_loggers(cfg, out_dir) or False, callbacks=callbacks,

@@ -108,6 +108,7 @@ class XMCModule(pl.LightningModule):
         self.sparse_grad_sync, self.fault_step, self.run_config = "auto", None, None
         self.input_sync = None  # how the encoder's sparse input tables are synced under DDP (setup)
         self.train_steps, self.test_metrics, self._eval = 0, {}, None  # train_steps: training batches done
+        self.budget_used = None  # share of the training budget spent (xmcneg.budget.TrainBudget)
         # accelerator: device-side "a loss since the last check was NaN/Inf" flag, and its first step
         self._nonfinite, self._nonfinite_from = None, 0
         self._sampler_state, self._rng_state = None, None  # restored from a checkpoint, applied at fit start

@@ -1,7 +1,8 @@
 """NGAME (Dahiya et al., WSDM 2023): negative-mining-aware mini-batching; conf/method/ngame.yaml, options in
 conf/sampler/ngame.yaml (`python train.py sampler=ngame`).
 
-Two phases inside one trainer.fit (phase 2 starts at epoch `phase1_epochs`):
+Two phases inside one trainer.fit (phase 2 starts at epoch `phase1_epochs`, or with `phase1_share` at the first
+epoch start at which that share of the budget is spent: trainer.train_budget_s, else trainer.max_steps):
 * Phase 1 (Siamese): the encoder embeds documents and label texts (`dm.label_inputs`), both L2-normalised.
   Each document takes one of its positives per epoch ((seed, epoch) stream); the batch's distinct sampled
   labels are encoded once; loss `triplet_ohnm_loss` or `infonce_loss` over the B x U cosine matrix. Every
@@ -51,6 +52,7 @@ class NGAMESettings:
     """The keys of conf/sampler/ngame.yaml (documented there), typed and checked; no defaults here."""
     name: str
     phase1_epochs: int
+    phase1_share: Optional[float]
     loss: str
     margin: float
     num_hard: int
@@ -103,6 +105,8 @@ class NGAMESettings:
         for key in ("temperature", "phase2_temperature", "phase2_lr"):
             if not float(getattr(s, key)) > 0:
                 raise ConfigError(f"sampler.{key}", f"must be > 0, got {getattr(s, key)}")
+        if s.phase1_share is not None and not 0 <= float(s.phase1_share) <= 1:
+            raise ConfigError("sampler.phase1_share", f"must be in [0, 1] or null, got {s.phase1_share}")
         if not 0 <= float(s.phase2_dropout) < 1:
             raise ConfigError("sampler.phase2_dropout", f"must be in [0, 1), got {s.phase2_dropout}")
         s.fusion_alphas = [float(a) for a in (s.fusion_alphas or [])]
@@ -286,7 +290,7 @@ class NGAME(XMCModule):
         if self.phase == 2:
             self._freeze_encoder()
         me = self.trainer.max_epochs
-        if me is not None and me >= 0 and int(self.s.phase1_epochs) >= me:
+        if self.s.phase1_share is None and me is not None and me >= 0 and int(self.s.phase1_epochs) >= me:
             log.warning("ngame: sampler.phase1_epochs=%d >= trainer.max_epochs=%d: phase 2 (classifiers) will not "
                         "run; predictions use the label-text embeddings only", int(self.s.phase1_epochs), me)
 
@@ -340,6 +344,10 @@ class NGAME(XMCModule):
         return loss if extra is None else loss + extra * 0.0
 
     def _phase_of(self, epoch):
+        if self.s.phase1_share is not None:
+            if self.budget_used is None:
+                raise ConfigError("sampler.phase1_share", "needs trainer.train_budget_s or trainer.max_steps")
+            return 1 if self.budget_used < float(self.s.phase1_share) else 2
         return 1 if epoch < int(self.s.phase1_epochs) else 2
 
     def on_train_epoch_start(self):
@@ -478,6 +486,8 @@ class NGAME(XMCModule):
             warm = min(warm, max(1, total // 10))
         if warm > 0:
             f = min(f, (t + 1) / warm)
+        if self.s.phase1_lr_decay == "linear" and self.s.phase1_share is not None:
+            return min(f, max(0.0, 1.0 - self.budget_used / max(float(self.s.phase1_share), 1e-9)) + 1e-3)
         if self.s.phase1_lr_decay == "linear" and total:
             f = min(f, max(0.0, 1.0 - t / max(total, 1)) + 1e-3)
         return f

@@ -648,7 +648,7 @@ def make_report(dirs, out=None, target=None, log_time=False, group_by=(), peers=
         runs = [Run(d) for d in run_dirs]
     out_dir = Path(out) if out is not None else dirs[0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    if len({r.setting for r in runs}) > 1:
+    if len({r.setting for r in runs} - {"?"}) > 1:  # runs that name no dataset do not make a setting
         return make_study(runs, out_dir, target=target, log_time=log_time, group_by=group_by, peers=peers)
     rows, target, source, first, failed = summarize(runs, target=target, group_by=group_by)
     groups = {}

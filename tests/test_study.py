@@ -37,9 +37,9 @@ def test_val_every_s_and_train_budget_and_diagnostics(tmp_path):
     times = [float(r["train_time_s"]) for r in rows]
     steps_per_epoch = math.ceil(1425 / 128)
     # validation on the training-time cadence (not once per epoch), and a last one when the budget ends training
-    # (that one may follow the previous validation closely); Lightning's clock for the cadence is the wall clock,
-    # which also runs during validation and diagnostics, so a gap in train_time_s can be somewhat under 0.8 s
-    assert len(rows) >= 3 and min(b - a for a, b in zip(times[:-2], times[1:-1])) > 0.3
+    # the cadence is wall time of training (diagnostics included, which the train clock leaves out); the last
+    # validation is the one the budget triggers
+    assert len(rows) >= 3 and min(b - a for a, b in zip(times[:-1], times[1:-1])) > 0.3
     assert any(int(r["step"]) % steps_per_epoch for r in rows)  # validations in the middle of epochs
     assert 3.0 <= res["train_time_s"] < 4.5 and res["epochs"] < 1000 and times[-1] >= 3.0
     diag = [r for r in _csv(out / "csv" / "metrics.csv") if r.get("diag/rank_pct")]

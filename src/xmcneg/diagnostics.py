@@ -26,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 
 from xmcneg.distributed import to_device
+from xmcneg.methods.base import mask_positives
 
 
 def _per_doc(neg, log_q, n_docs):
@@ -50,7 +51,7 @@ def label_grad(model, batch, h, neg, log_q, w, b):
     rows = torch.cat([pos.clamp(min=0), neg.clamp(min=0)], 1)
     wr = w[rows].requires_grad_(True)
     s = (wr @ h.unsqueeze(-1)).squeeze(-1) + b[rows]
-    neg_mask = (neg >= 0) & ~(neg.unsqueeze(-1) == pos.unsqueeze(1)).any(-1)
+    neg_mask = (neg >= 0) & mask_positives(neg, pos)
     log_q_pos = (model.sampler.log_prob(batch, h, pos.clamp(min=0))
                  if getattr(model.loss, "needs_log_q_pos", False) else None)
     loss = model.loss(s[:, : pos.shape[1]], (pos >= 0).float(), s[:, pos.shape[1]:], neg_mask.float(), log_q, log_q_pos)
@@ -79,7 +80,7 @@ def negative_stats(model, batch, draws=8, chunk=262144):
     samples = [_per_doc(*model.sampler.sample(batch, h), n) for _ in range(max(int(draws), 2))]
     neg = samples[0][0]
     valid = neg >= 0
-    hit = valid & (neg.unsqueeze(-1) == pos.unsqueeze(1)).any(-1)
+    hit = valid & ~mask_positives(neg, pos)
     real = valid & ~hit
     s_neg = (w[neg.clamp(min=0)] @ h.unsqueeze(-1)).squeeze(-1) + b[neg.clamp(min=0)]
     s_pos = (w[pos.clamp(min=0)] @ h.unsqueeze(-1)).squeeze(-1) + b[pos.clamp(min=0)]

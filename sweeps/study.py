@@ -68,18 +68,16 @@ SIZES = {
 
 
 def prepare(overrides):
-    """Generate a synthetic dataset once, before parallel jobs would both generate it."""
-    opts = dict(o.split("=", 1) for o in overrides if o.startswith("dataset."))
+    """Generate a synthetic dataset once, before parallel jobs would both generate it: the dataset config train.py
+    composes from these overrides, generated where its datamodule looks for it."""
     if "dataset=synthetic" not in overrides:
         return
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_dir
     from xmcneg.data import synthetic as gen
 
-    d = OmegaConf.load(ROOT / "conf" / "dataset" / "synthetic.yaml")
-    params = {k: int(opts.get(f"dataset.{k}", d[k])) if k != "avg_labels" and k != "zipf_a" else float(d[k])
-              for k in ("num_labels", "num_features", "num_train", "num_test", "avg_labels", "zipf_a", "doc_len")}
-    params["seed"] = int(d.gen_seed)
-    gen.ensure(params, Path(os.environ.get("XMC_CACHE_DIR", ".cache/xmcneg")) / "synthetic")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", [o for o in overrides if o.startswith("dataset")])
+    gen.ensure(cfg.dataset, Path(cfg.paths.cache_dir) / "synthetic")
 
 
 def commands(size, out):

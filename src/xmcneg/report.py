@@ -1,34 +1,12 @@
-"""Sweep report: run dirs -> convergence.png, summary.md, summary.csv (run records as in README.md, "Run records").
+"""Sweep report: run dirs -> convergence.png, diagnostics.png, summary.md, summary.csv, summary.json.
 
     python -m xmcneg.report SWEEP_DIR [MORE_DIRS ...] [--target P1] [--log-time] [--out DIR] [--group-by KEY]
                             [--peers PEERS.jsonl]
 
-Every run dir found (recursively) under the given dirs is read; a run dir is a dir holding `.hydra/`,
-`results.json` or `metrics.csv` (the search does not descend into a run dir, so its `csv/` logger dir or
-`wandb/` dir is never taken for a run). The files are written into the first dir, or into --out.
-
-- Runs are grouped by their sampler (`results.json` "sampler", else `.hydra/config.yaml` sampler.name, else a
-  `sampler=` override); `--group-by sampler.num_negatives` (any dotted config key, repeatable) splits the groups
-  further, e.g. for the negatives or batch-size sweeps.
-- Only completed runs (results.json status "completed") are aggregated and plotted; every other run (failed,
-  interrupted, still running / killed, no results.json) is listed in "Failed / unfinished runs" with its dir and
-  reason, and counted in the group's `failed` column.
-- Time to target: the first metrics.csv row whose val/P@1 >= target (its train_time_s). The target is --target,
-  or by default the best final validation P@1 (last metrics.csv row; per group mean over seeds, max over groups)
-  minus 0.01. The group that reaches it first is the one with the lowest mean time among groups all of whose
-  completed runs reach it (if none does, among those where some run does; the summary says which).
-- convergence.png: 2x2, validation P@1 / P@5 against train time and against epoch; per group the mean over seeds
-  with a min-max band, and each run's own validation points as faint dots. Each run's curve is linearly
-  interpolated onto a common grid over the range all runs of the group cover (never extrapolated).
-- Speed-up vs uniform (when a group "uniform" exists): the target is uniform's final validation P@1 (mean over its
-  runs); each group's time to reach it (mean over the runs that do), and uniform's time / that time.
-- diagnostics.png: the negative diagnostics (xmcneg/diagnostics.py, each run's csv/metrics.csv) against train time,
-  mean over seeds with a min-max band, for the groups that log them.
-- Several settings (dataset and label count, e.g. a whole study): one subdir per setting with all of the above, and
-  study.md with every setting's table.
-- --peers: the JSON lines of `benchmarks/peers.py` (linear baselines). The lines of the sweep's datasets (the
-  completed runs' results.json "dataset"; all lines when no run names one) get a table in summary.md and are drawn
-  as labelled horizontal lines (their test P@1 / P@5) on the P@1 / P@5 panels of convergence.png.
+A run dir is a dir holding `.hydra/`, `results.json` or `metrics.csv` (found recursively, never inside another
+run). Completed runs are grouped by sampler (+ --group-by config keys) and aggregated as mean ± std over seeds;
+the others are listed with their reason. Runs of several settings (dataset and label count) get one report each
+and a study.md. --peers adds the linear baselines of benchmarks/peers.py (a table, and reference lines in the plot).
 """
 import argparse
 import csv
@@ -37,6 +15,7 @@ import json
 import math
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -69,13 +48,10 @@ def find_run_dirs(roots):
                 dirnames[:] = []
                 continue
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    seen, out = set(), []
+    unique = {}
     for d in found:
-        key = d.resolve()
-        if key not in seen:
-            seen.add(key)
-            out.append(d)
-    return out
+        unique.setdefault(d.resolve(), d)
+    return list(unique.values())
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -208,12 +184,9 @@ class Run:
         """(train_time_s, fractional epoch, value) arrays of the rows that have a numeric `key`."""
         t, ep, v = [], [], []
         epochs = [r.get("epoch") for r in self.rows]
-        per_epoch = {}
-        for e in epochs:
-            per_epoch[e] = per_epoch.get(e, 0) + 1
-        seen = {}
+        per_epoch, seen = Counter(epochs), Counter()
         for r, e in zip(self.rows, epochs):
-            seen[e] = seen.get(e, 0) + 1
+            seen[e] += 1
             val = _float(r.get(key))
             tt = _float(r.get("train_time_s"))
             ee = _float(e)
@@ -299,7 +272,9 @@ def default_target(groups, margin=DEFAULT_MARGIN):
 
 
 def summarize(runs, target=None, group_by=()):
-    """Aggregate completed runs per group. Returns (rows, target, target_source, first, failed_runs)."""
+    """Aggregate completed runs per group. Time to target: a run's first metrics.csv row with val/P@1 >= target
+    (`target`, else default_target); the speed-up vs uniform compares the times to reach uniform's final validation
+    P@1 (mean over its runs). Returns (rows, target, target_source, first, failed_runs)."""
     groups, failed_count = {}, {}
     for r in runs:
         g = group_label(r, group_by)
@@ -338,6 +313,7 @@ def summarize(runs, target=None, group_by=()):
 
 
 def _first_to_target(rows):
+    """The group with the lowest mean time to target among those all of whose runs reach it (else some run)."""
     cands = [r for r in rows if r["reached"] > 0 and r["n"] > 0]
     if not cands:
         return None
@@ -360,6 +336,12 @@ def _fmt(ms, digits=4):
 
 def _md_escape(s):
     return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header, rows):
+    """Markdown table lines; cells are written as they are (escape them first)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
 COLUMNS = [  # (csv name, md header, row key, digits)
@@ -404,25 +386,21 @@ def peers_md(peers):
     lines = ["## Linear baselines (benchmarks/peers.py)", ""]
     if not peers:
         return lines + ["No peer line for the datasets of this sweep.", ""]
-    hdr = ["dataset", "library", "version"] + [h for _, h, _ in PEER_COLUMNS]
-    lines.append("| " + " | ".join(hdr) + " |")
-    lines.append("|" + "---|" * len(hdr))
+    cells = []
     for p in peers:
-        cells = [_md_escape(p["dataset"]), _md_escape(p["library"]), _md_escape(p.get("version", "–"))]
+        cells.append([_md_escape(p["dataset"]), _md_escape(p["library"]), _md_escape(p.get("version", "–"))])
         if p.get("status") == "failed":
-            cells += [f"failed: {_md_escape(p.get('reason', ''))}"] + ["–"] * (len(PEER_COLUMNS) - 1)
+            cells[-1] += [f"failed: {_md_escape(p.get('reason', ''))}"] + ["–"] * (len(PEER_COLUMNS) - 1)
         else:
-            cells += [_fmt((_float(p.get(k)), 0.0, 1), d) for k, _, d in PEER_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+            cells[-1] += [_fmt((_float(p.get(k)), 0.0, 1), d) for k, _, d in PEER_COLUMNS]
+    return lines + _md_table(["dataset", "library", "version"] + [h for _, h, _ in PEER_COLUMNS], cells) + [""]
 
 
 def summary_md(rows, target, source, first, failed, runs, out_dir, plot_name="convergence.png", peers=None):
-    lines = ["# Sweep summary", ""]
-    lines.append(f"{len(runs)} run dirs: {sum(r.completed for r in runs)} completed, {len(failed)} failed or "
-                 "unfinished. Values are mean ± std over the completed runs of each group (n); "
-                 "`failed` counts the group's other runs.")
-    lines.append("")
+    lines = ["# Sweep summary", "",
+             f"{len(runs)} run dirs: {sum(r.completed for r in runs)} completed, {len(failed)} failed or "
+             "unfinished. Values are mean ± std over the completed runs of each group (n); "
+             "`failed` counts the group's other runs.", ""]
     if target is None:
         lines.append("Target P@1: none (no validation rows in any completed run).")
     else:
@@ -434,46 +412,30 @@ def summary_md(rows, target, source, first, failed, runs, out_dir, plot_name="co
                 f" (no group reaches it in every run; {first['reached']}/{first['n']} runs of this one do)"
             lines.append(f"First to reach the target: **{first['group']}**, mean "
                          f"{first['time_s']:.1f} s of training{note}.")
-    lines.append("")
-    lines.append(f"![convergence]({plot_name})")
-    lines.append("")
+    lines += ["", f"![convergence]({plot_name})", ""]
     hdr = ["group", "n", "failed"] + [h for _, h, _, _ in COLUMNS]
     hdr.insert(hdr.index("time to target (s)"), "reached")
-    lines.append("| " + " | ".join(hdr) + " |")
-    lines.append("|" + "---|" * len(hdr))
+    cells = []
     for r in rows:
-        cells = [_md_escape(r["group"]), str(r["n"]), str(r["failed"])]
+        cells.append([_md_escape(r["group"]), r["n"], r["failed"]])
         for name, _, key, digits in COLUMNS:
             if name == "time_to_target_s":
-                cells.append(f"{r['reached']}/{r['n']}")
-            cells.append(_fmt(r[key], digits) + (f" ({r['reached_uniform']}/{r['n']})"
-                                                 if name == "time_to_uniform_s" else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+                cells[-1].append(f"{r['reached']}/{r['n']}")
+            cells[-1].append(_fmt(r[key], digits) + (f" ({r['reached_uniform']}/{r['n']})"
+                                                     if name == "time_to_uniform_s" else ""))
+    lines += _md_table(hdr, cells) + [""]
     if peers is not None:
         lines += peers_md(peers)
-    lines.append("## Failed / unfinished runs")
-    lines.append("")
-    if not failed:
-        lines.append("None.")
-    else:
-        lines.append("| run dir | sampler | seed | status | reason |")
-        lines.append("|---|---|---|---|---|")
-        for r in failed:
-            lines.append(f"| {_md_escape(_rel(r.dir, out_dir))} | {_md_escape(r.sampler)} | {r.seed} | "
-                         f"{r.status} | {_md_escape(r.reason)} |")
-    lines.append("")
-    lines.append("## Runs")
-    lines.append("")
-    lines.append("| run dir | sampler | seed | status | test P@1 | train time (s) | val rows |")
-    lines.append("|---|---|---|---|---|---|---|")
-    for r in runs:
-        p1, tt = r.test("P@1"), r.value("train_time_s")
-        lines.append(f"| {_md_escape(_rel(r.dir, out_dir))} | {_md_escape(r.sampler)} | {r.seed} | {r.status} | "
-                     f"{'–' if math.isnan(p1) else f'{p1:.4f}'} | {'–' if math.isnan(tt) else f'{tt:.1f}'} | "
-                     f"{len(r.rows)} |")
-    lines.append("")
-    return "\n".join(lines)
+    lines += ["## Failed / unfinished runs", ""]
+    lines += _md_table(["run dir", "sampler", "seed", "status", "reason"],
+                       [[_md_escape(_rel(r.dir, out_dir)), _md_escape(r.sampler), r.seed, r.status,
+                         _md_escape(r.reason)] for r in failed]) if failed else ["None."]
+    lines += ["", "## Runs", ""]
+    lines += _md_table(["run dir", "sampler", "seed", "status", "test P@1", "train time (s)", "val rows"],
+                       [[_md_escape(_rel(r.dir, out_dir)), _md_escape(r.sampler), r.seed, r.status,
+                         _fmt((r.test("P@1"), 0.0, 1), 4), _fmt((r.value("train_time_s"), 0.0, 1), 1), len(r.rows)]
+                        for r in runs])
+    return "\n".join(lines + [""])
 
 
 def _rel(path, base):
@@ -539,31 +501,48 @@ def draw_peers(ax, peers, key):
                     textcoords="offset points", ha="right", va="bottom", fontsize="x-small")
 
 
-def plot_convergence(groups, path, log_time=False, target=None, peers=()):
+def _draw_group(ax, curves, color, label, log_x=False):
+    """One group's runs `curves` [(x, y)] on `ax`: each run's points, faint, and the mean with its min-max band."""
+    band = _band(curves, log_x=log_x)
+    if band is None:
+        return
+    x, mean, mn, mx = band
+    for cx, cy in curves:
+        ax.plot(cx, cy, ".", color=color, alpha=0.35, markersize=4)
+    if len(x) == 1:
+        ax.errorbar(x, mean, yerr=[mean - mn, mx - mean], fmt="o", color=color, label=label)
+    else:
+        ax.plot(x, mean, color=color, label=label)
+        ax.fill_between(x, mn, mx, color=color, alpha=0.2, linewidth=0)
+
+
+def _figure(figsize):
+    """(pyplot, figure, 2x2 axes), drawn off-screen."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    return (plt, *plt.subplots(2, 2, figsize=figsize, squeeze=False))
+
+
+def _save(plt, fig, path, dpi):
+    """Write the figure to `path` atomically (a reader never sees half a PNG)."""
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_convergence(groups, path, log_time=False, target=None, peers=()):
+    plt, fig, axes = _figure((12, 8.5))
     for gi, (g, runs) in enumerate(sorted(groups.items())):
-        color = colors[gi % len(colors)]
         for mi, metric in enumerate(PLOT_METRICS):
             curves = [r.curve(metric) for r in runs]
             for xi, log_x in ((0, log_time), (1, False)):
-                ax = axes[mi][xi]
-                band = _band([(c[xi], c[2]) for c in curves], log_x=log_x)
-                if band is None:
-                    continue
-                x, mean, mn, mx = band
-                for c in curves:  # every run's own validation points, faint
-                    ax.plot(c[xi], c[2], ".", color=color, alpha=0.35, markersize=4)
-                label = f"{g} (n={len(runs)})"
-                if len(x) == 1:
-                    ax.errorbar(x, mean, yerr=[mean - mn, mx - mean], fmt="o", color=color, label=label)
-                else:
-                    ax.plot(x, mean, color=color, label=label)
-                    ax.fill_between(x, mn, mx, color=color, alpha=0.2, linewidth=0)
+                _draw_group(axes[mi][xi], [(c[xi], c[2]) for c in curves], f"C{gi % 10}", f"{g} (n={len(runs)})",
+                            log_x)
     for mi, metric in enumerate(PLOT_METRICS):
         for xi, xlabel in enumerate(("train time (s)", "epoch")):
             ax = axes[mi][xi]
@@ -585,30 +564,15 @@ def plot_convergence(groups, path, log_time=False, target=None, peers=()):
                 ax.text(0.5, 0.5, "no validation rows in completed runs", ha="center", va="center",
                         transform=ax.transAxes, color="grey")
     fig.suptitle("Validation metrics: mean over seeds, min–max band (dots: each run's validations)")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(plt, fig, path, dpi=110)
 
 
 def plot_diagnostics(groups, path):
     """diagnostics.png: DIAG_KEYS against train time, per group the mean over seeds with a min-max band."""
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    plt, fig, axes = _figure((10, 7))
     for gi, (g, runs) in enumerate(sorted(groups.items())):
         for ax, key in zip(axes.flat, DIAG_KEYS):
-            band = _band([r.diag_curve(key) for r in runs if r.diag])
-            if band is not None:
-                x, mean, mn, mx = band
-                ax.plot(x, mean, color=f"C{gi % 10}", label=f"{g} (n={len(runs)})")
-                for r in runs:
-                    ax.plot(*r.diag_curve(key), ".", color=f"C{gi % 10}", alpha=0.5, markersize=4)
-                ax.fill_between(x, mn, mx, color=f"C{gi % 10}", alpha=0.2, linewidth=0)
+            _draw_group(ax, [r.diag_curve(key) for r in runs if r.diag], f"C{gi % 10}", f"{g} (n={len(runs)})")
     for ax, key in zip(axes.flat, DIAG_KEYS):
         ax.set(xlabel="train time (s)", ylabel=key, title=key)
         ax.grid(True, alpha=0.3)
@@ -616,9 +580,7 @@ def plot_diagnostics(groups, path):
             ax.set_yscale("symlog", linthresh=1e-2)
     axes[0][0].legend(fontsize="small")
     fig.suptitle("Negative diagnostics on a fixed probe batch (mean over seeds, min-max band)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=80)
 
 
 def make_study(runs, out_dir, **kw):

@@ -13,8 +13,8 @@ import torch
 from xmcneg.distributed import active_dist, to_device
 from xmcneg.errors import ConfigError, XMCError
 from xmcneg.methods.label_table import LabelTable, sparse_sync_mode
-from xmcneg.methods.optim import params_of
-from xmcneg.methods.sparse_optim import all_gather_sparse_mean, sparse_tables
+from xmcneg.methods.optim import CombinedOptimizer, params_of, wrap
+from xmcneg.methods.sparse_optim import all_gather_sparse_mean, encoder_optimizers, sparse_tables
 
 
 class NonFiniteLossError(XMCError):
@@ -96,6 +96,9 @@ class XMCModule(pl.LightningModule):
     eval.py can rebuild the model."""
 
     finite_check_every = 50  # accelerator steps between reads of the NaN/Inf flag (the CPU checks every step)
+    # True: DDP's reducer averages no gradient; the module averages them all after backward (`backward_and_sync`).
+    # For a method that trains its parts in turn: the reducer would wait for gradients of the parts it skips.
+    outside_ddp = False
     defer_finite_check = False  # tests: use the accelerator's deferred check on the CPU too
 
     def __init__(self, encoder, num_labels: int, sparse_labels: bool, evaluation=None, inv_prop=None,
@@ -161,10 +164,10 @@ class XMCModule(pl.LightningModule):
         # after the process group exists, before the strategy wraps the module in DDP: with all_gather the label
         # tables are left out of DDP's reducer (and its initial broadcast)
         # (the encoder's sparse input tables, encoder.sparse_input, are synced like the label tables)
-        ignore = []
-        if self.labels.resolve_sync(self.sparse_grad_sync) == "all_gather":
+        ignore, mode = [], "all_gather" if self.outside_ddp else self.sparse_grad_sync
+        if self.labels.resolve_sync(mode) == "all_gather":
             ignore += ["labels.w.weight", "labels.b.weight"]
-        self.input_sync = sparse_sync_mode(self.sparse_grad_sync, bool(self.input_tables()))
+        self.input_sync = sparse_sync_mode(mode, bool(self.input_tables()))
         if self.input_sync == "all_gather":
             ignore += [name for name, _ in self.input_tables()]
         if ignore:
@@ -177,9 +180,23 @@ class XMCModule(pl.LightningModule):
         ids = {id(p) for p in sparse_tables(self.encoder)}
         return [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters() if id(p) in ids]
 
-    def sync_input_grads(self):
-        """input_sync=all_gather: average the input tables' sparse gradients over the ranks (a no-op otherwise)."""
+    def backward_and_sync(self, loss):
+        """Backward, then average over the ranks the gradients DDP's reducer does not: the label table's and the
+        input tables' with all_gather, and with `outside_ddp` the dense encoder parameters' too (one all-reduce)."""
         dist = active_dist()
+        if not (self.outside_ddp and dist is not None):
+            self.manual_backward(loss)
+        else:
+            with self.trainer.strategy.block_backward_sync():
+                self.manual_backward(loss)
+            grads = [p.grad for p in self.encoder.parameters() if p.grad is not None and not p.grad.is_sparse]
+            if grads:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat)
+                flat /= dist.get_world_size()
+                for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(avg.view_as(g))
+        self.labels.sync_grads()
         if self.input_sync == "all_gather" and dist is not None:
             all_gather_sparse_mean([p for _, p in self.input_tables()], dist)
 
@@ -225,6 +242,15 @@ class XMCModule(pl.LightningModule):
         self._rng_state = checkpoint.get("rng_state")
 
     # ------------------------------------------------------------------ training
+    def encoder_optimizer(self, warmup=None, lr=None):
+        """The encoder's optimiser part: a fused AdamW over its dense parameters (+ a row-wise lazy AdamW over its
+        sparse input tables) at `lr` (None: the encoder's own, e.g. a transformer's, else optim.encoder_lr) and
+        optim.weight_decay, with the warm-up factor function `warmup` and the clip optim.grad_clip."""
+        lr = lr if lr is not None else (getattr(self.encoder, "lr", None) or self.optim.encoder_lr)
+        dense, *rows = encoder_optimizers(self.encoder, float(lr), float(self.optim.weight_decay))
+        enc = CombinedOptimizer({"dense": dense, "rows": rows[0]}) if rows else dense
+        return wrap(enc, warmup=warmup, clip=self.optim.grad_clip)
+
     def loss_name(self):
         return "training loss"
 
@@ -237,9 +263,7 @@ class XMCModule(pl.LightningModule):
             loss = loss * float("nan")
         self.guard_finite(loss)
         if loss.requires_grad:
-            self.manual_backward(loss)
-            self.labels.sync_grads()
-            self.sync_input_grads()
+            self.backward_and_sync(loss)
             opt.step(parts=parts)
         self.train_steps += 1
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=n)

@@ -15,7 +15,7 @@ from xmcneg.eval.metrics import filter_predictions, xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
 from xmcneg.methods.optim import CombinedOptimizer, OptimParams, linear_warmup, wrap
-from xmcneg.methods.sparse_optim import SparseRowOptimizer, encoder_optimizers
+from xmcneg.methods.sparse_optim import SparseRowOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,13 @@ class XMCClassifier(XMCModule):
 
     def configure_optimizers(self):
         o = self.optim
-        lr = getattr(self.encoder, "lr", None) or float(o.encoder_lr)  # an encoder may carry its own (transformers)
         warm = linear_warmup(int(o.warmup_steps)) if int(o.warmup_steps) > 0 else None
-        # fused AdamW on the dense encoder parameters (+ a row-wise lazy AdamW on sparse input tables)
-        dense, *rows = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay))
-        enc = CombinedOptimizer({"dense": dense, "rows": rows[0]}) if rows else dense
         if self.sampler is None:  # dense table: AdamW, warmed up like the encoder
             labels = wrap(torch.optim.AdamW(self.labels.parameters(), lr=float(o.full_label_lr), weight_decay=0.0),
                           warmup=warm)
         else:
             labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
-        return CombinedOptimizer({"encoder": wrap(enc, warmup=warm, clip=o.grad_clip), "labels": labels})
+        return CombinedOptimizer({"encoder": self.encoder_optimizer(warm), "labels": labels})
 
     def use_correction(self):
         return self.sampler is not None and not self.loss.logq_corrected

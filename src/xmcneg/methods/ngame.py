@@ -37,8 +37,7 @@ from xmcneg.eval.ann import LabelIndex, candidate_scores, topk_of_candidates
 from xmcneg.eval.metrics import xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
-from xmcneg.encoders.sparse_bag import dense_input_tables
-from xmcneg.methods.optim import CombinedOptimizer, OptimParams, params_of, wrap
+from xmcneg.methods.optim import CombinedOptimizer, OptimParams, params_of
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 from xmcneg.records import tensor_digest
 from xmcneg.samplers.cluster_batching import ClusterBatchSampler, ClusterCurriculum, balanced_spherical_clusters
@@ -102,8 +101,8 @@ class NGAMESettings:
         for key, lo in least.items():
             if int(getattr(s, key)) < lo:
                 raise ConfigError(f"sampler.{key}", f"must be >= {lo}, got {getattr(s, key)}")
-        for key in ("temperature", "phase2_temperature", "phase2_lr"):
-            if not float(getattr(s, key)) > 0:
+        for key in ("temperature", "phase2_temperature", "phase2_lr", "phase1_lr"):
+            if getattr(s, key) is not None and not float(getattr(s, key)) > 0:
                 raise ConfigError(f"sampler.{key}", f"must be > 0, got {getattr(s, key)}")
         if s.phase1_share is not None and not 0 <= float(s.phase1_share) <= 1:
             raise ConfigError("sampler.phase1_share", f"must be in [0, 1] or null, got {s.phase1_share}")
@@ -179,10 +178,11 @@ def triplet_multi_loss(S, is_pos, margin=0.2, num_pos=3, num_neg=5, temperature=
 
 # ------------------------------------------------------------------------------------------------------ module
 class NGAME(XMCModule):
+    outside_ddp = True  # phase 1 trains the encoder only, phase 2 the label table only
+
     def __init__(self, encoder, num_labels: int, datamodule, settings, optim=None, evaluation=None, inv_prop=None,
                  seed: int = 0, batch_size: int = 256):
         s = NGAMESettings.of(settings)
-        encoder = dense_input_tables(encoder)  # NGAME's encoder optimiser is one dense AdamW
         super().__init__(encoder, num_labels, sparse_labels=True, evaluation=evaluation, inv_prop=inv_prop,
                          sampler=InBatchSampler(int(s.phase2_max_shortlist), seed))
         self.save_hyperparameters(ignore=["encoder", "datamodule", "inv_prop"])
@@ -288,7 +288,7 @@ class NGAME(XMCModule):
     def on_fit_start(self):
         super().on_fit_start()  # the in-batch shortlist sampler (state restored on resume)
         if self.phase == 2:
-            self._freeze_encoder()
+            self.encoder.requires_grad_(False)
         me = self.trainer.max_epochs
         if self.s.phase1_share is None and me is not None and me >= 0 and int(self.s.phase1_epochs) >= me:
             log.warning("ngame: sampler.phase1_epochs=%d >= trainer.max_epochs=%d: phase 2 (classifiers) will not "
@@ -315,33 +315,6 @@ class NGAME(XMCModule):
         self._clf_index_weights = weights
         self._clf_index = self._make_index()
         self._clf_index.build(weights)
-
-    def _world_size(self):
-        return self.trainer.world_size if self._trainer is not None else 1
-
-    def _freeze_encoder(self):
-        """Phase 2 never steps the encoder. Single process: requires_grad off. Under DDP the flags stay (the
-        reducer was built with them) and `_ddp_keepalive` feeds zero gradients instead."""
-        if self._world_size() == 1:
-            self.encoder.requires_grad_(False)
-
-    def _ddp_keepalive(self, loss):
-        """Under DDP every parameter in DDP's reducer must get a gradient each step (plain `ddp`,
-        find_unused_parameters off): add zero-valued terms for the part the phase does not train. Phase 2: the
-        frozen encoder. The label tables only with sparse_grad_sync=ddp (with all_gather they are outside the
-        reducer): the bias always (never trained, cosine scores), the classifiers in phase 1."""
-        if self._world_size() == 1:
-            return loss
-        extra = None
-        if self.labels.sync != "all_gather":
-            z = torch.zeros(1, dtype=torch.long, device=self.labels.w.weight.device)
-            extra = self.labels.b(z).sum()
-            if self.phase == 1:
-                extra = extra + self.labels.w(z).sum()
-        if self.phase == 2:
-            enc = sum(p.sum() for p in self.encoder.parameters() if p.requires_grad)
-            extra = enc if extra is None else extra + enc
-        return loss if extra is None else loss + extra * 0.0
 
     def _phase_of(self, epoch):
         if self.s.phase1_share is not None:
@@ -371,7 +344,7 @@ class NGAME(XMCModule):
     def _enter_phase2(self, epoch):
         t0 = time.perf_counter()
         self.phase = 2
-        self._freeze_encoder()
+        self.encoder.requires_grad_(False)
         emb = self._encode_split("train")
         Z = self._label_embeddings(refresh=True)
         self.labels.w.weight.data.copy_(Z.to(self.labels.w.weight.device, self.labels.w.weight.dtype))
@@ -458,19 +431,11 @@ class NGAME(XMCModule):
         self.epoch_log = [list(r) for r in st.get("epoch_log", [])]
         self._label_emb = None
         self._index_cache = {}
-        if self.phase == 2:
-            self._freeze_encoder()
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
-        # phase1_lr, else the encoder's own lr (transformers carry a small one), else optim.encoder_lr
-        lr1 = self.s.phase1_lr
-        lr1 = float(lr1 if lr1 is not None else (getattr(self.encoder, "lr", None) or self.optim.encoder_lr))
-        if lr1 <= 0:
-            raise ConfigError("sampler.phase1_lr", f"must be > 0, got {lr1}")
-        enc = torch.optim.AdamW(self.encoder.parameters(), lr=lr1, weight_decay=float(self.optim.weight_decay))
         clf = SparseRowOptimizer(self.labels.parameters(), lr=float(self.s.phase2_lr), kind=self.s.phase2_optimizer)
-        return CombinedOptimizer({"encoder": wrap(enc, warmup=lambda _t: self._phase1_lr(), clip=self.optim.grad_clip),
+        return CombinedOptimizer({"encoder": self.encoder_optimizer(lambda _t: self._phase1_lr(), self.s.phase1_lr),
                                   "labels": clf})
 
     def _phase1_lr(self):
@@ -499,8 +464,7 @@ class NGAME(XMCModule):
         return f"NGAME phase-{self.phase} loss"
 
     def training_loss(self, batch):
-        loss, n = self._phase1_loss(batch) if self.phase == 1 else self._phase2_loss(batch)
-        return self._ddp_keepalive(loss), n
+        return self._phase1_loss(batch) if self.phase == 1 else self._phase2_loss(batch)
 
     def _phase1_loss(self, batch):
         pos, idx = batch["pos"], batch["idx"]
@@ -540,7 +504,7 @@ class NGAME(XMCModule):
             _, cand = self._clf_index.search(h, int(self.s.phase2_ann_negatives))
             cand = torch.from_numpy(cand[cand >= 0]).to(short.device)
             short = torch.unique(torch.cat([short, cand]))
-        if short.numel() == 0:  # a zero loss through the table, so its gradient stays sparse (DDP expects that)
+        if short.numel() == 0:  # a zero loss through the table: every rank joins the gradient sync
             z = torch.zeros(1, dtype=torch.long, device=self.labels.w.weight.device)
             return self.labels.w(z).sum() * 0.0, pos.shape[0]
         w = F.normalize(self.labels.w(short.to(self.labels.w.weight.device)), dim=-1)

@@ -306,16 +306,18 @@ class XMCModule(pl.LightningModule):
                 f"{self.current_epoch}); the last good checkpoint is kept; lower the learning rates or check the data")
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_start(self):
+    def on_validation_epoch_start(self):
         self._eval = {"emb": [], "query": [], "idx": []}
 
-    def _eval_step(self, batch):
+    def validation_step(self, batch, batch_idx):
         h = self.encoder(batch["x"])
         self._eval["emb"].append(h.float())
         self._eval["idx"].append(batch["idx"])
         q = self.correction_query(batch, h)
         if q is not None:
             self._eval["query"].append(q)
+
+    on_test_epoch_start, test_step = on_validation_epoch_start, validation_step
 
     def gather_eval(self):
         """This rank's evaluation buffers concatenated; under DDP all ranks' gathered, without the duplicates the
@@ -326,14 +328,10 @@ class XMCModule(pl.LightningModule):
         idx = torch.cat(buf["idx"])
         query = torch.cat(buf["query"]) if buf["query"] else None
         if self.trainer is not None and self.trainer.world_size > 1:
-            emb = self.all_gather(emb).flatten(0, 1)
-            idx = self.all_gather(idx).flatten(0, 1)
-            if query is not None:
-                query = self.all_gather(query).flatten(0, 1)
+            emb, idx, query = (t if t is None else self.all_gather(t).flatten(0, 1) for t in (emb, idx, query))
             _, first = np.unique(idx.cpu().numpy(), return_index=True)
             keep = torch.from_numpy(first).to(idx.device)
-            emb, idx = emb[keep], idx[keep]
-            query = query[keep] if query is not None else None
+            emb, idx, query = (t if t is None else t[keep] for t in (emb, idx, query))
         return emb, idx.cpu().numpy(), query
 
     def eval_stage(self):
@@ -344,21 +342,9 @@ class XMCModule(pl.LightningModule):
             return "val"
         return "test" if trainer.testing else None
 
-    def on_validation_epoch_start(self):
-        self._eval_start()
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch)
-
     def on_validation_epoch_end(self):
         for k, v in self.eval_metrics("val", *self.gather_eval()).items():
             self.log(f"val/{k}", float(v), sync_dist=True)  # identical on every rank: the mean is the value
-
-    def on_test_epoch_start(self):
-        self._eval_start()
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch)
 
     def on_test_epoch_end(self):
         self.test_metrics = {k: float(v) for k, v in self.eval_metrics("test", *self.gather_eval()).items()}

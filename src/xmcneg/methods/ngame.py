@@ -1,23 +1,7 @@
-"""NGAME (Dahiya et al., WSDM 2023): negative-mining-aware mini-batching; conf/method/ngame.yaml, options in
-conf/sampler/ngame.yaml (`python train.py sampler=ngame`).
-
-Two phases inside one trainer.fit (phase 2 starts at epoch `phase1_epochs`, or with `phase1_share` at the first
-epoch start at which that share of the budget is spent: trainer.train_budget_s, else trainer.max_steps):
-* Phase 1 (Siamese): the encoder embeds documents and label texts (`dm.label_inputs`), both L2-normalised.
-  Each document takes one of its positives per epoch ((seed, epoch) stream); the batch's distinct sampled
-  labels are encoded once; loss `triplet_ohnm_loss` or `infonce_loss` over the B x U cosine matrix. Every
-  training forward pass writes the document embeddings into a memory bank; batches come from
-  samplers/cluster_batching.py over balanced spherical clusters of the bank (size 1 = random batches).
-* Phase 2 (classifiers): encoder frozen; train documents embedded once (they replace the bank and are clustered
-  once); label vectors (the label table) initialised from the label-text embeddings; score cos(doc, w_y) over
-  the batch's positives (InBatchSampler) [+ HNSW hard negatives]; loss `triplet_multi_loss`; row-wise updates.
-* Inference: alpha * cos(doc, w_y) + (1 - alpha) * cos(doc, label-text embedding), alpha picked on the
-  validation split; `inference: ann` re-scores the union of two faiss HNSW shortlists, `exact` scores all.
-* Resume: phase, bank (with the rows written so far in the epoch, merged over the ranks), clusters, alpha and
-  the label vectors of the epoch's shortlist index are in the checkpoint ("ngame"); a mid-epoch resume sets up
-  the epoch's batch sampler, positive draws and index in on_train_start (Lightning skips on_train_epoch_start
-  then), so it retraces the uninterrupted run. Under DDP the bank rows are all-reduced at epoch end and the cluster ids
-  broadcast from rank 0.
+"""NGAME (Dahiya et al., WSDM 2023) as one module: phase 1 trains the encoder as a Siamese model on documents and
+label texts (in-batch negatives from batches of clustered documents, clustered from a memory bank of their
+embeddings); phase 2 trains the label vectors on the frozen encoder; predictions fuse both. Its keys:
+conf/sampler/ngame.yaml; phases, bank, resume and DDP: docs/architecture.md, "NGAME".
 """
 from __future__ import annotations
 
@@ -206,7 +190,6 @@ class NGAME(XMCModule):
         self.cluster_ids, self.cluster_size, self.last_cluster_epoch = None, 1, -1  # ids: int64 numpy (num_train,)
         self.cluster_log = []  # [epoch, phase, size, num_clusters, seconds]
         self.cluster_history = []  # [epoch, digest of the cluster ids] of this process's clusterings
-        self.epoch_log = []  # [epoch, phase, seconds]
         self._label_emb = None  # cached label-text embeddings (phase 2: the encoder is frozen)
         self._index_cache = {}  # HNSW indexes for inference, by "knn" / "clf"
         self._clf_index = None  # phase-2 training shortlist index (phase2_ann_negatives)
@@ -371,7 +354,6 @@ class NGAME(XMCModule):
             self._sync_bank()
         dt = time.perf_counter() - self._t_epoch if self._t_epoch is not None else 0.0
         e = int(self.current_epoch)
-        self.epoch_log.append([e, int(self.phase), round(dt, 3)])
         log.info("ngame: epoch %d phase %d: %.1f s (clustering %.2f s = %.1f%%), cluster size %d", e, self.phase,
                  dt, self._cluster_s, 100.0 * self._cluster_s / max(dt, 1e-9), self.cluster_size)
         for k, v in (("phase", self.phase), ("cluster_size", self.cluster_size), ("cluster_time_s", self._cluster_s)):
@@ -401,22 +383,19 @@ class NGAME(XMCModule):
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
         bank, written = self._merged_bank()  # every rank's rows of the epoch so far (a collective under DDP)
-        state = {
-            "phase": int(self.phase), "bank": bank.clone(), "bank_written": written.clone(),
+        checkpoint["ngame"] = {  # (the phase and alpha are the buffer ngame_state)
+            "bank": bank.clone(), "bank_written": written.clone(),
             "clf_index_weights": self._clf_index_weights if self.phase == 2 else None,
             "cluster_ids": None if self.cluster_ids is None else torch.from_numpy(np.asarray(self.cluster_ids)),
             "cluster_size": int(self.cluster_size), "last_cluster_epoch": int(self.last_cluster_epoch),
-            "alpha": None if self.alpha is None else float(self.alpha),
-            "cluster_log": [list(r) for r in self.cluster_log], "epoch_log": [list(r) for r in self.epoch_log],
+            "cluster_log": [list(r) for r in self.cluster_log],
         }
-        checkpoint["ngame"] = state
 
     def on_load_checkpoint(self, checkpoint):
         super().on_load_checkpoint(checkpoint)
         st = checkpoint.get("ngame")
         if st is None:
             return
-        self.phase = int(st["phase"])
         self.bank = st["bank"].float().cpu().clone()
         written = st.get("bank_written")
         self.bank_written = (written.bool().cpu().clone() if written is not None
@@ -426,9 +405,7 @@ class NGAME(XMCModule):
         self.cluster_ids = None if c is None else c.cpu().numpy().astype(np.int64)
         self.cluster_size = int(st.get("cluster_size", 1))
         self.last_cluster_epoch = int(st.get("last_cluster_epoch", -1))
-        self.alpha = st.get("alpha")
         self.cluster_log = [list(r) for r in st.get("cluster_log", [])]
-        self.epoch_log = [list(r) for r in st.get("epoch_log", [])]
         self._label_emb = None
         self._index_cache = {}
 
@@ -571,17 +548,14 @@ class NGAME(XMCModule):
         return self._ranked(self._normalize(emb), [a], k=k, fresh=False)[a]
 
     def _select_alpha(self, ranked, Y):
-        metric = self.s.fusion_metric
-        best, best_v = None, -1.0
-        scores = {}
+        """The alpha of `ranked` ({alpha: (scores, ids)}) with the best fusion_metric on the labels Y (the first of
+        equals)."""
+        metric, values = self.s.fusion_metric, {}
         for a, (_, ids) in ranked.items():
-            v = xc_metrics(ids.cpu().numpy(), Y, None).get(metric)
-            if v is None:
+            values[a] = xc_metrics(ids.cpu().numpy(), Y, None).get(metric)
+            if values[a] is None:
                 raise ConfigError("sampler.fusion_metric", f"unknown metric '{metric}' (e.g. P@1, P@5, nDCG@5)")
-            scores[a] = v
-            if v > best_v + 1e-12:
-                best, best_v = a, v
-        return best, scores
+        return max(values, key=values.get)
 
     def eval_metrics(self, split, emb, idx, query):
         emb = self._normalize(emb)
@@ -595,13 +569,13 @@ class NGAME(XMCModule):
         alphas = sorted(set(self.s.fusion_alphas) | {0.0, 1.0})
         if split == "val":
             ranked = self._ranked(emb, alphas)
-            self.alpha, _ = self._select_alpha({a: ranked[a] for a in self.s.fusion_alphas}, Y)
+            self.alpha = self._select_alpha({a: ranked[a] for a in self.s.fusion_alphas}, Y)
         else:
             if self.alpha is None:  # no validation in phase 2: pick alpha on the validation split now
                 val_emb = self._encode_split("val")
                 if val_emb.shape[0] > 0:
-                    self.alpha, _ = self._select_alpha(self._ranked(val_emb, self.s.fusion_alphas),
-                                                       self.dm.split("val")[1])
+                    self.alpha = self._select_alpha(self._ranked(val_emb, self.s.fusion_alphas),
+                                                    self.dm.split("val")[1])
                 else:
                     self.alpha = 0.5
             ranked = self._ranked(emb, sorted(set(alphas) | {self.alpha}))

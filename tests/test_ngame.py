@@ -221,7 +221,7 @@ def test_tiny_two_phase_fit(full_run):
     assert {"val/P@1", "val/P@5", "val/alpha", "val/knn/P@1", "val/clf/P@1"} <= set(m.fit_metrics)
     assert not any(p.requires_grad for p in m.encoder.parameters())
     ck = torch.load(full_run.tmp / "ckpt" / "epoch=0.ckpt", weights_only=True)  # loads with weights_only
-    assert ck["ngame"]["phase"] == 1 and ck["ngame"]["bank"].shape == (600, 16)
+    assert ck["state_dict"]["ngame_state"][0] == 1 and ck["ngame"]["bank"].shape == (600, 16)  # phase 1
     # eval.py path: a fresh module + load_state_dict knows the phase and alpha, and predicts the fused top-k
     from xmcneg.factory import build_module
 
@@ -238,7 +238,7 @@ def test_tiny_two_phase_fit(full_run):
 @pytest.mark.parametrize("epoch,phase", [(0, 1), (2, 2)])
 def test_resume_from_checkpoint_in_either_phase(full_run, epoch, phase, tmp_path):
     ckpt = full_run.tmp / "ckpt" / f"epoch={epoch}.ckpt"
-    assert torch.load(ckpt, weights_only=True)["ngame"]["phase"] == phase
+    assert torch.load(ckpt, weights_only=True)["state_dict"]["ngame_state"][0] == phase
     module, _ = _fit(full_run.cfg, 4, ckpt_path=str(ckpt))
     ref = full_run.module
     assert module.phase == 2 and module.train_steps == ref.train_steps

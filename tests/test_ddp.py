@@ -47,8 +47,10 @@ SAMPLERS = {
     "adversarial": [],
     # hard negatives from the first epoch, index rebuilt every 2 steps (5 steps per epoch and rank)
     "mips": ["sampler.warmup_epochs=0", "sampler.refresh_steps=2"],
-    # epoch 0 random batches, epoch 1 clustered (size 8, the re-clustering of phase 1), epoch 2 phase 2
-    "ngame": ["sampler.phase1_epochs=2", "trainer.max_epochs=3", "sampler.phase1_warmup_steps=2"],
+    # epoch 0 random batches, epoch 1 clustered (size 8, the re-clustering of phase 1), epoch 2 phase 2; a sparse
+    # input table (all-gathered) and dense encoder layers (all-reduced outside DDP's reducer)
+    "ngame": ["sampler.phase1_epochs=2", "trainer.max_epochs=3", "sampler.phase1_warmup_steps=2",
+              "encoder.sparse_input=true"],
 }
 ALL_GATHER = ["uniform", "mips"]  # also run with hardware.sparse_grad_sync=all_gather
 RUNS = [(s, "auto") for s in SAMPLERS] + [(s, "all_gather") for s in ALL_GATHER]

@@ -70,11 +70,3 @@ class InputBag(nn.EmbeddingBag):
         if per_sample_weights is not None and per_sample_weights.requires_grad:
             raise RuntimeError("InputBag(sparse=True) takes fixed per-sample weights (no gradient for them)")
         return _SparseRowsBag.apply(self.weight, indices, offsets, per_sample_weights)
-
-
-def dense_input_tables(encoder):
-    """Switch `encoder`'s InputBags to dense gradients (for methods whose encoder optimiser is a plain AdamW)."""
-    for m in encoder.modules():
-        if isinstance(m, InputBag):
-            m.sparse = False
-    return encoder

@@ -220,9 +220,11 @@ class NGAME(XMCModule):
             return self.trainer.datamodule
         return self._dm
 
-    def _push_sampler_state(self, epoch):
+    def _set_epoch(self, epoch):
+        """The epoch's batch sampler (order, clusters) and, for phase 1, which positive each document takes."""
         self.batch_sampler.set_epoch(epoch)
         self.batch_sampler.set_clusters(self.cluster_ids if self.s.clustering else None)
+        self._pick_u = np.random.default_rng([self.seed, epoch, 0x5EED]).random(self.num_train)
 
     def _normalize(self, h):
         return F.normalize(h.float(), dim=-1)
@@ -281,16 +283,10 @@ class NGAME(XMCModule):
         # Lightning skips on_train_epoch_start when it resumes in the middle of an epoch: set up that epoch's batch
         # sampler, positive draws and shortlist index here (the loops, hence current_epoch, are restored by now;
         # at on_fit_start they are not yet)
-        e = int(self.current_epoch)
-        self._push_sampler_state(e)
+        self._set_epoch(int(self.current_epoch))
         self._t_epoch, self._cluster_s = time.perf_counter(), 0.0
-        self._pick_u = self._positive_draws(e)
         if self.phase == 2 and self._clf_index_weights is not None and self.trainer.fit_loop.restarting:
             self._build_clf_index(self._clf_index_weights)
-
-    def _positive_draws(self, epoch):
-        """(num_train,) uniforms of `epoch`: which positive each document takes in phase 1."""
-        return np.random.default_rng([self.seed, epoch, 0x5EED]).random(self.num_train)
 
     def _build_clf_index(self, weights):
         """The phase-2 training shortlist index over the normalised label vectors `weights` (kept for the
@@ -309,8 +305,7 @@ class NGAME(XMCModule):
     def on_train_epoch_start(self):
         super().on_train_epoch_start()  # the shortlist sampler's stream of this epoch
         e = int(self.current_epoch)
-        self._t_epoch = time.perf_counter()
-        self._cluster_s = 0.0
+        self._t_epoch, self._cluster_s = time.perf_counter(), 0.0
         if self.phase == 1 and self._phase_of(e) == 2:
             self._enter_phase2(e)
         elif self.phase == 1 and self.s.clustering:
@@ -320,8 +315,7 @@ class NGAME(XMCModule):
                 self.cluster_ids, self.cluster_size = None, 1
         if self.phase == 2 and int(self.s.phase2_ann_negatives) > 0:
             self._build_clf_index(F.normalize(self.labels.w.weight.detach().float(), dim=-1).cpu())
-        self._pick_u = self._positive_draws(e)
-        self._push_sampler_state(e)
+        self._set_epoch(e)
 
     @torch.no_grad()
     def _enter_phase2(self, epoch):
@@ -350,18 +344,15 @@ class NGAME(XMCModule):
 
     def on_train_epoch_end(self):
         self.check_nonfinite_flag()
-        if self.phase == 1:
-            self._sync_bank()
+        if self.phase == 1:  # every rank's rows of the epoch
+            self.bank, _ = self._merged_bank()
+            self.bank_written.zero_()
         dt = time.perf_counter() - self._t_epoch if self._t_epoch is not None else 0.0
         e = int(self.current_epoch)
         log.info("ngame: epoch %d phase %d: %.1f s (clustering %.2f s = %.1f%%), cluster size %d", e, self.phase,
                  dt, self._cluster_s, 100.0 * self._cluster_s / max(dt, 1e-9), self.cluster_size)
         for k, v in (("phase", self.phase), ("cluster_size", self.cluster_size), ("cluster_time_s", self._cluster_s)):
             self.log(f"ngame/{k}", float(v), on_epoch=True, rank_zero_only=True)
-
-    def _sync_bank(self):
-        self.bank, _ = self._merged_bank()
-        self.bank_written.zero_()
 
     def _merged_bank(self):
         """(bank, written): the bank with the rows written this epoch on any rank (under DDP averaged over the

@@ -13,7 +13,7 @@ import torch
 from xmcneg.distributed import active_dist, to_device
 from xmcneg.errors import ConfigError, XMCError
 from xmcneg.methods.label_table import LabelTable, sparse_sync_mode
-from xmcneg.methods.optim import CombinedOptimizer, params_of, wrap
+from xmcneg.methods.optim import CombinedOptimizer, OptimParams, params_of, wrap
 from xmcneg.methods.sparse_optim import all_gather_sparse_mean, encoder_optimizers, sparse_tables
 
 
@@ -96,18 +96,19 @@ class XMCModule(pl.LightningModule):
     eval.py can rebuild the model."""
 
     finite_check_every = 50  # accelerator steps between reads of the NaN/Inf flag (the CPU checks every step)
+    defer_finite_check = False  # tests: use the accelerator's deferred check on the CPU too
     # True: DDP's reducer averages no gradient; the module averages them all after backward (`backward_and_sync`).
     # For a method that trains its parts in turn: the reducer would wait for gradients of the parts it skips.
     outside_ddp = False
-    defer_finite_check = False  # tests: use the accelerator's deferred check on the CPU too
 
     def __init__(self, encoder, num_labels: int, sparse_labels: bool, evaluation=None, inv_prop=None,
-                 sampler=None, check_finite: bool = True):
+                 sampler=None, check_finite: bool = True, optim=None):
         super().__init__()
         self.automatic_optimization = False
         self.encoder, self.num_labels, self.sampler = encoder, int(num_labels), sampler
         self.labels = LabelTable(self.num_labels, encoder.dim, sparse=sparse_labels)
         self.evaluation, self.inv_prop, self.check_finite = EvalParams.of(evaluation), inv_prop, check_finite
+        self.optim = None if optim is None else OptimParams.of(optim)  # conf/train.yaml `optim` (encoder_optimizer)
         self.sparse_grad_sync, self.fault_step, self.run_config = "auto", None, None
         self.input_sync = None  # how the encoder's sparse input tables are synced under DDP (setup)
         self.train_steps, self.test_metrics, self._eval = 0, {}, None  # train_steps: training batches done

@@ -14,7 +14,7 @@ from xmcneg.eval.ann import LabelIndex, ann_topk, recall_against_exact
 from xmcneg.eval.metrics import filter_predictions, xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
-from xmcneg.methods.optim import CombinedOptimizer, OptimParams, linear_warmup, wrap
+from xmcneg.methods.optim import CombinedOptimizer, linear_warmup, wrap
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 
 log = logging.getLogger(__name__)
@@ -24,10 +24,9 @@ class XMCClassifier(XMCModule):
     def __init__(self, encoder, num_labels: int, loss, sampler=None, optim=None, evaluation=None, inv_prop=None,
                  check_finite: bool = True):
         super().__init__(encoder, num_labels, sparse_labels=sampler is not None, evaluation=evaluation,
-                         inv_prop=inv_prop, sampler=sampler, check_finite=check_finite)
+                         inv_prop=inv_prop, sampler=sampler, check_finite=check_finite, optim=optim)
         self.save_hyperparameters(ignore=["encoder", "loss", "sampler", "inv_prop"])
         self.loss = loss
-        self.optim = OptimParams.of(optim)
         if sampler is None and not hasattr(loss, "full"):
             raise ConfigError("loss.name", f"'{loss.name}' needs sampled negatives; use bce or softmax with "
                                            "sampler=full")

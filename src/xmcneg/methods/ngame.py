@@ -21,7 +21,7 @@ from xmcneg.eval.ann import LabelIndex, candidate_scores, topk_of_candidates
 from xmcneg.eval.metrics import xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
-from xmcneg.methods.optim import CombinedOptimizer, OptimParams, params_of
+from xmcneg.methods.optim import CombinedOptimizer, params_of
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 from xmcneg.records import tensor_digest
 from xmcneg.samplers.cluster_batching import ClusterBatchSampler, ClusterCurriculum, balanced_spherical_clusters
@@ -168,11 +168,10 @@ class NGAME(XMCModule):
                  seed: int = 0, batch_size: int = 256):
         s = NGAMESettings.of(settings)
         super().__init__(encoder, num_labels, sparse_labels=True, evaluation=evaluation, inv_prop=inv_prop,
-                         sampler=InBatchSampler(int(s.phase2_max_shortlist), seed))
+                         sampler=InBatchSampler(int(s.phase2_max_shortlist), seed), optim=optim)
         self.save_hyperparameters(ignore=["encoder", "datamodule", "inv_prop"])
         datamodule.label_inputs(np.arange(min(1, num_labels)))  # label texts present? (one-line error otherwise)
         self.s = s
-        self.optim = OptimParams.of(optim)
         self.seed = int(seed)
         self.num_train = int(datamodule.split("train")[1].shape[0])
         # batches of clustered documents: the datamodule's training batch sampler

@@ -74,13 +74,10 @@ def _select(cfg, dotted):
 
 
 def _overrides(run_dir):
-    ov = _load_yaml(Path(run_dir) / ".hydra" / "overrides.yaml")
-    out = {}
-    for item in ov or []:
-        if isinstance(item, str) and "=" in item:
-            k, v = item.split("=", 1)
-            out[k.lstrip("+~")] = v
-    return out
+    """{key: value} of the run's `key=value` Hydra overrides (without the + / ~ prefixes)."""
+    items = _load_yaml(Path(run_dir) / ".hydra" / "overrides.yaml") or []
+    items = [i for i in items if isinstance(i, str) and "=" in i]
+    return {k.lstrip("+~"): v for k, v in (i.split("=", 1) for i in items)}
 
 
 def _float(v):
@@ -166,14 +163,11 @@ class Run:
         if self.results is None:
             n = len(self.rows)
             return f"no results.json (still running or killed; {n} validation row{'s' if n != 1 else ''} logged)"
-        st = self.status
         if self.results.get("reason"):
             return str(self.results["reason"])
-        if st == "running":
-            return "status running: still running, or killed before it finished"
-        if st == "interrupted":
-            return "interrupted before the planned end of training"
-        return f"status {st}"
+        known = {"running": "status running: still running, or killed before it finished",
+                 "interrupted": "interrupted before the planned end of training"}
+        return known.get(self.status, f"status {self.status}")
 
     def diag_curve(self, key):
         """(train_time_s, value) of the diagnostics rows."""

@@ -1,9 +1,5 @@
-"""Refuse Hydra multiruns (`python train.py -m ...`) with a DDP strategy that re-launches the script.
-
-Lightning's `ddp` starts its extra processes by re-running `sys.argv`, so every child would run the whole sweep
-again. `ddp_spawn`/`ddp_fork`/`ddp_notebook` do not re-run the script and are allowed, and so is any multirun under
-the submitit SLURM launcher (SLURM starts one task per device).
-"""
+"""Refuse Hydra multiruns with Lightning's `ddp`, which re-runs `sys.argv` (so the whole sweep) in each child;
+`ddp_spawn`/`ddp_fork`/`ddp_notebook` and the submitit SLURM launcher are allowed."""
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 

@@ -1,16 +1,8 @@
-"""Readers and writers of the extreme-classification (XC) file formats, with strict validation.
-
-* XC BoW (``train.txt``): header ``num_points num_features num_labels``, then one line per point
-  ``l1,l2,... f:v f:v ...`` (0-based ids; a point without labels starts with a space).
-* XY (``trn_X_Y.txt``): header ``num_points num_labels``, then ``label:value ...`` per point (no ``:value``: 1.0).
-* Lines (``trn_X.txt``, ``lbl_X.txt``): one text per line.
-
-``.gz`` files are read and written by the name's suffix. Every malformed input raises :class:`DataFormatError`
-naming the file and the 1-based line (the header is line 1, point i is on line i + 2). Kept, not errors: a label
-repeated on a line (once; in XY the largest value), points without features or labels, an empty data line (such a
-point), blank lines after the data, ``\\r\\n`` line endings, a UTF-8 byte-order mark before the header.
-The BoW/XY readers parse 16 MB blocks with a few vectorised numpy passes; a block that fails a check is parsed
-again line by line, to report its first bad line precisely.
+"""Strict readers and writers of the XC formats: BoW (``train.txt``: header ``N F C``, lines ``l1,l2 f:v ...``),
+XY (``trn_X_Y.txt``: header ``N C``, lines ``label[:value] ...``) and one text per line; ``.gz`` by the name's suffix.
+Malformed input raises :class:`DataFormatError` at its 1-based line (header = line 1). Kept, not errors: repeated
+labels (once; in XY the largest value), empty rows, trailing blank lines, ``\\r\\n``, a UTF-8 BOM. BoW/XY parse 16 MB
+blocks vectorised; a block that fails a check is re-parsed line by line to name its first bad line.
 """
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Readers of the Extreme Classification Repository's LF layout, with file:line errors (DataFormatError).
-
-* LF json(.gz) (``trn.json.gz``, ``tst.json.gz``, ``lbl.json.gz``): one JSON object per non-blank line with ``title``
-  (a string), ``content`` (a string; used with ``use_content``) and ``target_ind`` (a list of integer label ids in
-  [0, num_labels); a repeated id is kept once). The text is the title (+ " " + content), whitespace collapsed.
-* Filter files (``filter_labels_*.txt``): ``doc_id label_id`` per line, pairs to drop from the predictions.
-"""
+"""Readers of the XC Repository's LF layout with file:line errors: json(.gz) files of one object per non-blank line
+(``title``, optional ``content``, ``target_ind`` label ids; text = title [+ content], whitespace collapsed) and
+filter files (``doc_id label_id`` per line)."""
 from __future__ import annotations
 
 import json

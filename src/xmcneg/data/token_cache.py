@@ -1,7 +1,5 @@
-"""Ragged token rows and their on-disk cache: rows are saved as ``.npz`` under ``${paths.cache_dir}/tokens/``, keyed
-by the tokenizer, max_len and the text file's sha1, word vocabularies as text next to them; entries are written
-atomically and checked when read (CRCs, shapes, id ranges, row counts), and one that fails a check is rebuilt.
-"""
+"""Ragged token rows and their on-disk cache (``.npz`` entries and word vocabularies, written atomically, checked
+when read; an entry that fails a check is rebuilt)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,9 +1,6 @@
-"""Approximate maximum-inner-product search over label vectors with bias (faiss), and the exact re-scoring of a
-shortlist shared by every method (`candidate_scores`, `topk_of_candidates`, `ann_topk`).
-
-score(x, y) = <x, w_y> + b_y: the index stores [w_y, b_y] and a query is [x, 1]. IVF defaults (nlist = sqrt(C),
-nprobe 16, 8-bit scalar-quantised storage) come from benchmarks/inference_cost.py; HNSW builds far slower on a few
-cores, so prefer IVF for large C on CPU.
+"""Maximum-inner-product search over label vectors with bias (faiss: the index stores [w_y, b_y], a query is
+[x, 1]) and the exact re-scoring of a shortlist shared by every method. IVF defaults (nlist = sqrt(C), nprobe 16,
+sq8 storage) come from benchmarks/inference_cost.py; HNSW builds far slower on a few cores.
 """
 
 from __future__ import annotations

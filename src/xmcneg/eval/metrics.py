@@ -1,19 +1,7 @@
-"""Extreme-classification metrics: P@k, nDCG@k, PSP@k, PSnDCG@k, R@k.
-
-Conventions follow xclib (the Extreme Classification Repository's evaluation code):
-
-* ``P@k``   = mean over all N points of (#hits in the top k) / k.
-* ``nDCG@k`` = mean over all N points of DCG@k / IDCG@k, with DCG@k = sum_{j<k} hit_j / log2(j + 2) and
-  IDCG@k = sum_{j < min(k, #true)} 1 / log2(j + 2). Points without true labels contribute 0 to P and nDCG
-  and are still counted in N.
-* ``PSP@k`` = (sum over points of the inverse propensities of the hits in the top k) /
-  (sum over points of the best achievable value: the top-min(k, #true) inverse propensities among the
-  point's true labels). A ratio of sums, like xclib.
-* ``PSnDCG@k`` = same ratio of sums with the positions discounted by 1 / log2(j + 2).
-* ``R@k``   = mean over points with at least one true label of (#hits in the top k) / #true.
-
-Predictions are an int64 array ``topk`` (N, K) of label ids ordered by decreasing score; -1 (or any id outside
-[0, C)) and positions beyond column K count as wrong. Rows are processed in vectorised blocks (bounded memory).
+"""XC metrics with xclib's conventions. P@k and nDCG@k (IDCG over min(k, #true)) are means over all N points
+(a point without labels counts 0); PSP@k and PSnDCG@k are ratios of sums over points: inverse propensities of the
+hits (discounted by 1 / log2(j + 2) for PSnDCG) over the best achievable; R@k is the mean over points with labels
+of #hits / #true. ``topk`` (N, K) holds label ids by decreasing score; ids outside [0, C) count as wrong.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Adversarial negatives (Bamler & Mandt, ICLR 2020): draws from p_n(y|x), the label tree of label_tree.py on a
-whitened projection x~ of the features, with exact log p_n, which prediction adds to every label's score.
-`refit_every_epochs` refits on the encoder's embeddings of the train split; `uniform_mix` m mixes in uniform draws
-(log q = log((1 - m) p_n + m / C)). Under DDP rank 0 fits and broadcasts the tree and projection.
-"""
+"""Adversarial negatives (Bamler & Mandt): draws from the label tree of label_tree.py with exact log p_n, which
+prediction adds to every label's score; `uniform_mix` m gives log q = log((1 - m) p_n + m / C). Under DDP rank 0
+fits and broadcasts the tree."""
 import logging
 import math
 import time

@@ -1,18 +1,8 @@
-"""Bamler & Mandt's auxiliary model: a balanced binary tree of logistic regressions over the labels (no Lightning).
-
-* ``x~ = x @ weight - offset``: a whitened truncated SVD (PCA) of the train features (`Projection`).
-* A complete binary tree of depth ``D = ceil(log2 C)`` in heap order (children of ``g``: ``2g+1`` left, ``2g+2``
-  right); leaf ``j`` is the path read as a binary number, root bit first. Node ``g`` goes right with probability
-  ``sigmoid(w_g . x~ + b_g)``; ``log p_n(y|x)`` is the sum of ``log sigmoid(+-s_g)`` along y's path.
-* Padding: a node with an empty subtree has ``w = 0``, ``b = +-PAD_LOGIT`` towards the inhabited child; in float32
-  ``sigmoid(+-1000)`` is exactly 1 / 0, so padding leaves have probability exactly 0 and are never sampled.
-* `fit_label_tree` fits top-down, each level vectorised over its nodes: a balanced split of each node's classes
-  along the dominant direction of their embeddings (batched power iteration), an L2-regularised logistic
-  regression per node by batched Newton steps (Hessian from per-label Gram matrices and mean curvatures, rebuilt
-  every ``hessian_every`` steps), optionally a capacity-constrained re-split by the score sums (paper Eq. 9) and a
-  warm refit. Near-linear in the number of (point, label) pairs; deterministic given the data and ``seed``.
-* `LabelTree.sample` draws ancestrally (one Bernoulli per level, O(k log C) per negative) with exact log p_n;
-  `log_prob` and `label_log_probs` evaluate given labels or a label range.
+"""Bamler & Mandt's auxiliary model: a balanced binary tree of logistic regressions over the labels, on a whitened
+PCA ``x~`` of the inputs (`Projection`). Nodes in heap order (children of g: 2g+1 left, 2g+2 right); node g goes
+right with probability ``sigmoid(w_g . x~ + b_g)``; a node with one empty subtree has ``w = 0, b = +-PAD_LOGIT``, so
+padding leaves have probability exactly 0. `fit_label_tree` fits level by level (balanced split, batched Newton
+steps, optional capacity-constrained re-split); `LabelTree.sample` draws ancestrally with exact log p_n.
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """MIPS hard negatives + uniform negatives (Qaraei & Babbar); options in conf/sampler/mips.yaml.
 
-Document i with p_i positives gets n_i = max(num_candidates - p_i, num_hard) negatives: h_i hard ones (mode mix:
-num_hard; mips_only: n_i; uniform_only and the first `warmup_epochs`: 0), the highest-scoring non-positive labels of
-a faiss index over the label table (eval/ann.py), and the rest drawn exactly uniformly from the other labels
-(rank shift, no rejection). Rows of `label_ids` (B, W) are [hard | uniform | -1 padding]; log_q is the per-slot
-probability of that stratified proposal: -log W for hard y, log(u_i / (W (C - m_i))) for uniform y (u_i uniform
-slots, m_i = p_i + h_i). The index is rebuilt at the first step of every epoch, every `refresh_steps` steps and
-after a resume, deterministically, so all DDP ranks hold the same index.
+Document i with p_i positives gets n_i = max(num_candidates - p_i, num_hard) negatives: h_i hard ones (the top
+non-positive labels of a faiss index over the label table) and the rest exactly uniform over the other labels. Rows
+are [hard | uniform | -1]; log_q per slot: -log W for hard y, log(u_i / (W (C - m_i))) for uniform y (u_i uniform
+slots, m_i = p_i + h_i). Index rebuilds are deterministic, so all DDP ranks hold the same index.
 """
 import logging
 import math
@@ -128,7 +125,7 @@ class MIPSSampler(Sampler):
     def sample(self, batch, doc_emb):
         device = doc_emb.device
         pos = batch["pos"].detach().cpu()
-        B, P = pos.shape
+        B = pos.shape[0]
         C = self.num_labels
         p = (pos >= 0).sum(1)                                           # (B,) positives per document
         n = torch.clamp(self.num_candidates - p, min=self.num_hard)     # valid negatives per document
@@ -141,11 +138,7 @@ class MIPSSampler(Sampler):
         if hard.shape[1] > 0:
             kq = min(int((h_target + p).max()), C)
             cand = self.query(doc_emb, kq)                              # (B, kq), -1 = missing
-            if P > 0:
-                is_pos = (cand.unsqueeze(-1) == pos.unsqueeze(1)).any(-1)
-            else:
-                is_pos = torch.zeros_like(cand, dtype=torch.bool)
-            ok = (cand >= 0) & ~is_pos
+            ok = (cand >= 0) & ~(cand.unsqueeze(-1) == pos.unsqueeze(1)).any(-1)
             rank = ok.long().cumsum(1) - 1
             take = ok & (rank < h_target.unsqueeze(1))
             rows = torch.arange(B).unsqueeze(1).expand_as(cand)
@@ -172,11 +165,8 @@ class MIPSSampler(Sampler):
         # --- compose [hard | uniform | -1]
         col = torch.arange(W).unsqueeze(0)
         out = torch.full((B, W), -1, dtype=torch.long)
-        is_hard = col < h.unsqueeze(1)
         is_uni = (col >= h.unsqueeze(1)) & (col < (h + u).unsqueeze(1))
-        if hard.shape[1] > 0:
-            hw = min(W, hard.shape[1])
-            out[:, :hw] = torch.where(is_hard[:, :hw], hard[:, :hw], out[:, :hw])
+        out[:, :hard.shape[1]] = hard  # row i: its h_i hard negatives, then -1 (h_target <= n, so width <= W)
         out = torch.where(is_uni, uni, out)
         log_q = torch.full((B, W), -math.log(max(W, 1)), dtype=torch.float32)
         lq_uni = (torch.log(u.double().clamp(min=1)) - math.log(max(W, 1)) - torch.log(free.double().clamp(min=1)))

@@ -39,17 +39,14 @@ def _count(v):
         return None
 
 
-def _strategy_name(strategy):
-    if strategy is None or isinstance(strategy, str):
-        return (strategy or "").lower()
-    return str(_get(strategy, "_target_") or strategy).lower()  # a strategy given as a config node
-
-
 def is_ddp_like(hardware, choice=None):
     """True when the hardware config runs a re-launching DDP strategy on more than one process, or is the
     `ddp` hardware option (by its `name` key or `choice`, the option picked in the hardware group)."""
     name = str(_get(hardware, "name", "") or choice or "").lower()
-    strategy = _strategy_name(_get(hardware, "strategy"))
+    strategy = _get(hardware, "strategy")
+    if strategy is not None and not isinstance(strategy, str):
+        strategy = _get(strategy, "_target_") or strategy  # a strategy given as a config node
+    strategy = str(strategy or "").lower()
     if "ddp" in strategy and not any(s in strategy for s in _SAFE_LAUNCH):
         devices, nodes = _count(_get(hardware, "devices", 1)), _count(_get(hardware, "num_nodes", 1))
         if devices is None or nodes is None or devices * nodes > 1:

@@ -206,6 +206,17 @@ def _iter_data(path, blocks, rest, n_points):
                                           f"num_points={n_points} (truncated file?)")
 
 
+def _read_blocks(path, given, parse_block):
+    """Header ``num_points`` + the counts named in ``given`` (each checked when given), then the results of
+    ``parse_block(path, first line number, lines, *counts)`` for the blocks of data lines. Returns (counts, results)."""
+    path = resolve_path(path)
+    blocks = _iter_blocks(path)
+    (N, *counts), rest = _read_header(path, blocks, ("num_points", *given))
+    for (name, want), v in zip(given.items(), counts):
+        _check_given(path, name, want, v)
+    return counts, [parse_block(path, lineno, lines, *counts) for lineno, lines in _iter_data(path, blocks, rest, N)]
+
+
 # ------------------------------------------------------------------------------------------- vectorised helpers
 def _fromstring(s: bytes, dtype, sep: str) -> np.ndarray:
     """``np.fromstring``; _BlockError where it fails or warns (a token it cannot parse)."""
@@ -415,17 +426,8 @@ def _bow_block(path, first_lineno, lines, F, C):
 def read_xc_bow(path, num_features=None, num_labels=None):
     """Read an XC BoW file -> ``(X, Y)``: float32 CSR matrices of shape (N, F) and (N, C), Y holding 1.0 per
     label, indices sorted within rows. ``num_features`` / ``num_labels``, when given, must equal the header."""
-    path = resolve_path(path)
-    blocks = _iter_blocks(path)
-    (N, F, C), rest = _read_header(path, blocks, ("num_points", "num_features", "num_labels"))
-    _check_given(path, "num_features", num_features, F)
-    _check_given(path, "num_labels", num_labels, C)
-    xs, ys = [], []
-    for lineno, lines in _iter_data(path, blocks, rest, N):
-        X, Y = _bow_block(path, lineno, lines, F, C)
-        xs.append(X)
-        ys.append(Y)
-    return _stack(xs, F), _stack(ys, C)
+    (F, C), parts = _read_blocks(path, {"num_features": num_features, "num_labels": num_labels}, _bow_block)
+    return _stack([X for X, _ in parts], F), _stack([Y for _, Y in parts], C)
 
 
 # ------------------------------------------------------------------------------------------------------ XY
@@ -453,11 +455,7 @@ def _xy_block(path, first_lineno, lines, C):
 
 def read_xy(path, num_labels=None):
     """Read an ``*_X_Y.txt`` file -> float32 CSR (N, C) holding each label's value (1.0 when omitted)."""
-    path = resolve_path(path)
-    blocks = _iter_blocks(path)
-    (N, C), rest = _read_header(path, blocks, ("num_points", "num_labels"))
-    _check_given(path, "num_labels", num_labels, C)
-    parts = [_xy_block(path, lineno, lines, C) for lineno, lines in _iter_data(path, blocks, rest, N)]
+    (C,), parts = _read_blocks(path, {"num_labels": num_labels}, _xy_block)
     return _stack(parts, C)
 
 

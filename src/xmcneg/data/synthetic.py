@@ -1,7 +1,8 @@
 """Seeded synthetic XMC datasets: Zipf label popularity, labels in ``K`` clusters that share features (cluster
 mates are each other's hard negatives), documents whose tokens come from their labels' cluster and own features or
-a Zipf background (``MIX``); values ``(1 + log tf) * idf``, rows L2-normalised. :func:`generate` writes the XC BoW
-splits, with ``write_text`` the text layout (words ``w{feature id}``), and ``meta.json`` last; same arguments, same bytes.
+a Zipf background (``MIX``); values ``(1 + log tf) * idf``, rows L2-normalised. :func:`generate` writes the XC
+BoW splits, with ``write_text`` the text layout (words ``w{feature id}``), ``meta.json`` last; same arguments, same
+bytes.
 """
 from __future__ import annotations
 

@@ -120,11 +120,5 @@ class HFTokenizer:
 
     def encode(self, texts, max_len=None, cls=True):
         kw = {"add_special_tokens": True, "truncation": max_len is not None, "return_attention_mask": False,
-              "return_token_type_ids": False}
-        if max_len is not None:
-            kw["max_length"] = int(max_len)
-
-        def batch(ts):
-            return list(self.tok(list(ts), **kw)["input_ids"])
-
-        return _encode_exact(texts, max_len, batch, chars_per_token=16)
+              "return_token_type_ids": False, "max_length": None if max_len is None else int(max_len)}
+        return _encode_exact(texts, max_len, lambda ts: list(self.tok(list(ts), **kw)["input_ids"]), chars_per_token=16)

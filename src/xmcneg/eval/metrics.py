@@ -23,8 +23,7 @@ def _to_numpy(x):
 
 
 def _as_csr(Y) -> sp.csr_matrix:
-    Y = sp.csr_matrix(Y) if not sp.isspmatrix_csr(Y) else Y
-    Y = Y.copy()
+    Y = sp.csr_matrix(Y, copy=True)
     Y.sum_duplicates()  # also sorts indices
     Y.eliminate_zeros()
     return Y

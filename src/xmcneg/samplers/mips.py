@@ -54,16 +54,6 @@ class MIPSSampler(Sampler):
                               f"{self.num_candidates} must be fewer than the {datamodule.num_labels} labels")
         super().setup(datamodule, model, state)
 
-    def _new_index(self):
-        from xmcneg.eval.ann import LabelIndex
-
-        args = dict(self.index_args)
-        args.setdefault("deterministic", True)  # same graph on every DDP rank
-        try:
-            return LabelIndex(kind=self.index_kind, **args)
-        except TypeError as e:
-            raise ConfigError("sampler.index_args", str(e)) from None
-
     def hard_wanted(self, epoch: int) -> bool:
         return self.mode != "uniform_only" and epoch >= self.warmup_epochs
 
@@ -76,10 +66,15 @@ class MIPSSampler(Sampler):
         return self.refresh_steps > 0 and step % self.refresh_steps == 0 and step != self.last_refresh_step
 
     def rebuild(self, model, step: int, epoch: int):
+        from xmcneg.eval.ann import LabelIndex
+
         t0 = time.perf_counter()
         w, b = model.weights()
         if self.index is None:
-            self.index = self._new_index()
+            try:  # LabelIndex builds deterministically by default: the same index on every DDP rank
+                self.index = LabelIndex(kind=self.index_kind, **self.index_args)
+            except TypeError as e:
+                raise ConfigError("sampler.index_args", str(e)) from None
         self.index.build(w.float().cpu(), b.float().cpu())
         self.build_s += time.perf_counter() - t0
         self.index_version += 1
@@ -108,13 +103,6 @@ class MIPSSampler(Sampler):
                 "time/index_share": spent / self.step_s if self.step_s > 0 else 0.0,
                 "sampler/index_version": float(self.index_version)}
 
-    def _hard_targets(self, n):
-        if not self.hard_active:
-            return torch.zeros_like(n)
-        if self.mode == "mips_only":
-            return n
-        return torch.full_like(n, self.num_hard)
-
     def query(self, doc_emb, kq):
         t0 = time.perf_counter()
         q = doc_emb.detach().to("cpu", torch.float32).numpy()
@@ -129,7 +117,8 @@ class MIPSSampler(Sampler):
         C = self.num_labels
         p = (pos >= 0).sum(1)                                           # (B,) positives per document
         n = torch.clamp(self.num_candidates - p, min=self.num_hard)     # valid negatives per document
-        h_target = self._hard_targets(n)
+        h_target = n if self.mode == "mips_only" else torch.full_like(n, self.num_hard)  # hard negatives wanted
+        h_target = h_target if self.hard_active else torch.zeros_like(n)
         W = int(n.max()) if B > 0 else 0
 
         # --- hard negatives: first h_target[i] index neighbours that are not positives

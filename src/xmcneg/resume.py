@@ -63,15 +63,12 @@ def read_checkpoint(path, for_training=False):
 
 
 def _select(cfg, dotted):
-    node = cfg
     for part in dotted.split("."):
         try:
-            node = node.get(part) if hasattr(node, "get") else None
-        except Exception:  # noqa: BLE001
+            cfg = cfg.get(part)
+        except Exception:  # noqa: BLE001  (None, not a mapping, or a value that does not resolve)
             return None
-        if node is None:
-            return None
-    return node
+    return cfg
 
 
 def check_fits(path, ckpt, module, cfg=None, hint=None):
@@ -230,9 +227,8 @@ class SkipFirstBatches(torch.utils.data.Sampler):
 
 
 class SkipDoneBatches(pl.Callback):
-    """After a mid-epoch resume, the training DataLoader skips the batches already trained on in that epoch, and
-    the global RNGs are set back to the checkpoint's after the DataLoader's iterator has been created (creating it
-    draws a seed from the global torch RNG, which the uninterrupted run did at the epoch start, not mid-epoch)."""
+    """After a mid-epoch resume, the training DataLoader skips the batches already trained on in that epoch; the
+    global RNGs are set back to the checkpoint's after its iterator has drawn its seed from them."""
 
     def __init__(self):
         self._rng_state = None

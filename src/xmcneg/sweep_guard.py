@@ -54,27 +54,18 @@ def is_ddp_like(hardware, choice=None):
     return name == "ddp"
 
 
-def _hydra_state():
-    """(is_multirun, launcher _target_, hardware option) from the running Hydra app, or (False, '', None)."""
-    if not HydraConfig.initialized():
-        return False, "", None
-    hc = HydraConfig.get()
-    launcher = str(_get(_get(hc, "launcher", {}) or {}, "_target_", "") or "")
-    try:
-        choice = hc.runtime.choices.get("hardware")
-    except Exception:  # noqa: BLE001
-        choice = None
-    return hc.mode == RunMode.MULTIRUN, launcher, choice
-
-
 def check_multirun(cfg, multirun=None, launcher=None):
     """ConfigError('hardware.strategy') for a multirun with a ddp-like hardware config outside the SLURM launcher;
     `multirun`/`launcher` default to the running Hydra app's mode and `hydra.launcher._target_`."""
     choice = None
-    if multirun is None or launcher is None:
-        m, lau, choice = _hydra_state()
-        multirun = m if multirun is None else multirun
-        launcher = lau if launcher is None else launcher
+    if (multirun is None or launcher is None) and HydraConfig.initialized():
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN if multirun is None else multirun
+        launcher = str(_get(_get(hc, "launcher", {}) or {}, "_target_", "") or "") if launcher is None else launcher
+        try:
+            choice = hc.runtime.choices.get("hardware")
+        except Exception:  # noqa: BLE001
+            pass
     if not multirun or "slurm" in str(launcher).lower():
         return
     hardware = _get(cfg, "hardware")

@@ -42,8 +42,7 @@ _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 def _gzip_error(path, e) -> DataFormatError:
-    """The DataFormatError naming the file for a gzip decompression failure (one of ``_GZIP_ERRORS``: not gzip
-    data, corrupt or cut-short data, a CRC mismatch)."""
+    """The DataFormatError naming the file for one of ``_GZIP_ERRORS``."""
     if isinstance(e, EOFError):
         return DataFormatError(path, None, "gzip data cut short (the compressed stream ends before its end marker: "
                                            "an incomplete copy or download?)")
@@ -207,8 +206,7 @@ def _iter_data(path, blocks, rest, n_points):
 
 
 def _read_blocks(path, given, parse_block):
-    """Header ``num_points`` + the counts named in ``given`` (each checked when given), then the results of
-    ``parse_block(path, first line number, lines, *counts)`` for the blocks of data lines. Returns (counts, results)."""
+    """(header counts after num_points, each checked against ``given``; ``parse_block`` of each data block)."""
     path = resolve_path(path)
     blocks = _iter_blocks(path)
     (N, *counts), rest = _read_header(path, blocks, ("num_points", *given))
@@ -242,9 +240,8 @@ def _fast_ints(joined: bytes, count: int, sep: bytes) -> np.ndarray:
 
 
 def _fast_pairs(s: bytes, T: int) -> tuple[np.ndarray, np.ndarray]:
-    """``s`` = ``T`` tokens ``b'i:v'`` separated by runs of spaces -> (int64 indices, float32 values).
-    _BlockError unless every token is exactly a non-negative decimal integer, one ``:``, and a number that is
-    finite in float32."""
+    """``s`` = ``T`` tokens ``b'i:v'`` separated by runs of spaces -> (int64 indices, float32 values); _BlockError
+    unless every token is a non-negative decimal integer, one ``:``, and a number finite in float32."""
     s = s.strip(b" ")
     if T == 0:
         if s:

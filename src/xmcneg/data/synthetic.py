@@ -241,10 +241,9 @@ def _plain(cfg_dict) -> dict:
 
 
 def ensure(cfg_dict, cache_root) -> Path:
-    """The dataset for these generation parameters (keys of :func:`generate`; others are ignored,
-    ``gen_seed`` is read as ``seed``), generated under ``cache_root/synthetic-<hash>`` unless already complete
-    (``meta.json`` present). Generation happens in a temporary directory renamed into place, so an interrupted
-    run never leaves a half dataset and concurrent callers (DDP ranks) end up sharing one copy."""
+    """The dataset for these :func:`generate` parameters (``gen_seed`` = ``seed``) under
+    ``cache_root/synthetic-<hash>``, generated unless complete in a temporary directory renamed into place (so
+    concurrent callers share one copy)."""
     p = _normalise(_plain(cfg_dict))
     key = hashlib.sha1(json.dumps({"version": GENERATOR_VERSION, **p}, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_root)

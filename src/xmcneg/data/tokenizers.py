@@ -31,9 +31,8 @@ def _cut(text: str, n_chars: int) -> str:
 
 
 def _encode_exact(texts, max_len, encode_batch, chars_per_token=16, chunk=4096):
-    """Token id lists for ``texts`` truncated to ``max_len``, tokenising only a prefix of long texts: a text
-    is first cut at ``max_len x chars_per_token`` characters (at a space) and re-tokenised in full only when
-    the cut text gave fewer than ``max_len`` tokens — so the result equals tokenising the full texts."""
+    """Token id lists for ``texts`` truncated to ``max_len``, equal to tokenising the full texts: a long text is cut
+    at ``max_len x chars_per_token`` characters and re-tokenised in full only when that gave < ``max_len`` tokens."""
     out = []
     n_chars = None if max_len is None else int(max_len) * chars_per_token
     for lo in range(0, len(texts), chunk):

@@ -209,9 +209,8 @@ def topk_of_candidates(scores, cand, k: int):
 
 def ann_topk(doc_emb, label_w, label_b, k: int, index: LabelIndex, shortlist: int = 100,
              query_chunk: int = 4096, extra=None):
-    """Top-k labels via ANN retrieval of ``shortlist`` candidates, re-scored exactly with torch (+ ``extra(rows,
-    ids)``, e.g. a sampler's score correction). An ``index`` never built is built from (label_w, label_b).
-    Returns ``(scores (N, k), ids (N, k) int64)`` on doc_emb's device, padded with id -1 / score -inf."""
+    """Top-k (scores, ids) of ``shortlist`` ANN candidates re-scored exactly (+ ``extra(rows, ids)``), padded with
+    id -1 / score -inf; an ``index`` never built is built from (label_w, label_b)."""
     doc, W, B, k = score_inputs(doc_emb, label_w, label_b, k)
     C = W.shape[0]
     if index.version == 0:

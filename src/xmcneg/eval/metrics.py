@@ -145,9 +145,8 @@ def xc_metrics(topk, true_Y, inv_prop=None, ks=(1, 3, 5), recall_ks=(10, 100)) -
 
 
 def filter_predictions(topk, scores, filter_pairs):
-    """Remove the (doc index, label id) rows of ``filter_pairs`` (M, 2) (the LF benchmarks' filter files) from
-    predictions ``topk`` (N, K) and ``scores`` (or None): each filtered entry becomes -1 (score -inf) at the end
-    of its row, the others keep their order. Returns new ``(topk, scores)`` of the kind (numpy or torch) given."""
+    """New ``(topk, scores)`` (numpy or torch, as given; scores may be None) without the (doc, label) pairs of
+    ``filter_pairs`` (M, 2): a filtered entry becomes -1 (score -inf) at the end of its row, the rest keep order."""
     ids = _to_numpy(topk).astype(np.int64, copy=True)
     sc = None if scores is None else _to_numpy(scores).copy()
     pairs = _to_numpy(filter_pairs).astype(np.int64).reshape(-1, 2)

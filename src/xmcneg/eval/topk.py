@@ -15,8 +15,7 @@ Correction = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 def score_inputs(doc_emb, label_w, label_b, k):
-    """(doc_emb as a float tensor, label_w, label_b as (C,) or None, int k); ConfigError('eval.k') unless
-    1 <= k <= C."""
+    """(float doc_emb, label_w, label_b as (C,) or None, int k); ConfigError('eval.k') unless 1 <= k <= C."""
     doc_emb = torch.as_tensor(doc_emb)
     if not doc_emb.is_floating_point():
         doc_emb = doc_emb.float()
@@ -31,9 +30,8 @@ def score_inputs(doc_emb, label_w, label_b, k):
 @torch.no_grad()
 def exact_topk(doc_emb, label_w, label_b=None, k: int = 5, doc_chunk: int = 2048, label_chunk: int = 262144,
                correction: Optional[Correction] = None):
-    """Top-k of <doc_emb, label_w> + label_b (+ ``correction(doc_emb_chunk, start, end)``, an (n, end - start)
-    term for labels ``start..end-1``) for every document: ``(scores (N, k), ids (N, k) int64)`` on doc_emb's
-    device, sorted by decreasing score. Raises ConfigError('eval.k') when k > C or k < 1."""
+    """Top-k ``(scores, ids)`` (N, k) of <doc_emb, label_w> + label_b (+ ``correction(doc_emb_chunk, start, end)``,
+    the (n, end - start) term of labels start..end-1), by decreasing score."""
     doc_emb, label_w, label_b, k = score_inputs(doc_emb, label_w, label_b, k)
     device, dtype = doc_emb.device, doc_emb.dtype
     if doc_emb.dim() != 2 or label_w.dim() != 2 or doc_emb.shape[1] != label_w.shape[1]:

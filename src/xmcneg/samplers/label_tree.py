@@ -54,13 +54,9 @@ class Projection:
     def dense(self, h):
         return h.to(self.weight.dtype) @ self.weight - self.offset
 
-    def csr(self, X, chunk: int = 1 << 16):
+    def csr(self, X):
         """All rows of a scipy CSR matrix -> (N, k) float32 tensor (on CPU)."""
-        W = self.weight.cpu().numpy()
-        out = np.empty((X.shape[0], self.dim), dtype=np.float32)
-        for s in range(0, X.shape[0], chunk):
-            out[s: s + chunk] = np.asarray(X[s: s + chunk] @ W)
-        return torch.from_numpy(out) - self.offset.cpu()
+        return torch.from_numpy(np.asarray(X @ self.weight.cpu().numpy(), dtype=np.float32)) - self.offset.cpu()
 
     def state_dict(self):
         return {"weight": self.weight.cpu(), "offset": self.offset.cpu(), "kind": self.kind}
@@ -247,9 +243,7 @@ class LabelTree:
     def label_log_probs(self, xt: torch.Tensor, start: int = 0, end: int = None,
                         budget_bytes: int = _CORRECTION_BUDGET_BYTES) -> torch.Tensor:
         """log p_n(y|x) for labels [start, end) and every row of xt (n, k) -> (n, end-start), exact, with about
-        `budget_bytes` of temporaries. Many labels: rows in blocks, the top D - h levels once, then subtrees in
-        cache-sized groups of ~8192 leaves (`_descend`), skipping groups without wanted labels. Few labels
-        (L * 2D < 2^D): per level the logits of the distinct ancestors only, gathered per label."""
+        `budget_bytes` of temporaries: by subtree groups of ~8192 leaves, or for few labels by their ancestors."""
         end = self.num_labels if end is None else int(end)
         start = int(start)
         L, n, D = end - start, xt.shape[0], self.depth

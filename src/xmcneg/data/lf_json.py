@@ -76,8 +76,7 @@ def read_lf_json(path, num_labels=None, use_content=False, want_labels=True):
             labels.extend(ids)
     Y = None
     if want_labels:
-        indptr = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
+        indptr = np.cumsum([0] + counts, dtype=np.int64)
         Y = sp.csr_matrix((np.ones(len(labels), np.float32), np.asarray(labels, np.int64), indptr),
                           shape=(len(counts), int(num_labels)))
         Y.sum_duplicates()

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 import numpy as np
 import torch
 
 from xmcneg.errors import ConfigError
 from xmcneg.eval.topk import score_inputs
-
-__all__ = ["LabelIndex", "ann_topk", "candidate_scores", "recall_against_exact", "topk_of_candidates"]
 
 log = logging.getLogger(__name__)
 _GPU_WARNED = False
@@ -36,7 +33,7 @@ class LabelIndex:
     (IVF: seeded k-means sample; HNSW with `deterministic`: one insertion thread). `version` counts the builds."""
 
     def __init__(self, kind: str = "hnsw", M: int = 32, ef_search: int = 128, ef_construction: int = 200,
-                 nlist: Optional[int] = None, nprobe: int = 16, use_gpu="auto", mips: str = "ip", seed: int = 1234,
+                 nlist: int | None = None, nprobe: int = 16, use_gpu="auto", mips: str = "ip", seed: int = 1234,
                  deterministic: bool = True, max_train_points_per_list: int = 64, kmeans_iters: int = 10,
                  storage: str = "auto"):
         if kind not in _KINDS:

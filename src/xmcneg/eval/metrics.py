@@ -11,8 +11,6 @@ import scipy.sparse as sp
 
 from xmcneg.errors import ConfigError
 
-__all__ = ["propensities", "inverse_propensities", "xc_metrics", "filter_predictions"]
-
 _ROW_BLOCK = 65536
 
 
@@ -157,11 +155,9 @@ def filter_predictions(topk, scores, filter_pairs):
         rows = np.unique(pairs[:, 0])  # only rows named by some pair can change
         if rows.size:
             width = int(max(ids.max(), pairs[:, 1].max(), 0)) + 1
-            fkeys = np.unique(pairs[:, 0] * width + pairs[:, 1])
             sub = ids[rows]
-            pkeys = rows[:, None] * width + np.where(sub >= 0, sub, 0)
-            pos = np.minimum(np.searchsorted(fkeys, pkeys), fkeys.size - 1)
-            drop = (sub >= 0) & (fkeys[pos] == pkeys)
+            keys = rows[:, None] * width + np.where(sub >= 0, sub, 0)
+            drop = (sub >= 0) & np.isin(keys, pairs[:, 0] * width + pairs[:, 1])
             if drop.any():
                 sub[drop] = -1
                 order = np.argsort(drop, axis=1, kind="stable")  # kept first, in their original order

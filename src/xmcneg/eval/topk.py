@@ -9,8 +9,6 @@ import torch
 
 from xmcneg.errors import ConfigError
 
-__all__ = ["exact_topk"]
-
 Correction = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 

@@ -139,10 +139,9 @@ class MIPSSampler(Sampler):
         excl = torch.cat([pos, hard], 1)
         big = C + (1 << 40)
         excl = torch.where(excl >= 0, excl, torch.full_like(excl, big)).sort(1).values
-        if excl.shape[1] > 1:  # drop duplicate exclusions (defensive: positives are unique per row)
-            dup = torch.zeros_like(excl, dtype=torch.bool)
-            dup[:, 1:] = excl[:, 1:] == excl[:, :-1]
-            excl = torch.where(dup, torch.full_like(excl, big), excl).sort(1).values
+        dup = torch.zeros_like(excl, dtype=torch.bool)  # drop duplicate exclusions (defensive: positives are unique)
+        dup[:, 1:] = excl[:, 1:] == excl[:, :-1]
+        excl = torch.where(dup, torch.full_like(excl, big), excl).sort(1).values
         m = (excl < big).sum(1)                                         # (B,) excluded labels per row
         free = (C - m).clamp(min=0)
         u = torch.where(free > 0, u, torch.zeros_like(u))                # nothing left to draw from

@@ -52,10 +52,9 @@ def _gzip_error(path, e) -> DataFormatError:
 
 
 def open_text(path, mode="rt"):
-    """Open a plain or gzip (``.gz`` suffix) file for reading (``rt``, ``rb``) or writing text (``wt``, ``at``,
-    ``xt``). Text is UTF-8; reading uses universal newlines, writing writes ``\\n``. Gzip files are written without
-    a name or time stamp, so identical content gives identical bytes. A plain file that holds gzip data raises
-    :class:`DataFormatError`; the readers below turn gzip decompression failures into one (:func:`_gzip_error`)."""
+    """Open a plain or ``.gz`` file for reading (``rt``, ``rb``) or writing UTF-8 text (``wt``, ``at``, ``xt``;
+    ``\\n`` newlines; gzip without name or time stamp, so same content, same bytes). A plain file that holds gzip
+    data raises :class:`DataFormatError`."""
     gz = str(path).endswith(".gz")
     if any(c in mode for c in "wax"):
         if not gz:
@@ -324,12 +323,10 @@ def _bow_block_fast(lines, F, C):
     labs = [p[0] for p in parts]
     feats = [p[2] for p in parts]
     n = len(lines)
-    # labels
     lab_counts = np.fromiter((a.count(b",") + 1 if a else 0 for a in labs), dtype=np.int64, count=n)
     lab = _fast_ints(b",".join([a for a in labs if a]), int(lab_counts.sum()), b",")
     if len(lab) and lab.max() >= C:
         raise _BlockError
-    # features
     f_counts = np.fromiter((f.count(b":") for f in feats), dtype=np.int64, count=n)
     idx, vals = _fast_pairs(b" ".join(feats), int(f_counts.sum()))
     if len(idx) and idx.max() >= F:

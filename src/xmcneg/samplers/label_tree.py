@@ -27,8 +27,7 @@ def tree_depth(num_labels: int) -> int:
 
 
 class Projection:
-    """x~ = x @ weight - offset (whitened PCA of the training inputs). ``kind`` says which input it expects:
-    "bag" = sparse features (EmbeddingBag dict or CSR matrix), "dense" = dense vectors (encoder embeddings)."""
+    """x~ = x @ weight - offset (whitened PCA) of "bag" inputs (sparse features) or "dense" ones (embeddings)."""
 
     def __init__(self, weight: torch.Tensor, offset: torch.Tensor, kind: str = "bag"):
         if kind not in ("bag", "dense"):
@@ -419,9 +418,8 @@ def _newton(Xp, pseg, plabels, target, theta, lam, steps, hessian_every, G_lab, 
 
 def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_steps: int = 6, hessian_every: int = 3,
                    resplit: bool = True, seed: int = 0, power_iters: int = 8):
-    """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)).
-    Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "num_labels", "train_avg_log_p" (mean over
-    the pairs of log p_n(label | point))}."""
+    """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)) ->
+    (LabelTree, info); info["train_avg_log_p"] is the mean over the pairs of log p_n(label | point)."""
     t0 = time.perf_counter()
     C = int(num_labels)
     D = tree_depth(C)

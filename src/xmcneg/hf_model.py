@@ -1,5 +1,4 @@
-"""Where a Hugging Face model lives on disk (the bundled all-MiniLM-L6-v2 or a local model directory), for the
-transformer encoders and the tokenizers; models are never downloaded."""
+"""Local Hugging Face model directories (the bundled all-MiniLM-L6-v2 by default); nothing is downloaded."""
 from __future__ import annotations
 
 import importlib.util

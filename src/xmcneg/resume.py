@@ -1,14 +1,6 @@
-"""Resuming runs: checkpoints treated as untrusted input, sweep jobs that continue from their own last.ckpt,
-a checkpoint on the preemption signal, and the state that makes a mid-epoch resume retrace the uninterrupted run.
-
-- `read_checkpoint` / `check_fits`: an unreadable checkpoint, or one that does not fit this run's model and config,
-  stops with one line naming the file and what to do (`CheckpointError`, exit code 2).
-- `sweep_resume_ckpt`: a re-run sweep job resumes from its `checkpoints/last.ckpt`, unless its last attempt failed
-  on bad input or config (`results.json` `"error": "input"`) or the file is unreadable (renamed `.corrupt`).
-- `PreemptionCheckpoint`: on SIGUSR2 (or `$SUBMITIT_PREEMPT_SIGNAL`) every rank finishes its batch, last.ckpt is
-  saved, and the signal goes on to the previous handler (submitit requeues the job) or its default action.
-- `RankStates` / `select_rank_state`: every rank's RNG streams are stored in the checkpoint and each rank restores
-  its own; `SkipDoneBatches`: a mid-epoch resume skips the batches the checkpointed run had trained on.
+"""Resuming runs: checkpoints checked as untrusted input (`CheckpointError`, one line), sweep jobs that continue
+from their own last.ckpt, a checkpoint on the preemption signal, and the per-rank RNG state and batch skipping that
+make a mid-epoch resume retrace the uninterrupted run.
 """
 import itertools
 import logging
@@ -71,15 +63,12 @@ def read_checkpoint(path, for_training=False):
 
 
 def _select(cfg, dotted):
-    node = cfg
     for part in dotted.split("."):
         try:
-            node = node.get(part) if hasattr(node, "get") else None
-        except Exception:  # noqa: BLE001
+            cfg = cfg.get(part)
+        except Exception:  # noqa: BLE001  (None, not a mapping, or a value that does not resolve)
             return None
-        if node is None:
-            return None
-    return node
+    return cfg
 
 
 def check_fits(path, ckpt, module, cfg=None, hint=None):
@@ -179,28 +168,21 @@ class PreemptionCheckpoint(pl.Callback):
             os.kill(os.getpid(), self.signum)  # the default action (ends the process), now with the checkpoint saved
 
 
-def local_rank_state(pl_module):
-    """This process's RNG streams: the global RNGs and the negative sampler's generator."""
-    from xmcneg.methods.base import get_rng_state
-
-    state = {"rng": get_rng_state()}
-    gen = getattr(getattr(pl_module, "sampler", None), "generator", None)
-    if isinstance(gen, torch.Generator):
-        state["sampler_generator"] = gen.get_state()
-    return state
-
-
 class RankStates(pl.Callback):
-    """Writes every rank's RNG streams into the checkpoint (`rank_states`, a list indexed by rank)."""
+    """Writes every rank's RNG streams (the global RNGs and the sampler's generator) into the checkpoint
+    (`rank_states`, a list indexed by rank)."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        local = local_rank_state(pl_module)
+        from xmcneg.methods.base import get_rng_state
+
+        states = [{"rng": get_rng_state()}]
+        gen = getattr(getattr(pl_module, "sampler", None), "generator", None)
+        if isinstance(gen, torch.Generator):
+            states[0]["sampler_generator"] = gen.get_state()
         dist = active_dist()
-        if dist is None:
-            checkpoint["rank_states"] = [local]
-            return
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, local)
+        if dist is not None:
+            local, states = states[0], [None] * dist.get_world_size()
+            dist.all_gather_object(states, local)
         checkpoint["rank_states"] = states
 
 
@@ -245,9 +227,8 @@ class SkipFirstBatches(torch.utils.data.Sampler):
 
 
 class SkipDoneBatches(pl.Callback):
-    """After a mid-epoch resume, the training DataLoader skips the batches already trained on in that epoch, and
-    the global RNGs are set back to the checkpoint's after the DataLoader's iterator has been created (creating it
-    draws a seed from the global torch RNG, which the uninterrupted run did at the epoch start, not mid-epoch)."""
+    """After a mid-epoch resume, the training DataLoader skips the batches already trained on in that epoch; the
+    global RNGs are set back to the checkpoint's after its iterator has drawn its seed from them."""
 
     def __init__(self):
         self._rng_state = None

@@ -1,9 +1,5 @@
-"""Refuse Hydra multiruns (`python train.py -m ...`) with a DDP strategy that re-launches the script.
-
-Lightning's `ddp` starts its extra processes by re-running `sys.argv`, so every child would run the whole sweep
-again. `ddp_spawn`/`ddp_fork`/`ddp_notebook` do not re-run the script and are allowed, and so is any multirun under
-the submitit SLURM launcher (SLURM starts one task per device).
-"""
+"""Refuse Hydra multiruns with Lightning's `ddp`, which re-runs `sys.argv` (so the whole sweep) in each child;
+`ddp_spawn`/`ddp_fork`/`ddp_notebook` and the submitit SLURM launcher are allowed."""
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
@@ -43,17 +39,14 @@ def _count(v):
         return None
 
 
-def _strategy_name(strategy):
-    if strategy is None or isinstance(strategy, str):
-        return (strategy or "").lower()
-    return str(_get(strategy, "_target_") or strategy).lower()  # a strategy given as a config node
-
-
 def is_ddp_like(hardware, choice=None):
     """True when the hardware config runs a re-launching DDP strategy on more than one process, or is the
     `ddp` hardware option (by its `name` key or `choice`, the option picked in the hardware group)."""
     name = str(_get(hardware, "name", "") or choice or "").lower()
-    strategy = _strategy_name(_get(hardware, "strategy"))
+    strategy = _get(hardware, "strategy")
+    if strategy is not None and not isinstance(strategy, str):
+        strategy = _get(strategy, "_target_") or strategy  # a strategy given as a config node
+    strategy = str(strategy or "").lower()
     if "ddp" in strategy and not any(s in strategy for s in _SAFE_LAUNCH):
         devices, nodes = _count(_get(hardware, "devices", 1)), _count(_get(hardware, "num_nodes", 1))
         if devices is None or nodes is None or devices * nodes > 1:
@@ -61,27 +54,18 @@ def is_ddp_like(hardware, choice=None):
     return name == "ddp"
 
 
-def _hydra_state():
-    """(is_multirun, launcher _target_, hardware option) from the running Hydra app, or (False, '', None)."""
-    if not HydraConfig.initialized():
-        return False, "", None
-    hc = HydraConfig.get()
-    launcher = str(_get(_get(hc, "launcher", {}) or {}, "_target_", "") or "")
-    try:
-        choice = hc.runtime.choices.get("hardware")
-    except Exception:  # noqa: BLE001
-        choice = None
-    return hc.mode == RunMode.MULTIRUN, launcher, choice
-
-
 def check_multirun(cfg, multirun=None, launcher=None):
     """ConfigError('hardware.strategy') for a multirun with a ddp-like hardware config outside the SLURM launcher;
     `multirun`/`launcher` default to the running Hydra app's mode and `hydra.launcher._target_`."""
     choice = None
-    if multirun is None or launcher is None:
-        m, lau, choice = _hydra_state()
-        multirun = m if multirun is None else multirun
-        launcher = lau if launcher is None else launcher
+    if (multirun is None or launcher is None) and HydraConfig.initialized():
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN if multirun is None else multirun
+        launcher = str(_get(_get(hc, "launcher", {}) or {}, "_target_", "") or "") if launcher is None else launcher
+        try:
+            choice = hc.runtime.choices.get("hardware")
+        except Exception:  # noqa: BLE001
+            pass
     if not multirun or "slurm" in str(launcher).lower():
         return
     hardware = _get(cfg, "hardware")

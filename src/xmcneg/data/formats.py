@@ -1,16 +1,8 @@
-"""Readers and writers of the extreme-classification (XC) file formats, with strict validation.
-
-* XC BoW (``train.txt``): header ``num_points num_features num_labels``, then one line per point
-  ``l1,l2,... f:v f:v ...`` (0-based ids; a point without labels starts with a space).
-* XY (``trn_X_Y.txt``): header ``num_points num_labels``, then ``label:value ...`` per point (no ``:value``: 1.0).
-* Lines (``trn_X.txt``, ``lbl_X.txt``): one text per line.
-
-``.gz`` files are read and written by the name's suffix. Every malformed input raises :class:`DataFormatError`
-naming the file and the 1-based line (the header is line 1, point i is on line i + 2). Kept, not errors: a label
-repeated on a line (once; in XY the largest value), points without features or labels, an empty data line (such a
-point), blank lines after the data, ``\\r\\n`` line endings, a UTF-8 byte-order mark before the header.
-The BoW/XY readers parse 16 MB blocks with a few vectorised numpy passes; a block that fails a check is parsed
-again line by line, to report its first bad line precisely.
+"""Strict readers and writers of the XC formats: BoW (``train.txt``: header ``N F C``, lines ``l1,l2 f:v ...``),
+XY (``trn_X_Y.txt``: header ``N C``, lines ``label[:value] ...``) and one text per line; ``.gz`` by the name's suffix.
+Malformed input raises :class:`DataFormatError` at its 1-based line (header = line 1). Kept, not errors: repeated
+labels (once; in XY the largest value), empty rows, trailing blank lines, ``\\r\\n``, a UTF-8 BOM. BoW/XY parse 16 MB
+blocks vectorised; a block that fails a check is re-parsed line by line to name its first bad line.
 """
 from __future__ import annotations
 
@@ -50,8 +42,7 @@ _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 def _gzip_error(path, e) -> DataFormatError:
-    """The DataFormatError naming the file for a gzip decompression failure (one of ``_GZIP_ERRORS``: not gzip
-    data, corrupt or cut-short data, a CRC mismatch)."""
+    """The DataFormatError naming the file for one of ``_GZIP_ERRORS``."""
     if isinstance(e, EOFError):
         return DataFormatError(path, None, "gzip data cut short (the compressed stream ends before its end marker: "
                                            "an incomplete copy or download?)")
@@ -61,10 +52,9 @@ def _gzip_error(path, e) -> DataFormatError:
 
 
 def open_text(path, mode="rt"):
-    """Open a plain or gzip (``.gz`` suffix) file for reading (``rt``, ``rb``) or writing text (``wt``, ``at``,
-    ``xt``). Text is UTF-8; reading uses universal newlines, writing writes ``\\n``. Gzip files are written without
-    a name or time stamp, so identical content gives identical bytes. A plain file that holds gzip data raises
-    :class:`DataFormatError`; the readers below turn gzip decompression failures into one (:func:`_gzip_error`)."""
+    """Open a plain or ``.gz`` file for reading (``rt``, ``rb``) or writing UTF-8 text (``wt``, ``at``, ``xt``;
+    ``\\n`` newlines; gzip without name or time stamp, so same content, same bytes). A plain file that holds gzip
+    data raises :class:`DataFormatError`."""
     gz = str(path).endswith(".gz")
     if any(c in mode for c in "wax"):
         if not gz:
@@ -214,6 +204,16 @@ def _iter_data(path, blocks, rest, n_points):
                                           f"num_points={n_points} (truncated file?)")
 
 
+def _read_blocks(path, given, parse_block):
+    """(header counts after num_points, each checked against ``given``; ``parse_block`` of each data block)."""
+    path = resolve_path(path)
+    blocks = _iter_blocks(path)
+    (N, *counts), rest = _read_header(path, blocks, ("num_points", *given))
+    for (name, want), v in zip(given.items(), counts):
+        _check_given(path, name, want, v)
+    return counts, [parse_block(path, lineno, lines, *counts) for lineno, lines in _iter_data(path, blocks, rest, N)]
+
+
 # ------------------------------------------------------------------------------------------- vectorised helpers
 def _fromstring(s: bytes, dtype, sep: str) -> np.ndarray:
     """``np.fromstring``; _BlockError where it fails or warns (a token it cannot parse)."""
@@ -239,9 +239,8 @@ def _fast_ints(joined: bytes, count: int, sep: bytes) -> np.ndarray:
 
 
 def _fast_pairs(s: bytes, T: int) -> tuple[np.ndarray, np.ndarray]:
-    """``s`` = ``T`` tokens ``b'i:v'`` separated by runs of spaces -> (int64 indices, float32 values).
-    _BlockError unless every token is exactly a non-negative decimal integer, one ``:``, and a number that is
-    finite in float32."""
+    """``s`` = ``T`` tokens ``b'i:v'`` separated by runs of spaces -> (int64 indices, float32 values); _BlockError
+    unless every token is a non-negative decimal integer, one ``:``, and a number finite in float32."""
     s = s.strip(b" ")
     if T == 0:
         if s:
@@ -324,12 +323,10 @@ def _bow_block_fast(lines, F, C):
     labs = [p[0] for p in parts]
     feats = [p[2] for p in parts]
     n = len(lines)
-    # labels
     lab_counts = np.fromiter((a.count(b",") + 1 if a else 0 for a in labs), dtype=np.int64, count=n)
     lab = _fast_ints(b",".join([a for a in labs if a]), int(lab_counts.sum()), b",")
     if len(lab) and lab.max() >= C:
         raise _BlockError
-    # features
     f_counts = np.fromiter((f.count(b":") for f in feats), dtype=np.int64, count=n)
     idx, vals = _fast_pairs(b" ".join(feats), int(f_counts.sum()))
     if len(idx) and idx.max() >= F:
@@ -423,17 +420,8 @@ def _bow_block(path, first_lineno, lines, F, C):
 def read_xc_bow(path, num_features=None, num_labels=None):
     """Read an XC BoW file -> ``(X, Y)``: float32 CSR matrices of shape (N, F) and (N, C), Y holding 1.0 per
     label, indices sorted within rows. ``num_features`` / ``num_labels``, when given, must equal the header."""
-    path = resolve_path(path)
-    blocks = _iter_blocks(path)
-    (N, F, C), rest = _read_header(path, blocks, ("num_points", "num_features", "num_labels"))
-    _check_given(path, "num_features", num_features, F)
-    _check_given(path, "num_labels", num_labels, C)
-    xs, ys = [], []
-    for lineno, lines in _iter_data(path, blocks, rest, N):
-        X, Y = _bow_block(path, lineno, lines, F, C)
-        xs.append(X)
-        ys.append(Y)
-    return _stack(xs, F), _stack(ys, C)
+    (F, C), parts = _read_blocks(path, {"num_features": num_features, "num_labels": num_labels}, _bow_block)
+    return _stack([X for X, _ in parts], F), _stack([Y for _, Y in parts], C)
 
 
 # ------------------------------------------------------------------------------------------------------ XY
@@ -461,11 +449,7 @@ def _xy_block(path, first_lineno, lines, C):
 
 def read_xy(path, num_labels=None):
     """Read an ``*_X_Y.txt`` file -> float32 CSR (N, C) holding each label's value (1.0 when omitted)."""
-    path = resolve_path(path)
-    blocks = _iter_blocks(path)
-    (N, C), rest = _read_header(path, blocks, ("num_points", "num_labels"))
-    _check_given(path, "num_labels", num_labels, C)
-    parts = [_xy_block(path, lineno, lines, C) for lineno, lines in _iter_data(path, blocks, rest, N)]
+    (C,), parts = _read_blocks(path, {"num_labels": num_labels}, _xy_block)
     return _stack(parts, C)
 
 

@@ -1,11 +1,6 @@
-"""Label texts in the documents' bag-of-words feature space, so one BoW encoder embeds documents and labels (NGAME).
-
-Line i of ``dataset.label_text_file`` is label i's text (of ``id<TAB>text`` lines the text). With a vocabulary next to
-the data (``dataset.vocab_file``: ``term<TAB>train df``, line i = feature i) texts are lower-cased, tokenised with
-``dataset.label_token_pattern`` (default: EURLEX57K's pattern unless a term has a digit or an apostrophe, then
-CookingStackExchange's), a hyphenated out-of-vocabulary token counts as its parts, and values are
-(1 + log tf) * log(N_train / df), as the documents' features. Without one (synthetic data) token ``w{i}`` is feature
-i and idf is the generator's. Rows are L2-normalised, then ``dm.transform`` is applied.
+"""Label texts (line i of ``dataset.label_text_file``) in the documents' BoW feature space, so one BoW encoder
+embeds documents and labels (NGAME): through ``dataset.vocab_file`` (``term<TAB>train df``, line i = feature i) with
+idf log(N_train / df), or, without one (synthetic data), token ``w{i}`` = feature i with the generator's idf.
 """
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Readers of the Extreme Classification Repository's LF layout, with file:line errors (DataFormatError).
-
-* LF json(.gz) (``trn.json.gz``, ``tst.json.gz``, ``lbl.json.gz``): one JSON object per non-blank line with ``title``
-  (a string), ``content`` (a string; used with ``use_content``) and ``target_ind`` (a list of integer label ids in
-  [0, num_labels); a repeated id is kept once). The text is the title (+ " " + content), whitespace collapsed.
-* Filter files (``filter_labels_*.txt``): ``doc_id label_id`` per line, pairs to drop from the predictions.
-"""
+"""Readers of the XC Repository's LF layout with file:line errors: json(.gz) files of one object per non-blank line
+(``title``, optional ``content``, ``target_ind`` label ids; text = title [+ content], whitespace collapsed) and
+filter files (``doc_id label_id`` per line)."""
 from __future__ import annotations
 
 import json
@@ -80,8 +76,7 @@ def read_lf_json(path, num_labels=None, use_content=False, want_labels=True):
             labels.extend(ids)
     Y = None
     if want_labels:
-        indptr = np.zeros(len(counts) + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
+        indptr = np.cumsum([0] + counts, dtype=np.int64)
         Y = sp.csr_matrix((np.ones(len(labels), np.float32), np.asarray(labels, np.int64), indptr),
                           shape=(len(counts), int(num_labels)))
         Y.sum_duplicates()

@@ -1,17 +1,8 @@
-"""Seeded synthetic XMC datasets with the structure that makes negative sampling matter (all draws vectorised).
-
-* Labels: Zipf popularity ``r^-zipf_a`` over a random rank order, split at random into ``K`` clusters (default
-  ``round(sqrt(C))``). Each cluster owns ``FEATS_PER_CLUSTER`` features shared by its labels (cluster mates are
-  each other's hard negatives), each label ``FEATS_PER_LABEL`` of its own; feature ids drawn at random from F.
-* Documents: ``1 + Poisson(avg_labels - 1)`` label draws, the first by popularity, each other one from the first
-  label's cluster with probability ``SAME_CLUSTER``; ``max(1, Poisson(doc_len))`` tokens, each from one of the
-  document's labels: with probabilities ``MIX`` a background word (Zipf), a cluster feature or a label feature.
-  Values ``(1 + log tf) * idf`` (idf from train), rows L2-normalised.
-
-:func:`generate` writes ``train.txt``/``test.txt`` (``val.txt``) in XC BoW format; with ``write_text`` also the
-text layout (``trn_X.txt`` with words ``w{feature id}``, ``trn_X_Y.txt``, ..., ``lbl_X.txt``: words of the label and
-its cluster); ``label_cluster.npy``; ``meta.json`` last (it marks a complete dataset). Same arguments give the same
-bytes; each split has its own random stream.
+"""Seeded synthetic XMC datasets: Zipf label popularity, labels in ``K`` clusters that share features (cluster
+mates are each other's hard negatives), documents whose tokens come from their labels' cluster and own features or
+a Zipf background (``MIX``); values ``(1 + log tf) * idf``, rows L2-normalised. :func:`generate` writes the XC
+BoW splits, with ``write_text`` the text layout (words ``w{feature id}``), ``meta.json`` last; same arguments, same
+bytes.
 """
 from __future__ import annotations
 
@@ -84,13 +75,11 @@ def _make_split(rng, S: _Structure, n, avg_labels, doc_len):
     slot_ptr = np.concatenate(([0], np.cumsum(nlab)))
     total = int(slot_ptr[-1])
     doc_of_slot = np.repeat(np.arange(n, dtype=np.int64), nlab)
-    is_first = np.zeros(total, dtype=bool)
-    is_first[slot_ptr[:-1]] = True
     first_slots = slot_ptr[:-1]
     labels = np.empty(total, dtype=np.int64)
     labels[first_slots] = S.draw_popular(rng, n)
     first_cluster = S.cluster[labels[first_slots]]
-    todo = np.flatnonzero(~is_first)
+    todo = np.setdiff1d(np.arange(total), first_slots)
     for _ in range(_REDRAWS):  # redraw labels that repeat one of the document's, so docs keep ~avg_labels
         if len(todo) == 0:
             break
@@ -252,10 +241,9 @@ def _plain(cfg_dict) -> dict:
 
 
 def ensure(cfg_dict, cache_root) -> Path:
-    """The dataset for these generation parameters (keys of :func:`generate`; others are ignored,
-    ``gen_seed`` is read as ``seed``), generated under ``cache_root/synthetic-<hash>`` unless already complete
-    (``meta.json`` present). Generation happens in a temporary directory renamed into place, so an interrupted
-    run never leaves a half dataset and concurrent callers (DDP ranks) end up sharing one copy."""
+    """The dataset for these :func:`generate` parameters (``gen_seed`` = ``seed``) under
+    ``cache_root/synthetic-<hash>``, generated unless complete in a temporary directory renamed into place (so
+    concurrent callers share one copy)."""
     p = _normalise(_plain(cfg_dict))
     key = hashlib.sha1(json.dumps({"version": GENERATOR_VERSION, **p}, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_root)

@@ -1,7 +1,5 @@
-"""Ragged token rows and their on-disk cache: rows are saved as ``.npz`` under ``${paths.cache_dir}/tokens/``, keyed
-by the tokenizer, max_len and the text file's sha1, word vocabularies as text next to them; entries are written
-atomically and checked when read (CRCs, shapes, id ranges, row counts), and one that fails a check is rebuilt.
-"""
+"""Ragged token rows and their on-disk cache (``.npz`` entries and word vocabularies, written atomically, checked
+when read; an entry that fails a check is rebuilt)."""
 from __future__ import annotations
 
 import hashlib
@@ -86,15 +84,11 @@ def load_token_rows(path, num_rows=None, vocab_size=None):
     if z is None:
         return None
     ids, ptr = z["ids"], z["indptr"]
-    if ids.ndim != 1 or ptr.ndim != 1 or ids.dtype.kind not in "iu" or ptr.dtype.kind not in "iu" or len(ptr) < 1:
-        return None
-    if ptr[0] != 0 or ptr[-1] != len(ids) or np.any(np.diff(ptr) < 0):
-        return None
-    if num_rows is not None and len(ptr) - 1 != num_rows:
-        return None
-    if len(ids) and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
-        return None
-    return TokenRows(ids, ptr)
+    ok = (ids.ndim == 1 and ptr.ndim == 1 and ids.dtype.kind in "iu" and ptr.dtype.kind in "iu" and len(ptr) >= 1
+          and ptr[0] == 0 and ptr[-1] == len(ids) and not np.any(np.diff(ptr) < 0)
+          and (num_rows is None or len(ptr) - 1 == num_rows)
+          and not (len(ids) and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size))))
+    return TokenRows(ids, ptr) if ok else None
 
 
 _VOCAB_WORD = re.compile(r"\w+(?:['-]\w+)*\Z")

@@ -31,9 +31,8 @@ def _cut(text: str, n_chars: int) -> str:
 
 
 def _encode_exact(texts, max_len, encode_batch, chars_per_token=16, chunk=4096):
-    """Token id lists for ``texts`` truncated to ``max_len``, tokenising only a prefix of long texts: a text
-    is first cut at ``max_len x chars_per_token`` characters (at a space) and re-tokenised in full only when
-    the cut text gave fewer than ``max_len`` tokens — so the result equals tokenising the full texts."""
+    """Token id lists for ``texts`` truncated to ``max_len``, equal to tokenising the full texts: a long text is cut
+    at ``max_len x chars_per_token`` characters and re-tokenised in full only when that gave < ``max_len`` tokens."""
     out = []
     n_chars = None if max_len is None else int(max_len) * chars_per_token
     for lo in range(0, len(texts), chunk):
@@ -120,11 +119,5 @@ class HFTokenizer:
 
     def encode(self, texts, max_len=None, cls=True):
         kw = {"add_special_tokens": True, "truncation": max_len is not None, "return_attention_mask": False,
-              "return_token_type_ids": False}
-        if max_len is not None:
-            kw["max_length"] = int(max_len)
-
-        def batch(ts):
-            return list(self.tok(list(ts), **kw)["input_ids"])
-
-        return _encode_exact(texts, max_len, batch, chars_per_token=16)
+              "return_token_type_ids": False, "max_length": None if max_len is None else int(max_len)}
+        return _encode_exact(texts, max_len, lambda ts: list(self.tok(list(ts), **kw)["input_ids"]), chars_per_token=16)

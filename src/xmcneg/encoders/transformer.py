@@ -1,8 +1,5 @@
-"""Transformer text encoders over token inputs: `TransformerEncoder`, a pretrained Hugging Face model from a local
-directory (by default the bundled all-MiniLM-L6-v2; nothing is downloaded), and `TinyTransformerEncoder`, a small
-randomly initialised BERT over the datamodule's vocabulary. Both pool (``mean`` over non-padding tokens or ``cls``),
-optionally project to ``dim`` and L2-normalise; ``bf16`` runs the transformer under bfloat16 autocast.
-"""
+"""Transformer encoders over token inputs (a local pretrained Hugging Face model, or a small random BERT), pooled
+(``mean`` or ``cls``), optionally projected to ``dim`` and L2-normalised."""
 from __future__ import annotations
 
 from contextlib import nullcontext

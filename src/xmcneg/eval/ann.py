@@ -1,16 +1,12 @@
-"""Approximate maximum-inner-product search over label vectors with bias (faiss), and the exact re-scoring of a
-shortlist shared by every method (`candidate_scores`, `topk_of_candidates`, `ann_topk`).
-
-score(x, y) = <x, w_y> + b_y: the index stores [w_y, b_y] and a query is [x, 1]. IVF defaults (nlist = sqrt(C),
-nprobe 16, 8-bit scalar-quantised storage) come from benchmarks/inference_cost.py; HNSW builds far slower on a few
-cores, so prefer IVF for large C on CPU.
+"""Maximum-inner-product search over label vectors with bias (faiss: the index stores [w_y, b_y], a query is
+[x, 1]) and the exact re-scoring of a shortlist shared by every method. IVF defaults (nlist = sqrt(C), nprobe 16,
+sq8 storage) come from benchmarks/inference_cost.py; HNSW builds far slower on a few cores.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 import numpy as np
 import torch
@@ -18,12 +14,10 @@ import torch
 from xmcneg.errors import ConfigError
 from xmcneg.eval.topk import score_inputs
 
-__all__ = ["LabelIndex", "ann_topk", "candidate_scores", "recall_against_exact", "topk_of_candidates"]
-
 log = logging.getLogger(__name__)
 _GPU_WARNED = False
 _KINDS = ("hnsw", "ivf", "flat")
-_STORAGE = {"flat": None, "sq8": "QT_8bit"}
+_STORAGE = ("flat", "sq8")  # sq8: faiss' 8-bit scalar quantizer
 
 
 def _np32(x) -> np.ndarray:
@@ -32,26 +26,14 @@ def _np32(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
-def _gpu_available(faiss) -> bool:
-    if not hasattr(faiss, "StandardGpuResources"):
-        return False
-    try:
-        return faiss.get_num_gpus() > 0
-    except Exception:  # pragma: no cover - depends on the faiss build
-        return False
-
-
 class LabelIndex:
-    """faiss inner-product index (kind "hnsw" | "ivf" | "flat") over label vectors (+ bias).
-
-    storage for ivf/hnsw: "auto" (sq8 for ivf, flat for hnsw), "flat" or "sq8" (8-bit scalar quantizer: approximate
-    scores, which ann_topk's exact re-scoring corrects). mips: "ip" only. use_gpu="auto" moves flat / IVF indexes
-    to a GPU when faiss has one. Builds are deterministic (IVF: seeded k-means sample; HNSW with `deterministic`:
-    one insertion thread). `version` counts the builds.
-    """
+    """faiss inner-product index (kind "hnsw" | "ivf" | "flat"; mips "ip" only) over label vectors (+ bias). storage
+    for ivf/hnsw: "auto" (sq8 for ivf, flat for hnsw), "flat" or "sq8" (approximate scores, corrected by ann_topk's
+    re-scoring). use_gpu="auto" moves flat / IVF indexes to a GPU when faiss has one. Builds are deterministic
+    (IVF: seeded k-means sample; HNSW with `deterministic`: one insertion thread). `version` counts the builds."""
 
     def __init__(self, kind: str = "hnsw", M: int = 32, ef_search: int = 128, ef_construction: int = 200,
-                 nlist: Optional[int] = None, nprobe: int = 16, use_gpu="auto", mips: str = "ip", seed: int = 1234,
+                 nlist: int | None = None, nprobe: int = 16, use_gpu="auto", mips: str = "ip", seed: int = 1234,
                  deterministic: bool = True, max_train_points_per_list: int = 64, kmeans_iters: int = 10,
                  storage: str = "auto"):
         if kind not in _KINDS:
@@ -61,15 +43,13 @@ class LabelIndex:
         if storage == "auto":
             storage = "sq8" if kind == "ivf" else "flat"
         if storage not in _STORAGE:
-            raise ConfigError("index.storage", f"must be 'auto' or one of {tuple(_STORAGE)}, got {storage!r}")
+            raise ConfigError("index.storage", f"must be 'auto' or one of {_STORAGE}, got {storage!r}")
         if use_gpu not in ("auto", True, False):
             raise ConfigError("index.use_gpu", f"must be 'auto', true or false, got {use_gpu!r}")
         for key, val in (("M", M), ("ef_search", ef_search), ("ef_construction", ef_construction),
-                         ("nprobe", nprobe)):
+                         ("nprobe", nprobe), ("nlist", 1 if nlist is None else nlist)):
             if int(val) < 1:
                 raise ConfigError(f"index.{key}", f"must be >= 1, got {val!r}")
-        if nlist is not None and int(nlist) < 1:
-            raise ConfigError("index.nlist", f"must be >= 1, got {nlist!r}")
         self.kind, self.M, self.ef_search, self.ef_construction = kind, int(M), int(ef_search), int(ef_construction)
         self.nlist, self.nprobe = None if nlist is None else int(nlist), int(nprobe)
         self.use_gpu, self.seed, self.deterministic = use_gpu, int(seed), bool(deterministic)
@@ -101,25 +81,18 @@ class LabelIndex:
         D = X.shape[1]
         self._index_dim = D
         metric = faiss.METRIC_INNER_PRODUCT
+        qt = faiss.ScalarQuantizer.QT_8bit
 
         if self.kind == "flat":
             index = faiss.IndexFlatIP(D)
-            index.add(X)
         elif self.kind == "hnsw":
             if self.storage == "flat":
                 index = faiss.IndexHNSWFlat(D, self.M, metric)
             else:
-                index = faiss.IndexHNSWSQ(D, getattr(faiss.ScalarQuantizer, _STORAGE[self.storage]), self.M, metric)
+                index = faiss.IndexHNSWSQ(D, qt, self.M, metric)
                 index.train(self._train_sample(X, min(C, 65536)))
             index.hnsw.efConstruction = self.ef_construction
             index.hnsw.efSearch = self.ef_search
-            prev = faiss.omp_get_max_threads()
-            if self.deterministic:
-                faiss.omp_set_num_threads(1)
-            try:
-                index.add(X)
-            finally:
-                faiss.omp_set_num_threads(prev)
         else:  # ivf
             nlist = self.nlist if self.nlist is not None else int(round(math.sqrt(C)))
             nlist = max(1, min(nlist, C // 39 if C >= 39 else 1))
@@ -128,19 +101,24 @@ class LabelIndex:
             if self.storage == "flat":
                 index = faiss.IndexIVFFlat(quantizer, D, nlist, metric)
             else:
-                qt = getattr(faiss.ScalarQuantizer, _STORAGE[self.storage])
                 index = faiss.IndexIVFScalarQuantizer(quantizer, D, nlist, qt, metric)
             index.cp.seed = self.seed
             index.cp.niter = self.kmeans_iters
             index.cp.max_points_per_centroid = max(self.max_train_points_per_list, 39)
             index.train(self._train_sample(X, nlist * max(self.max_train_points_per_list, 39)))
-            index.add(X)
             index.nprobe = min(self.nprobe, nlist)
+        prev = faiss.omp_get_max_threads()
+        if self.deterministic and self.kind == "hnsw":
+            faiss.omp_set_num_threads(1)
+        try:
+            index.add(X)
+        finally:
+            faiss.omp_set_num_threads(prev)
 
         self.on_gpu = False
         if self.kind in ("flat", "ivf") and self.use_gpu in ("auto", True):
             global _GPU_WARNED
-            if _gpu_available(faiss):
+            if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
                 try:
                     if self._gpu_res is None:
                         self._gpu_res = faiss.StandardGpuResources()
@@ -228,9 +206,8 @@ def topk_of_candidates(scores, cand, k: int):
 
 def ann_topk(doc_emb, label_w, label_b, k: int, index: LabelIndex, shortlist: int = 100,
              query_chunk: int = 4096, extra=None):
-    """Top-k labels via ANN retrieval of ``shortlist`` candidates, re-scored exactly with torch (+ ``extra(rows,
-    ids)``, e.g. a sampler's score correction). An ``index`` never built is built from (label_w, label_b).
-    Returns ``(scores (N, k), ids (N, k) int64)`` on doc_emb's device, padded with id -1 / score -inf."""
+    """Top-k (scores, ids) of ``shortlist`` ANN candidates re-scored exactly (+ ``extra(rows, ids)``), padded with
+    id -1 / score -inf; an ``index`` never built is built from (label_w, label_b)."""
     doc, W, B, k = score_inputs(doc_emb, label_w, label_b, k)
     C = W.shape[0]
     if index.version == 0:

@@ -1,19 +1,7 @@
-"""Extreme-classification metrics: P@k, nDCG@k, PSP@k, PSnDCG@k, R@k.
-
-Conventions follow xclib (the Extreme Classification Repository's evaluation code):
-
-* ``P@k``   = mean over all N points of (#hits in the top k) / k.
-* ``nDCG@k`` = mean over all N points of DCG@k / IDCG@k, with DCG@k = sum_{j<k} hit_j / log2(j + 2) and
-  IDCG@k = sum_{j < min(k, #true)} 1 / log2(j + 2). Points without true labels contribute 0 to P and nDCG
-  and are still counted in N.
-* ``PSP@k`` = (sum over points of the inverse propensities of the hits in the top k) /
-  (sum over points of the best achievable value: the top-min(k, #true) inverse propensities among the
-  point's true labels). A ratio of sums, like xclib.
-* ``PSnDCG@k`` = same ratio of sums with the positions discounted by 1 / log2(j + 2).
-* ``R@k``   = mean over points with at least one true label of (#hits in the top k) / #true.
-
-Predictions are an int64 array ``topk`` (N, K) of label ids ordered by decreasing score; -1 (or any id outside
-[0, C)) and positions beyond column K count as wrong. Rows are processed in vectorised blocks (bounded memory).
+"""XC metrics with xclib's conventions. P@k and nDCG@k (IDCG over min(k, #true)) are means over all N points
+(a point without labels counts 0); PSP@k and PSnDCG@k are ratios of sums over points: inverse propensities of the
+hits (discounted by 1 / log2(j + 2) for PSnDCG) over the best achievable; R@k is the mean over points with labels
+of #hits / #true. ``topk`` (N, K) holds label ids by decreasing score; ids outside [0, C) count as wrong.
 """
 
 from __future__ import annotations
@@ -22,8 +10,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from xmcneg.errors import ConfigError
-
-__all__ = ["propensities", "inverse_propensities", "xc_metrics", "filter_predictions"]
 
 _ROW_BLOCK = 65536
 
@@ -35,8 +21,7 @@ def _to_numpy(x):
 
 
 def _as_csr(Y) -> sp.csr_matrix:
-    Y = sp.csr_matrix(Y) if not sp.isspmatrix_csr(Y) else Y
-    Y = Y.copy()
+    Y = sp.csr_matrix(Y, copy=True)
     Y.sum_duplicates()  # also sorts indices
     Y.eliminate_zeros()
     return Y
@@ -158,9 +143,8 @@ def xc_metrics(topk, true_Y, inv_prop=None, ks=(1, 3, 5), recall_ks=(10, 100)) -
 
 
 def filter_predictions(topk, scores, filter_pairs):
-    """Remove the (doc index, label id) rows of ``filter_pairs`` (M, 2) (the LF benchmarks' filter files) from
-    predictions ``topk`` (N, K) and ``scores`` (or None): each filtered entry becomes -1 (score -inf) at the end
-    of its row, the others keep their order. Returns new ``(topk, scores)`` of the kind (numpy or torch) given."""
+    """New ``(topk, scores)`` (numpy or torch, as given; scores may be None) without the (doc, label) pairs of
+    ``filter_pairs`` (M, 2): a filtered entry becomes -1 (score -inf) at the end of its row, the rest keep order."""
     ids = _to_numpy(topk).astype(np.int64, copy=True)
     sc = None if scores is None else _to_numpy(scores).copy()
     pairs = _to_numpy(filter_pairs).astype(np.int64).reshape(-1, 2)
@@ -171,11 +155,9 @@ def filter_predictions(topk, scores, filter_pairs):
         rows = np.unique(pairs[:, 0])  # only rows named by some pair can change
         if rows.size:
             width = int(max(ids.max(), pairs[:, 1].max(), 0)) + 1
-            fkeys = np.unique(pairs[:, 0] * width + pairs[:, 1])
             sub = ids[rows]
-            pkeys = rows[:, None] * width + np.where(sub >= 0, sub, 0)
-            pos = np.minimum(np.searchsorted(fkeys, pkeys), fkeys.size - 1)
-            drop = (sub >= 0) & (fkeys[pos] == pkeys)
+            keys = rows[:, None] * width + np.where(sub >= 0, sub, 0)
+            drop = (sub >= 0) & np.isin(keys, pairs[:, 0] * width + pairs[:, 1])
             if drop.any():
                 sub[drop] = -1
                 order = np.argsort(drop, axis=1, kind="stable")  # kept first, in their original order

@@ -1,7 +1,5 @@
-"""Exact top-k over all labels, chunked so that memory does not grow with C: documents in blocks of ``doc_chunk``
-rows, labels in blocks of ``label_chunk`` rows, each label block's top-k merged into a running top-k (peak extra
-memory O(doc_chunk * label_chunk)). It runs on the device of ``doc_emb``; label blocks are moved there one at a time.
-"""
+"""Exact top-k over all labels in (doc_chunk x label_chunk) blocks merged into a running top-k, so memory does not
+grow with C; runs on ``doc_emb``'s device."""
 
 from __future__ import annotations
 
@@ -11,14 +9,11 @@ import torch
 
 from xmcneg.errors import ConfigError
 
-__all__ = ["exact_topk"]
-
 Correction = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
 def score_inputs(doc_emb, label_w, label_b, k):
-    """(doc_emb as a float tensor, label_w, label_b as (C,) or None, int k); ConfigError('eval.k') unless
-    1 <= k <= C."""
+    """(float doc_emb, label_w, label_b as (C,) or None, int k); ConfigError('eval.k') unless 1 <= k <= C."""
     doc_emb = torch.as_tensor(doc_emb)
     if not doc_emb.is_floating_point():
         doc_emb = doc_emb.float()
@@ -33,9 +28,8 @@ def score_inputs(doc_emb, label_w, label_b, k):
 @torch.no_grad()
 def exact_topk(doc_emb, label_w, label_b=None, k: int = 5, doc_chunk: int = 2048, label_chunk: int = 262144,
                correction: Optional[Correction] = None):
-    """Top-k of <doc_emb, label_w> + label_b (+ ``correction(doc_emb_chunk, start, end)``, an (n, end - start)
-    term for labels ``start..end-1``) for every document: ``(scores (N, k), ids (N, k) int64)`` on doc_emb's
-    device, sorted by decreasing score. Raises ConfigError('eval.k') when k > C or k < 1."""
+    """Top-k ``(scores, ids)`` (N, k) of <doc_emb, label_w> + label_b (+ ``correction(doc_emb_chunk, start, end)``,
+    the (n, end - start) term of labels start..end-1), by decreasing score."""
     doc_emb, label_w, label_b, k = score_inputs(doc_emb, label_w, label_b, k)
     device, dtype = doc_emb.device, doc_emb.dtype
     if doc_emb.dim() != 2 or label_w.dim() != 2 or doc_emb.shape[1] != label_w.shape[1]:
@@ -51,14 +45,13 @@ def exact_topk(doc_emb, label_w, label_b=None, k: int = 5, doc_chunk: int = 2048
     if N == 0:
         return out_scores, out_ids
 
-    same_place = label_w.device == device and label_w.dtype == dtype
     for ds in range(0, N, doc_chunk):
         de = min(N, ds + doc_chunk)
         d = doc_emb[ds:de]
         best_s = best_i = None
         for ls in range(0, C, label_chunk):
             le = min(C, ls + label_chunk)
-            w = label_w[ls:le] if same_place else label_w[ls:le].to(device=device, dtype=dtype)
+            w = label_w[ls:le].to(device=device, dtype=dtype)  # no copy when already there
             if label_b is not None:
                 b = label_b[ls:le].to(device=device, dtype=dtype)
                 s = torch.addmm(b.unsqueeze(0), d, w.t())
@@ -75,8 +68,7 @@ def exact_topk(doc_emb, label_w, label_b=None, k: int = 5, doc_chunk: int = 2048
             else:
                 ms = torch.cat([best_s, cs], dim=1)
                 mi = torch.cat([best_i, ci], dim=1)
-                kk2 = min(k, ms.shape[1])
-                best_s, pos = torch.topk(ms, kk2, dim=1, largest=True, sorted=True)
+                best_s, pos = torch.topk(ms, min(k, ms.shape[1]), dim=1, largest=True, sorted=True)
                 best_i = torch.gather(mi, 1, pos)
         out_scores[ds:de] = best_s
         out_ids[ds:de] = best_i

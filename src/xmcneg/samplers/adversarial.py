@@ -1,8 +1,6 @@
-"""Adversarial negatives (Bamler & Mandt, ICLR 2020): draws from p_n(y|x), the label tree of label_tree.py on a
-whitened projection x~ of the features, with exact log p_n, which prediction adds to every label's score.
-`refit_every_epochs` refits on the encoder's embeddings of the train split; `uniform_mix` m mixes in uniform draws
-(log q = log((1 - m) p_n + m / C)). Under DDP rank 0 fits and broadcasts the tree and projection.
-"""
+"""Adversarial negatives (Bamler & Mandt): draws from the label tree of label_tree.py with exact log p_n, which
+prediction adds to every label's score; `uniform_mix` m gives log q = log((1 - m) p_n + m / C). Under DDP rank 0
+fits and broadcasts the tree."""
 import logging
 import math
 import time
@@ -55,22 +53,19 @@ class AdversarialSampler(Sampler):
 
     def fit(self, datamodule, model=None):
         if is_rank0():  # under DDP the other ranks get rank 0's tree from _sync_ranks
-            self._fit(datamodule)
+            X, Y = datamodule.split("train")
+            t0 = time.perf_counter()
+            proj = fit_projection_sparse(X, self.k, seed=self.seed, n_iter=self.svd_iters)
+            Z = proj.csr(X)
+            t1 = time.perf_counter()
+            info = self._fit_tree(proj, Z, Y)
+            self.fit_info = {"svd_s": t1 - t0, "tree_fit_s": info["fit_s"], "fit_s": time.perf_counter() - t0,
+                             "pairs": info["pairs"], "depth": info["depth"], "train_avg_log_p": info["train_avg_log_p"]}
+            log.info("adversarial sampler: tree over %d labels (depth %d) fitted on %d pairs in %.1fs "
+                     "(svd %.1fs); train avg log p_n = %.3f (uniform: %.3f)", info["num_labels"], info["depth"],
+                     info["pairs"], self.fit_info["fit_s"], self.fit_info["svd_s"], info["train_avg_log_p"],
+                     -math.log(info["num_labels"]))
         self._sync_ranks()
-
-    def _fit(self, datamodule):
-        X, Y = datamodule.split("train")
-        t0 = time.perf_counter()
-        proj = fit_projection_sparse(X, self.k, seed=self.seed, n_iter=self.svd_iters)
-        Z = proj.csr(X)
-        t1 = time.perf_counter()
-        info = self._fit_tree(proj, Z, Y)
-        self.fit_info = {"svd_s": t1 - t0, "tree_fit_s": info["fit_s"], "fit_s": time.perf_counter() - t0,
-                         "pairs": info["pairs"], "depth": info["depth"], "train_avg_log_p": info["train_avg_log_p"]}
-        log.info("adversarial sampler: tree over %d labels (depth %d) fitted on %d pairs in %.1fs "
-                 "(svd %.1fs); train avg log p_n = %.3f (uniform: %.3f)", info["num_labels"], info["depth"],
-                 info["pairs"], self.fit_info["fit_s"], self.fit_info["svd_s"], info["train_avg_log_p"],
-                 -math.log(info["num_labels"]))
 
     def refresh(self, step: int, epoch: int, model=None):
         """Every `refit_every_epochs` epochs: refit projection + tree on the encoder's embeddings (rank 0 under DDP)."""

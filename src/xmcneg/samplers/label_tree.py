@@ -1,18 +1,8 @@
-"""Bamler & Mandt's auxiliary model: a balanced binary tree of logistic regressions over the labels (no Lightning).
-
-* ``x~ = x @ weight - offset``: a whitened truncated SVD (PCA) of the train features (`Projection`).
-* A complete binary tree of depth ``D = ceil(log2 C)`` in heap order (children of ``g``: ``2g+1`` left, ``2g+2``
-  right); leaf ``j`` is the path read as a binary number, root bit first. Node ``g`` goes right with probability
-  ``sigmoid(w_g . x~ + b_g)``; ``log p_n(y|x)`` is the sum of ``log sigmoid(+-s_g)`` along y's path.
-* Padding: a node with an empty subtree has ``w = 0``, ``b = +-PAD_LOGIT`` towards the inhabited child; in float32
-  ``sigmoid(+-1000)`` is exactly 1 / 0, so padding leaves have probability exactly 0 and are never sampled.
-* `fit_label_tree` fits top-down, each level vectorised over its nodes: a balanced split of each node's classes
-  along the dominant direction of their embeddings (batched power iteration), an L2-regularised logistic
-  regression per node by batched Newton steps (Hessian from per-label Gram matrices and mean curvatures, rebuilt
-  every ``hessian_every`` steps), optionally a capacity-constrained re-split by the score sums (paper Eq. 9) and a
-  warm refit. Near-linear in the number of (point, label) pairs; deterministic given the data and ``seed``.
-* `LabelTree.sample` draws ancestrally (one Bernoulli per level, O(k log C) per negative) with exact log p_n;
-  `log_prob` and `label_log_probs` evaluate given labels or a label range.
+"""Bamler & Mandt's auxiliary model: a balanced binary tree of logistic regressions over the labels, on a whitened
+PCA ``x~`` of the inputs (`Projection`). Nodes in heap order (children of g: 2g+1 left, 2g+2 right); node g goes
+right with probability ``sigmoid(w_g . x~ + b_g)``; a node with one empty subtree has ``w = 0, b = +-PAD_LOGIT``, so
+padding leaves have probability exactly 0. `fit_label_tree` fits level by level (balanced split, batched Newton
+steps, optional capacity-constrained re-split); `LabelTree.sample` draws ancestrally with exact log p_n.
 """
 from __future__ import annotations
 
@@ -37,8 +27,7 @@ def tree_depth(num_labels: int) -> int:
 
 
 class Projection:
-    """x~ = x @ weight - offset (whitened PCA of the training inputs). ``kind`` says which input it expects:
-    "bag" = sparse features (EmbeddingBag dict or CSR matrix), "dense" = dense vectors (encoder embeddings)."""
+    """x~ = x @ weight - offset (whitened PCA) of "bag" inputs (sparse features) or "dense" ones (embeddings)."""
 
     def __init__(self, weight: torch.Tensor, offset: torch.Tensor, kind: str = "bag"):
         if kind not in ("bag", "dense"):
@@ -64,13 +53,9 @@ class Projection:
     def dense(self, h):
         return h.to(self.weight.dtype) @ self.weight - self.offset
 
-    def csr(self, X, chunk: int = 1 << 16):
+    def csr(self, X):
         """All rows of a scipy CSR matrix -> (N, k) float32 tensor (on CPU)."""
-        W = self.weight.cpu().numpy()
-        out = np.empty((X.shape[0], self.dim), dtype=np.float32)
-        for s in range(0, X.shape[0], chunk):
-            out[s: s + chunk] = np.asarray(X[s: s + chunk] @ W)
-        return torch.from_numpy(out) - self.offset.cpu()
+        return torch.from_numpy(np.asarray(X @ self.weight.cpu().numpy(), dtype=np.float32)) - self.offset.cpu()
 
     def state_dict(self):
         return {"weight": self.weight.cpu(), "offset": self.offset.cpu(), "kind": self.kind}
@@ -257,9 +242,7 @@ class LabelTree:
     def label_log_probs(self, xt: torch.Tensor, start: int = 0, end: int = None,
                         budget_bytes: int = _CORRECTION_BUDGET_BYTES) -> torch.Tensor:
         """log p_n(y|x) for labels [start, end) and every row of xt (n, k) -> (n, end-start), exact, with about
-        `budget_bytes` of temporaries. Many labels: rows in blocks, the top D - h levels once, then subtrees in
-        cache-sized groups of ~8192 leaves (`_descend`), skipping groups without wanted labels. Few labels
-        (L * 2D < 2^D): per level the logits of the distinct ancestors only, gathered per label."""
+        `budget_bytes` of temporaries: by subtree groups of ~8192 leaves, or for few labels by their ancestors."""
         end = self.num_labels if end is None else int(end)
         start = int(start)
         L, n, D = end - start, xt.shape[0], self.depth
@@ -435,9 +418,8 @@ def _newton(Xp, pseg, plabels, target, theta, lam, steps, hessian_every, G_lab, 
 
 def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_steps: int = 6, hessian_every: int = 3,
                    resplit: bool = True, seed: int = 0, power_iters: int = 8):
-    """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)).
-    Returns (LabelTree, info) with info = {"fit_s", "pairs", "depth", "num_labels", "train_avg_log_p" (mean over
-    the pairs of log p_n(label | point))}."""
+    """Fit the tree on points Z (N, k) (whitened inputs x~) and (point, label) pairs (rows (E,), labels (E,)) ->
+    (LabelTree, info); info["train_avg_log_p"] is the mean over the pairs of log p_n(label | point)."""
     t0 = time.perf_counter()
     C = int(num_labels)
     D = tree_depth(C)

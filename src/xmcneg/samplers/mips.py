@@ -1,12 +1,9 @@
 """MIPS hard negatives + uniform negatives (Qaraei & Babbar); options in conf/sampler/mips.yaml.
 
-Document i with p_i positives gets n_i = max(num_candidates - p_i, num_hard) negatives: h_i hard ones (mode mix:
-num_hard; mips_only: n_i; uniform_only and the first `warmup_epochs`: 0), the highest-scoring non-positive labels of
-a faiss index over the label table (eval/ann.py), and the rest drawn exactly uniformly from the other labels
-(rank shift, no rejection). Rows of `label_ids` (B, W) are [hard | uniform | -1 padding]; log_q is the per-slot
-probability of that stratified proposal: -log W for hard y, log(u_i / (W (C - m_i))) for uniform y (u_i uniform
-slots, m_i = p_i + h_i). The index is rebuilt at the first step of every epoch, every `refresh_steps` steps and
-after a resume, deterministically, so all DDP ranks hold the same index.
+Document i with p_i positives gets n_i = max(num_candidates - p_i, num_hard) negatives: h_i hard ones (the top
+non-positive labels of a faiss index over the label table) and the rest exactly uniform over the other labels. Rows
+are [hard | uniform | -1]; log_q per slot: -log W for hard y, log(u_i / (W (C - m_i))) for uniform y (u_i uniform
+slots, m_i = p_i + h_i). Index rebuilds are deterministic, so all DDP ranks hold the same index.
 """
 import logging
 import math
@@ -57,16 +54,6 @@ class MIPSSampler(Sampler):
                               f"{self.num_candidates} must be fewer than the {datamodule.num_labels} labels")
         super().setup(datamodule, model, state)
 
-    def _new_index(self):
-        from xmcneg.eval.ann import LabelIndex
-
-        args = dict(self.index_args)
-        args.setdefault("deterministic", True)  # same graph on every DDP rank
-        try:
-            return LabelIndex(kind=self.index_kind, **args)
-        except TypeError as e:
-            raise ConfigError("sampler.index_args", str(e)) from None
-
     def hard_wanted(self, epoch: int) -> bool:
         return self.mode != "uniform_only" and epoch >= self.warmup_epochs
 
@@ -79,10 +66,15 @@ class MIPSSampler(Sampler):
         return self.refresh_steps > 0 and step % self.refresh_steps == 0 and step != self.last_refresh_step
 
     def rebuild(self, model, step: int, epoch: int):
+        from xmcneg.eval.ann import LabelIndex
+
         t0 = time.perf_counter()
         w, b = model.weights()
         if self.index is None:
-            self.index = self._new_index()
+            try:  # LabelIndex builds deterministically by default: the same index on every DDP rank
+                self.index = LabelIndex(kind=self.index_kind, **self.index_args)
+            except TypeError as e:
+                raise ConfigError("sampler.index_args", str(e)) from None
         self.index.build(w.float().cpu(), b.float().cpu())
         self.build_s += time.perf_counter() - t0
         self.index_version += 1
@@ -111,13 +103,6 @@ class MIPSSampler(Sampler):
                 "time/index_share": spent / self.step_s if self.step_s > 0 else 0.0,
                 "sampler/index_version": float(self.index_version)}
 
-    def _hard_targets(self, n):
-        if not self.hard_active:
-            return torch.zeros_like(n)
-        if self.mode == "mips_only":
-            return n
-        return torch.full_like(n, self.num_hard)
-
     def query(self, doc_emb, kq):
         t0 = time.perf_counter()
         q = doc_emb.detach().to("cpu", torch.float32).numpy()
@@ -128,11 +113,12 @@ class MIPSSampler(Sampler):
     def sample(self, batch, doc_emb):
         device = doc_emb.device
         pos = batch["pos"].detach().cpu()
-        B, P = pos.shape
+        B = pos.shape[0]
         C = self.num_labels
         p = (pos >= 0).sum(1)                                           # (B,) positives per document
         n = torch.clamp(self.num_candidates - p, min=self.num_hard)     # valid negatives per document
-        h_target = self._hard_targets(n)
+        h_target = n if self.mode == "mips_only" else torch.full_like(n, self.num_hard)  # hard negatives wanted
+        h_target = h_target if self.hard_active else torch.zeros_like(n)
         W = int(n.max()) if B > 0 else 0
 
         # --- hard negatives: first h_target[i] index neighbours that are not positives
@@ -141,11 +127,7 @@ class MIPSSampler(Sampler):
         if hard.shape[1] > 0:
             kq = min(int((h_target + p).max()), C)
             cand = self.query(doc_emb, kq)                              # (B, kq), -1 = missing
-            if P > 0:
-                is_pos = (cand.unsqueeze(-1) == pos.unsqueeze(1)).any(-1)
-            else:
-                is_pos = torch.zeros_like(cand, dtype=torch.bool)
-            ok = (cand >= 0) & ~is_pos
+            ok = (cand >= 0) & ~(cand.unsqueeze(-1) == pos.unsqueeze(1)).any(-1)
             rank = ok.long().cumsum(1) - 1
             take = ok & (rank < h_target.unsqueeze(1))
             rows = torch.arange(B).unsqueeze(1).expand_as(cand)
@@ -157,10 +139,9 @@ class MIPSSampler(Sampler):
         excl = torch.cat([pos, hard], 1)
         big = C + (1 << 40)
         excl = torch.where(excl >= 0, excl, torch.full_like(excl, big)).sort(1).values
-        if excl.shape[1] > 1:  # drop duplicate exclusions (defensive: positives are unique per row)
-            dup = torch.zeros_like(excl, dtype=torch.bool)
-            dup[:, 1:] = excl[:, 1:] == excl[:, :-1]
-            excl = torch.where(dup, torch.full_like(excl, big), excl).sort(1).values
+        dup = torch.zeros_like(excl, dtype=torch.bool)  # drop duplicate exclusions (defensive: positives are unique)
+        dup[:, 1:] = excl[:, 1:] == excl[:, :-1]
+        excl = torch.where(dup, torch.full_like(excl, big), excl).sort(1).values
         m = (excl < big).sum(1)                                         # (B,) excluded labels per row
         free = (C - m).clamp(min=0)
         u = torch.where(free > 0, u, torch.zeros_like(u))                # nothing left to draw from
@@ -172,11 +153,8 @@ class MIPSSampler(Sampler):
         # --- compose [hard | uniform | -1]
         col = torch.arange(W).unsqueeze(0)
         out = torch.full((B, W), -1, dtype=torch.long)
-        is_hard = col < h.unsqueeze(1)
         is_uni = (col >= h.unsqueeze(1)) & (col < (h + u).unsqueeze(1))
-        if hard.shape[1] > 0:
-            hw = min(W, hard.shape[1])
-            out[:, :hw] = torch.where(is_hard[:, :hw], hard[:, :hw], out[:, :hw])
+        out[:, :hard.shape[1]] = hard  # row i: its h_i hard negatives, then -1 (h_target <= n, so width <= W)
         out = torch.where(is_uni, uni, out)
         log_q = torch.full((B, W), -math.log(max(W, 1)), dtype=torch.float32)
         lq_uni = (torch.log(u.double().clamp(min=1)) - math.log(max(W, 1)) - torch.log(free.double().clamp(min=1)))

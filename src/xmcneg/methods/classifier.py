@@ -15,7 +15,7 @@ from xmcneg.eval.metrics import filter_predictions, xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
 from xmcneg.methods.optim import CombinedOptimizer, OptimParams, linear_warmup, wrap
-from xmcneg.methods.sparse_optim import SparseRowOptimizer, encoder_optimizers
+from xmcneg.methods.sparse_optim import SparseRowOptimizer, adamw, encoder_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ class XMCClassifier(XMCModule):
         dense, *rows = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay))
         enc = CombinedOptimizer({"dense": dense, "rows": rows[0]}) if rows else dense
         if self.sampler is None:  # dense table: AdamW, warmed up like the encoder
-            labels = wrap(torch.optim.AdamW(self.labels.parameters(), lr=float(o.full_label_lr), weight_decay=0.0),
-                          warmup=warm)
+            labels = wrap(adamw(self.labels.parameters(), float(o.full_label_lr), 0.0), warmup=warm)
         else:
             labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
         return CombinedOptimizer({"encoder": wrap(enc, warmup=warm, clip=o.grad_clip), "labels": labels})

@@ -72,7 +72,7 @@ def build(name, C, F, args):
             kw["num_negatives"] = args.negatives
         sampler = SAMPLERS[name](seed=0, **kw)
     kw = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "encoder" / "bow_mlp.yaml")).items()
-          if k != "_target_"}
+          if k not in ("_target_", "text")}  # text: read by the datamodule
     if args.sparse_input is not None:
         kw["sparse_input"] = {"true": True, "false": False}.get(args.sparse_input, args.sparse_input)
     enc = BowMLP(F, **{**kw, "dim": args.dim, "hidden": args.hidden, "num_layers": 1, "dropout": 0.0})

@@ -43,6 +43,7 @@ from xmcneg.methods.losses import BCE, NegativeSampling, SampledSoftmax
 from xmcneg.samplers.frequency import FrequencySampler
 from xmcneg.samplers.in_batch import InBatchSampler
 from xmcneg.samplers.uniform import UniformSampler
+from xmcneg.train import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def build(name, C, F, args):
             kw["num_negatives"] = args.negatives
         sampler = SAMPLERS[name](seed=0, **kw)
     kw = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "encoder" / "bow_mlp.yaml")).items()
-          if k != "_target_"}
+          if k not in ("_target_", "text")}  # text: read by the datamodule
     if args.sparse_input is not None:
         kw["sparse_input"] = {"true": True, "false": False}.get(args.sparse_input, args.sparse_input)
     enc = BowMLP(F, **{**kw, "dim": args.dim, "hidden": args.hidden, "num_layers": 1, "dropout": 0.0})
@@ -226,6 +227,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as train.py
     torch.manual_seed(0)
     speed = machine_speed(args)
     print(json.dumps({"matmul_gflop_s": round(speed[0] / 1e9, 1), "memory_gb_s": round(speed[1] / 1e9, 2),

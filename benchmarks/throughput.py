@@ -62,10 +62,12 @@ def measure(args, sampler):
 
     from xmcneg.data.datamodule import build_datamodule
     from xmcneg.factory import build_module
+    from xmcneg.train import keep_freed_memory
 
     cfg = _config(args, sampler)
     if cfg.hardware.get("num_threads"):
         torch.set_num_threads(int(cfg.hardware.num_threads))
+    keep_freed_memory()  # as train.py
     pl.seed_everything(0, verbose=False)
     t0 = time.perf_counter()
     dm = build_datamodule(cfg)

@@ -111,6 +111,25 @@ def test_sparse_update_leaves_untouched_rows_bit_identical(kind):
     assert not torch.equal(m.labels.w.weight[touched], before[0][touched])
 
 
+def test_per_document_scores_same_by_matmul_and_by_bmm(monkeypatch):
+    from xmcneg.methods import label_table
+    torch.manual_seed(0)
+    table = label_table.LabelTable(30, 8, sparse=True)
+    with torch.no_grad():
+        table.b.weight.normal_()
+    h, ids = torch.randn(5, 8), torch.randint(0, 30, (5, 7))
+    out = {}
+    for name, limit in (("bmm", 0), ("matmul", 100)):  # ids have <= 30 distinct values: the matmul when limit >= 5
+        monkeypatch.setattr(label_table, "UNIQUE_MATMUL", limit)
+        table.zero_grad(set_to_none=True)
+        s = table.score(h, ids)
+        (s * torch.arange(7.0)).sum().backward()
+        out[name] = s.detach(), table.w.weight.grad.to_dense(), table.b.weight.grad.to_dense()
+    for a, b in zip(out["bmm"], out["matmul"]):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert table.w.weight.grad.is_sparse and table.w.weight.grad._indices().shape[1] == torch.unique(ids).numel()
+
+
 def test_uniform_streams_reproducible_and_rank_dependent():
     a, b = UniformSampler(8, seed=3), UniformSampler(8, seed=3)
     a.setup(fake_dm(1000)), b.setup(fake_dm(1000))

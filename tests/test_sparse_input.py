@@ -141,6 +141,19 @@ def test_coalesced_sums_duplicate_rows():
     assert c.is_coalesced() and torch.equal(c.indices(), ref.indices()) and torch.equal(c.values(), ref.values())
 
 
+def test_bow_mlp_dropout_keeps_the_expected_fraction_and_scales():
+    from xmcneg.encoders.bow_mlp import Dropout
+    torch.manual_seed(0)
+    d = Dropout(0.3)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = d(x)
+    assert abs((y != 0).float().mean().item() - 0.7) < 0.01
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.7))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient through the same mask and scale
+    assert torch.equal(d.eval()(x), x)
+
+
 def test_resolve_sparse_and_bad_value():
     assert resolve_sparse("auto", SPARSE_MIN_FEATURES) and not resolve_sparse("auto", SPARSE_MIN_FEATURES - 1)
     assert resolve_sparse(True, 10) and not resolve_sparse(False, 10 ** 6)

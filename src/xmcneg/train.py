@@ -1,4 +1,5 @@
 """Build everything from the Hydra config, train, test, and write the run records."""
+import ctypes
 import logging
 import os
 import sys
@@ -16,6 +17,14 @@ from xmcneg.records import peak_rss_mb, read_results, time_to_target, write_json
 from xmcneg.sweep_guard import check_multirun
 
 log = logging.getLogger("xmcneg")
+
+
+def keep_freed_memory():
+    """glibc: serve large blocks from the heap and keep freed memory there (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD
+    2 GiB), so the F- and C-sized buffers of each training step reuse mapped pages instead of faulting in new ones."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
+    if mallopt is not None:
+        mallopt(-4, 0), mallopt(-1, 2 ** 31 - 1)
 
 
 def is_multirun():
@@ -93,6 +102,7 @@ def run(cfg: DictConfig):
         resume_ckpt = resume.read_checkpoint(ckpt_path, for_training=True) if ckpt_path else None
         if cfg.hardware.num_threads:
             torch.set_num_threads(int(cfg.hardware.num_threads))
+        keep_freed_memory()
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
         dm = build_datamodule(cfg)
         dm.prepare_data()

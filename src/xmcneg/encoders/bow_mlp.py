@@ -6,6 +6,16 @@ from xmcneg.encoders.base import Encoder
 from xmcneg.encoders.sparse_bag import InputBag, resolve_sparse
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout` whose mask is one uniform draw per element (`torch.rand_like(x) >= p`): on the CPU about half
+    the cost of torch's Bernoulli draws."""
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * torch.rand_like(x).ge_(self.p).mul_(1 / (1 - self.p))
+
+
 class BowMLP(Encoder):
     def __init__(self, num_features: int, dim: int, hidden: int, num_layers: int, dropout: float, normalize: bool,
                  sparse_input):
@@ -14,9 +24,9 @@ class BowMLP(Encoder):
         self.bag = InputBag(num_features, hidden, sparse=resolve_sparse(sparse_input, num_features))
         self.bias = nn.Parameter(torch.zeros(hidden))
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout))
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), Dropout(dropout))
             for _ in range(num_layers))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.out = nn.Linear(hidden, dim)
 
     def forward(self, x):

@@ -15,7 +15,7 @@ from xmcneg.eval.metrics import filter_predictions, xc_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
 from xmcneg.methods.optim import CombinedOptimizer, linear_warmup, wrap
-from xmcneg.methods.sparse_optim import SparseRowOptimizer
+from xmcneg.methods.sparse_optim import SparseRowOptimizer, adamw
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ class XMCClassifier(XMCModule):
         o = self.optim
         warm = linear_warmup(int(o.warmup_steps)) if int(o.warmup_steps) > 0 else None
         if self.sampler is None:  # dense table: AdamW, warmed up like the encoder
-            labels = wrap(torch.optim.AdamW(self.labels.parameters(), lr=float(o.full_label_lr), weight_decay=0.0),
-                          warmup=warm)
+            labels = wrap(adamw(self.labels.parameters(), float(o.full_label_lr), 0.0), warmup=warm)
         else:
             labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
         return CombinedOptimizer({"encoder": self.encoder_optimizer(warm), "labels": labels})

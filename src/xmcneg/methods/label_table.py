@@ -6,6 +6,9 @@ from xmcneg.distributed import active_dist
 from xmcneg.methods.sparse_optim import all_gather_sparse_mean
 
 SPARSE_GRAD_SYNC = ("auto", "ddp", "all_gather")
+# per-document scoring: one (B, U) matmul over the U distinct ids beats the (B, n, d) gather + bmm up to U ~ 64 n
+# (1 thread, B = d = 256; benchmarks/label_scoring.py)
+UNIQUE_MATMUL = 64
 
 
 def sparse_sync_mode(mode, sparse):
@@ -44,9 +47,14 @@ class LabelTable(nn.Module):
         return self.w.weight, self.b.weight.reshape(-1)
 
     def score(self, h, ids):
-        """Scores of label ids for each document: ids (B,n) per document -> (B,n); ids (n,) shared -> (B,n)."""
+        """Scores of label ids for each document: ids (B,n) per document -> (B,n); ids (n,) shared -> (B,n).
+        Per-document ids with at most UNIQUE_MATMUL x n distinct labels are scored like shared ones (one matmul
+        over the distinct ids, whose row gradients come out coalesced), others by one gather and one bmm."""
         if ids.dim() == 1:
             return h @ self.w(ids).T + self.bias(ids)
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        if uniq.numel() <= UNIQUE_MATMUL * ids.shape[1]:
+            return self.score(h, uniq).gather(1, inv)
         return torch.bmm(self.w(ids), h.unsqueeze(-1)).squeeze(-1) + self.bias(ids)
 
     def score_all(self, h):

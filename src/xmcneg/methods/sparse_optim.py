@@ -127,15 +127,19 @@ def sparse_tables(module):
     return [m.weight for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
 
 
+def adamw(params, lr, weight_decay):
+    """torch's AdamW over dense `params`: fused on CPU / CUDA, else foreach."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **{"fused" if fused else "foreach": True})
+
+
 def encoder_optimizers(encoder, lr, weight_decay):
-    """[AdamW over the encoder's dense parameters (fused on CPU / CUDA, else foreach)] + [RowAdam over its sparse
+    """[`adamw` over the encoder's dense parameters] + [RowAdam over its sparse
     input tables, if any], at the same lr and weight decay."""
     sparse = sparse_tables(encoder)
     ids = {id(p) for p in sparse}
-    dense = [p for p in encoder.parameters() if id(p) not in ids]
-    fused = bool(dense) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in dense)
-    kind = {"fused": True} if fused else {"foreach": True}
-    opts = [torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay, **kind)]
+    opts = [adamw([p for p in encoder.parameters() if id(p) not in ids], lr, weight_decay)]
     if sparse:
         opts.append(RowAdam(sparse, lr=lr, weight_decay=weight_decay))
     return opts

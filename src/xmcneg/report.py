@@ -235,10 +235,6 @@ def peers_for_runs(peers, runs):
     return [p for p in peers if str(p["dataset"]) in datasets]
 
 
-def peer_label(peer):
-    return f"{peer['library']} ({peer['dataset']})"
-
-
 # ---------------------------------------------------------------------------------------------------- aggregation
 def mean_std(values):
     """(mean, sample std (0 for n=1), n) over the finite values."""
@@ -481,7 +477,7 @@ def draw_peers(ax, peers, key):
         ax.axhline(y, color="black", linewidth=0.9, linestyle=PEER_STYLES[libraries.index(lib) % len(PEER_STYLES)],
                    label="_nolegend_" if lib in seen else f"{lib} (test)")
         seen.add(lib)
-        text = f"{peer_label(peer) if several else lib} {y:.3f}"
+        text = f"{lib} ({peer['dataset']}) {y:.3f}" if several else f"{lib} {y:.3f}"
         ax.annotate(text, (1.0, y), xycoords=ax.get_yaxis_transform(), xytext=(-2, 1),
                     textcoords="offset points", ha="right", va="bottom", fontsize="x-small")
 

@@ -64,13 +64,14 @@ def _load_yaml(path):
         return None
 
 
-def _select(cfg, dotted):
-    cur = cfg
+def select(cfg, dotted):
+    """The value at the dotted key of a nested mapping (a dict or an OmegaConf config), or None."""
     for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
+        try:
+            cfg = cfg.get(part)
+        except Exception:  # noqa: BLE001  (None, not a mapping, or a value that does not resolve)
             return None
-        cur = cur[part]
-    return cur
+    return cfg
 
 
 def _overrides(run_dir):
@@ -119,14 +120,14 @@ class Run:
     @property
     def setting(self):
         """'<dataset> C=<labels>': the runs of one race."""
-        c = _select(self.config, "dataset.num_labels") or self.get("num_labels")
+        c = select(self.config, "dataset.num_labels") or self.get("num_labels")
         return f"{self.get('dataset.name') or self.get('dataset') or '?'}" + (f" C={c}" if c else "")
 
     def get(self, dotted):
         """A config value: results.json first (top-level keys), then .hydra/config.yaml, then overrides."""
         if self.results is not None and "." not in dotted and dotted in self.results:
             return self.results[dotted]
-        v = _select(self.config, dotted)
+        v = select(self.config, dotted)
         if v is None or isinstance(v, dict):
             if dotted in self.overrides:
                 return self.overrides[dotted]
@@ -136,10 +137,7 @@ class Run:
     def sampler(self):
         if self.results is not None and self.results.get("sampler"):
             return str(self.results["sampler"])
-        name = _select(self.config, "sampler.name")
-        if name:
-            return str(name)
-        return str(self.overrides.get("sampler", "unknown"))
+        return str(select(self.config, "sampler.name") or self.overrides.get("sampler", "unknown"))
 
     @property
     def seed(self):
@@ -176,20 +174,15 @@ class Run:
 
     def curve(self, key):
         """(train_time_s, fractional epoch, value) arrays of the rows that have a numeric `key`."""
-        t, ep, v = [], [], []
         epochs = [r.get("epoch") for r in self.rows]
-        per_epoch, seen = Counter(epochs), Counter()
+        per_epoch, seen, points = Counter(epochs), Counter(), []
         for r, e in zip(self.rows, epochs):
             seen[e] += 1
-            val = _float(r.get(key))
-            tt = _float(r.get("train_time_s"))
-            ee = _float(e)
-            if math.isnan(val) or math.isnan(tt):
-                continue
             # validation at the end of epoch e (0-based) = e + 1 epochs done; several per epoch are spread evenly
-            frac = ee + seen[e] / per_epoch[e] if not math.isnan(ee) else math.nan
-            t.append(tt); ep.append(frac); v.append(val)
-        return np.asarray(t), np.asarray(ep), np.asarray(v)
+            points.append((_float(r.get("train_time_s")), _float(e) + seen[e] / per_epoch[e], _float(r.get(key))))
+        t, ep, v = np.asarray(points, dtype=float).reshape(-1, 3).T
+        keep = ~(np.isnan(t) | np.isnan(v))
+        return t[keep], ep[keep], v[keep]
 
     def final_val(self, key="val/P@1"):
         for r in reversed(self.rows):
@@ -242,10 +235,6 @@ def peers_for_runs(peers, runs):
     return [p for p in peers if str(p["dataset"]) in datasets]
 
 
-def peer_label(peer):
-    return f"{peer['library']} ({peer['dataset']})"
-
-
 # ---------------------------------------------------------------------------------------------------- aggregation
 def mean_std(values):
     """(mean, sample std (0 for n=1), n) over the finite values."""
@@ -255,27 +244,28 @@ def mean_std(values):
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0, int(a.size)
 
 
+def completed_groups(runs, group_by=()):
+    """{group label: its completed runs}."""
+    groups = {}
+    for r in runs:
+        if r.completed:
+            groups.setdefault(group_label(r, group_by), []).append(r)
+    return groups
+
+
 def default_target(groups, margin=DEFAULT_MARGIN):
     """Best final val P@1 over groups (each the mean over its completed runs) minus `margin`; None if no data."""
-    best = None
-    for runs in groups.values():
-        m, _, n = mean_std([r.final_val("val/P@1") for r in runs])
-        if n and (best is None or m > best):
-            best = m
-    return None if best is None else best - margin
+    means = [mean_std([r.final_val("val/P@1") for r in runs]) for runs in groups.values()]
+    means = [m for m, _, n in means if n]
+    return max(means) - margin if means else None
 
 
 def summarize(runs, target=None, group_by=()):
     """Aggregate completed runs per group. Time to target: a run's first metrics.csv row with val/P@1 >= target
     (`target`, else default_target); the speed-up vs uniform compares the times to reach uniform's final validation
     P@1 (mean over its runs). Returns (rows, target, target_source, first, failed_runs)."""
-    groups, failed_count = {}, {}
-    for r in runs:
-        g = group_label(r, group_by)
-        if r.completed:
-            groups.setdefault(g, []).append(r)
-        else:
-            failed_count[g] = failed_count.get(g, 0) + 1
+    groups = completed_groups(runs, group_by)
+    failed_count = Counter(group_label(r, group_by) for r in runs if not r.completed)
     if target is None:
         target = default_target(groups)
         source = "best final validation P@1 (mean over seeds, best group) - 0.01"
@@ -338,21 +328,18 @@ def _md_table(header, rows):
         ["| " + " | ".join(map(str, r)) + " |" for r in rows]
 
 
-COLUMNS = [  # (csv name, md header, row key, digits)
-    ("test_P@1", "test P@1", "test_P@1", 4), ("test_P@3", "P@3", "test_P@3", 4), ("test_P@5", "P@5", "test_P@5", 4),
-    ("test_nDCG@5", "nDCG@5", "test_nDCG@5", 4), ("test_PSP@5", "PSP@5", "test_PSP@5", 4),
-    ("final_val_P@1", "final val P@1", "final_val_P@1", 4),
-    ("train_time_s", "train time (s)", "train_time_s", 1), ("samples_per_s", "samples/s", "samples_per_s", 0),
-    ("peak_rss_mb", "peak RSS (MB)", "peak_rss_mb", 0), ("time_to_target_s", "time to target (s)",
-                                                         "time_to_target_s", 1),
-    ("epochs", "epochs", "epochs", 1), ("time_to_uniform_s", "time to uniform's P@1 (s)", "time_to_uniform_s", 1),
-    ("speedup_vs_uniform", "speed-up vs uniform", "speedup_vs_uniform", 2),
+COLUMNS = [  # (row key = csv name, md header, digits)
+    ("test_P@1", "test P@1", 4), ("test_P@3", "P@3", 4), ("test_P@5", "P@5", 4), ("test_nDCG@5", "nDCG@5", 4),
+    ("test_PSP@5", "PSP@5", 4), ("final_val_P@1", "final val P@1", 4), ("train_time_s", "train time (s)", 1),
+    ("samples_per_s", "samples/s", 0), ("peak_rss_mb", "peak RSS (MB)", 0),
+    ("time_to_target_s", "time to target (s)", 1), ("epochs", "epochs", 1),
+    ("time_to_uniform_s", "time to uniform's P@1 (s)", 1), ("speedup_vs_uniform", "speed-up vs uniform", 2),
 ]
 
 
 def summary_csv(rows):
     header = ["group", "n", "failed"]
-    for name, _, _, _ in COLUMNS:
+    for name, _, _ in COLUMNS:
         header += [f"{name}_mean", f"{name}_std"]
     header.insert(header.index("time_to_target_s_mean"), "reached_target")
     header.insert(header.index("time_to_uniform_s_mean"), "reached_uniform")
@@ -361,10 +348,10 @@ def summary_csv(rows):
     w.writerow(header)
     for r in rows:
         out = [r["group"], r["n"], r["failed"]]
-        for name, _, key, _ in COLUMNS:
+        for name, _, _ in COLUMNS:
             if name in ("time_to_target_s", "time_to_uniform_s"):
                 out.append(r["reached" if name == "time_to_target_s" else "reached_uniform"])
-            m, s, n = r[key]
+            m, s, n = r[name]
             out += ["" if n == 0 else repr(round(m, 6)), "" if n == 0 else repr(round(s, 6))]
         w.writerow(out)
     return buf.getvalue()
@@ -407,15 +394,15 @@ def summary_md(rows, target, source, first, failed, runs, out_dir, plot_name="co
             lines.append(f"First to reach the target: **{first['group']}**, mean "
                          f"{first['time_s']:.1f} s of training{note}.")
     lines += ["", f"![convergence]({plot_name})", ""]
-    hdr = ["group", "n", "failed"] + [h for _, h, _, _ in COLUMNS]
+    hdr = ["group", "n", "failed"] + [h for _, h, _ in COLUMNS]
     hdr.insert(hdr.index("time to target (s)"), "reached")
     cells = []
     for r in rows:
         cells.append([_md_escape(r["group"]), r["n"], r["failed"]])
-        for name, _, key, digits in COLUMNS:
+        for name, _, digits in COLUMNS:
             if name == "time_to_target_s":
                 cells[-1].append(f"{r['reached']}/{r['n']}")
-            cells[-1].append(_fmt(r[key], digits) + (f" ({r['reached_uniform']}/{r['n']})"
+            cells[-1].append(_fmt(r[name], digits) + (f" ({r['reached_uniform']}/{r['n']})"
                                                      if name == "time_to_uniform_s" else ""))
     lines += _md_table(hdr, cells) + [""]
     if peers is not None:
@@ -490,7 +477,7 @@ def draw_peers(ax, peers, key):
         ax.axhline(y, color="black", linewidth=0.9, linestyle=PEER_STYLES[libraries.index(lib) % len(PEER_STYLES)],
                    label="_nolegend_" if lib in seen else f"{lib} (test)")
         seen.add(lib)
-        text = f"{peer_label(peer) if several else lib} {y:.3f}"
+        text = f"{lib} ({peer['dataset']}) {y:.3f}" if several else f"{lib} {y:.3f}"
         ax.annotate(text, (1.0, y), xycoords=ax.get_yaxis_transform(), xytext=(-2, 1),
                     textcoords="offset points", ha="right", va="bottom", fontsize="x-small")
 
@@ -607,10 +594,7 @@ def make_report(dirs, out=None, target=None, log_time=False, group_by=(), peers=
     if len({r.setting for r in runs} - {"?"}) > 1:  # runs that name no dataset do not make a setting
         return make_study(runs, out_dir, target=target, log_time=log_time, group_by=group_by, peers=peers)
     rows, target, source, first, failed = summarize(runs, target=target, group_by=group_by)
-    groups = {}
-    for r in runs:
-        if r.completed:
-            groups.setdefault(group_label(r, group_by), []).append(r)
+    groups = completed_groups(runs, group_by)
     if peers is not None:
         peers = peers_for_runs(peers, runs)
     png, md, csv_path = out_dir / "convergence.png", out_dir / "summary.md", out_dir / "summary.csv"

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from xmcneg.distributed import active_dist
 from xmcneg.errors import MissingFileError, XMCError
 from xmcneg.records import read_results
+from xmcneg.report import select
 
 log = logging.getLogger("xmcneg")
 
@@ -62,15 +63,6 @@ def read_checkpoint(path, for_training=False):
     return ckpt
 
 
-def _select(cfg, dotted):
-    for part in dotted.split("."):
-        try:
-            cfg = cfg.get(part)
-        except Exception:  # noqa: BLE001  (None, not a mapping, or a value that does not resolve)
-            return None
-    return cfg
-
-
 def check_fits(path, ckpt, module, cfg=None, hint=None):
     """CheckpointError unless the checkpoint's weights have the keys and shapes of `module`'s (and, given this
     run's `cfg`, were trained with the same dataset, encoder, sampler and loss)."""
@@ -79,7 +71,7 @@ def check_fits(path, ckpt, module, cfg=None, hint=None):
     if cfg is not None:
         stored = ckpt.get("xmcneg_config") or {}
         for key in MODEL_GROUPS:
-            a, b = _select(stored, key), _select(cfg, key)
+            a, b = select(stored, key), select(cfg, key)
             if a is not None and b is not None and str(a) != str(b):
                 raise CheckpointError(path, f"was trained with {key}={a}, this run has {key}={b}; {hint}")
     state, own = ckpt["state_dict"], module.state_dict()

@@ -287,10 +287,7 @@ class XMCModule(pl.LightningModule):
         bad = ~torch.isfinite(loss.detach())
         if loss.device.type == "cpu" and not self.defer_finite_check:
             if bad:
-                raise NonFiniteLossError(
-                    f"non-finite {self.loss_name()} ({loss.item()}) at step {self.train_steps} (epoch "
-                    f"{self.current_epoch}); the last good checkpoint is kept; lower the learning rates or check "
-                    "the data")
+                raise self._nonfinite_error(f"({loss.item()}) at step {self.train_steps}")
             return
         if self._nonfinite is None:
             self._nonfinite, self._nonfinite_from = bad, self.train_steps
@@ -302,9 +299,11 @@ class XMCModule(pl.LightningModule):
     def check_nonfinite_flag(self):
         flag, self._nonfinite = self._nonfinite, None
         if flag is not None and bool(flag):
-            raise NonFiniteLossError(
-                f"non-finite {self.loss_name()} between steps {self._nonfinite_from} and {self.train_steps} (epoch "
-                f"{self.current_epoch}); the last good checkpoint is kept; lower the learning rates or check the data")
+            raise self._nonfinite_error(f"between steps {self._nonfinite_from} and {self.train_steps}")
+
+    def _nonfinite_error(self, when):
+        return NonFiniteLossError(f"non-finite {self.loss_name()} {when} (epoch {self.current_epoch}); the last good "
+                                  "checkpoint is kept; lower the learning rates or check the data")
 
     # ------------------------------------------------------------------ evaluation
     def on_validation_epoch_start(self):

@@ -55,7 +55,7 @@ def balanced_spherical_clusters(emb, cluster_size, seed=0, max_iter=10, tol=1e-4
     2^L = (N / cluster_size) rounded up to a power of two (at most N). Returns int64 numpy (N,). Runs on one
     intra-op thread per 8M embedding values (at least 1, at most torch's setting): the many small ops of the deep
     levels run far slower with several threads on a busy CPU."""
-    X = torch.as_tensor(np.asarray(emb) if not isinstance(emb, torch.Tensor) else emb).detach().float().cpu()
+    X = torch.as_tensor(emb).detach().float().cpu()
     prev = torch.get_num_threads()
     torch.set_num_threads(int(min(prev, max(1, X.numel() // (8 << 20)))))
     try:
@@ -131,12 +131,8 @@ class ClusterBatchSampler(Sampler):
 
     def set_clusters(self, cluster_ids):
         """Cluster id per document (length num_docs), or None for random batches."""
-        if cluster_ids is None:
-            self.cluster_ids = None
-            return
-        c = np.asarray(cluster_ids.cpu() if isinstance(cluster_ids, torch.Tensor) else cluster_ids,
-                       dtype=np.int64).reshape(-1)
-        if c.shape[0] != self.num_docs:
+        c = None if cluster_ids is None else np.asarray(cluster_ids, dtype=np.int64).reshape(-1)
+        if c is not None and c.shape[0] != self.num_docs:
             raise ValueError(f"{c.shape[0]} cluster ids for {self.num_docs} documents")
         self.cluster_ids = c
 
@@ -204,11 +200,3 @@ class ClusterBatchSampler(Sampler):
 
     def __len__(self):
         return self.num_batches() // self.world_size
-
-    def state_dict(self):
-        return {"epoch": self.epoch,
-                "cluster_ids": None if self.cluster_ids is None else torch.from_numpy(self.cluster_ids.copy())}
-
-    def load_state_dict(self, state):
-        self.epoch = int(state.get("epoch", 0))
-        self.set_clusters(state.get("cluster_ids"))

@@ -387,12 +387,15 @@ class NGAME(XMCModule):
         if st is None:
             return
         self.bank = st["bank"].float().cpu().clone()
-        self.bank_written = st["bank_written"].bool().cpu().clone()
-        self._clf_index_weights = st["clf_index_weights"]
-        c = st["cluster_ids"]
+        written = st.get("bank_written")
+        self.bank_written = (written.bool().cpu().clone() if written is not None
+                             else torch.zeros(self.bank.shape[0], dtype=torch.bool))
+        self._clf_index_weights = st.get("clf_index_weights")
+        c = st.get("cluster_ids")
         self.cluster_ids = None if c is None else c.cpu().numpy().astype(np.int64)
-        self.cluster_size, self.last_cluster_epoch = int(st["cluster_size"]), int(st["last_cluster_epoch"])
-        self.cluster_log = [list(r) for r in st["cluster_log"]]
+        self.cluster_size = int(st.get("cluster_size", 1))
+        self.last_cluster_epoch = int(st.get("last_cluster_epoch", -1))
+        self.cluster_log = [list(r) for r in st.get("cluster_log", [])]
         self._label_emb = None
         self._index_cache = {}
 

@@ -115,7 +115,7 @@ def lf(trn=None, **more):
     return {k: v for k, v in files.items() if v is not None}
 
 
-XC = ["dataset=xc"]
+XC = ["dataset=xc", "sampler=uniform"]
 TEXT = ["dataset=eurlex57k_text", "encoder=bow_mlp"]  # text layout, BoW features built from the text
 LF = ["dataset=lf_json", "encoder=text_bow", "encoder.text.min_df=1"]
 

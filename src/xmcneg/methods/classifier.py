@@ -78,7 +78,8 @@ class XMCClassifier(XMCModule):
         dense, *rows = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay))
         enc = CombinedOptimizer({"dense": dense, "rows": rows[0]}) if rows else dense
         if self.sampler is None:  # dense table: AdamW, warmed up like the encoder
-            labels = wrap(torch.optim.AdamW(self.labels.parameters(), lr=float(o.full_label_lr), weight_decay=0.0),
+            labels = wrap(torch.optim.AdamW(self.labels.parameters(), lr=float(o.full_label_lr),
+                                            weight_decay=float(o.label_weight_decay)),
                           warmup=warm)
         else:
             labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset.num_labels=200", "dataset.num_train=1500", "dataset.num_test=300", "dataset.num_features=800",
-        "logger=none", "trainer.enable_progress_bar=false", "data.batch_size=128", "sampler=uniform"]
+        "logger=none", "trainer.enable_progress_bar=false", "data.batch_size=128", "sampler=uniform",
+        "encoder=bow_mlp"]
 RESULT_KEYS = {"sampler", "dataset", "encoder", "test", "train_time_s", "eval_time_s", "samples_per_s",
                "peak_rss_mb", "time_to_target_s", "epochs", "status"}
 
@@ -158,5 +159,5 @@ def test_plateau_of_val_p1_ends_the_run_after_min_steps(tmp_path):
     from test_extending import train
 
     _, res = train(tmp_path, "sampler=full", "trainer.max_epochs=100", "trainer.early_stop_patience=2",
-                   "trainer.min_steps=120", "optim.encoder_lr=0.05", "optim.full_label_lr=0.05")
+                   "trainer.early_stop_min_steps=120", "optim.encoder_lr=0.05", "optim.full_label_lr=0.05")
     assert res["status"] == "completed" and 10 <= res["epochs"] < 99  # 12 steps an epoch

@@ -63,9 +63,9 @@ def resolve_ckpt(cfg, out_dir):
 
 def run(cfg: DictConfig):
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from xmcneg.budget import TrainBudget
+    from xmcneg.budget import PlateauStop, TrainBudget
     from xmcneg.data.datamodule import build_datamodule
     from xmcneg.diagnostics import NegativeDiagnostics
     from xmcneg.factory import build_module
@@ -133,15 +133,15 @@ def run(cfg: DictConfig):
             callbacks.append(RankDebugRecorder(out_dir))
         t, d = cfg.trainer, cfg.diagnostics
         callbacks += [TrainBudget(recorder, t.train_budget_s), NegativeDiagnostics(recorder, **d, seed=cfg.seed)]
-        if t.early_stop_patience is not None:  # stop on a plateau of val/P@1 (patience counted in validations)
-            if not isinstance(t.early_stop_patience, int) or t.early_stop_patience < 1:
-                raise ConfigError("trainer.early_stop_patience",
-                                  f"expected an integer >= 1 or null, got {t.early_stop_patience!r}")
-            callbacks.append(EarlyStopping("val/P@1", mode="max", patience=t.early_stop_patience, check_finite=False))
+        if t.early_stop_patience is not None:
+            for key, least in (("early_stop_patience", 1), ("early_stop_min_steps", 0)):
+                if not isinstance(t[key], int) or t[key] < least:
+                    raise ConfigError(f"trainer.{key}", f"expected an integer >= {least}, got {t[key]!r}")
+            callbacks.append(PlateauStop(t.early_stop_patience, t.early_stop_min_steps))
         trainer = pl.Trainer(
             accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
             strategy=cfg.hardware.strategy, precision=cfg.hardware.precision,
-            max_epochs=int(t.max_epochs), max_steps=int(t.max_steps), max_time=t.max_time, min_steps=t.min_steps,
+            max_epochs=int(t.max_epochs), max_steps=int(t.max_steps), max_time=t.max_time,
             check_val_every_n_epoch=t.check_val_every_n_epoch, val_check_interval=t.val_check_interval
             if t.val_every_s is None else timedelta(seconds=float(t.val_every_s)),
             log_every_n_steps=int(t.log_every_n_steps), enable_progress_bar=bool(t.enable_progress_bar),

@@ -61,11 +61,11 @@ def test_learns_far_above_the_most_popular_label(uniform_run):
 
 def test_eval_reproduces_test_metrics_and_predicts(uniform_run, tmp_path):
     tmp, out = uniform_run
-    ckpt = out / "checkpoints" / "last.ckpt"
+    res = json.loads((out / "results.json").read_text())
+    ckpt = out / "checkpoints" / f"{res['tested']}.ckpt"  # the checkpoint train.py tested
     p = run("eval.py", [*TINY, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'ev'}"], tmp)
     assert p.returncode == 0, p.stderr[-3000:]
     ev = json.loads((tmp_path / "ev" / "results.json").read_text())
-    res = json.loads((out / "results.json").read_text())
     assert ev["test"]["P@1"] == pytest.approx(res["test"]["P@1"], abs=1e-6)
     data_dir = next((tmp / "cache" / "synthetic").glob("synthetic-*"))
     pred = tmp_path / "pred.txt"

@@ -1,6 +1,5 @@
 """trainer.train_budget_s: a training-time budget, measured by the run's train-time clock (records.RunRecorder:
-validation, diagnostics and testing excluded), the same for every method of a race; trainer.early_stop_patience:
-the end of a run on a plateau of val/P@1."""
+validation, diagnostics and testing excluded), the same for every method of a race."""
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import EarlyStopping
 
@@ -34,7 +33,8 @@ class PlateauStop(EarlyStopping):
     counting only validations after `min_steps` training steps (a slow start on tiny data is no plateau)."""
 
     def __init__(self, patience, min_steps):
-        super().__init__("val/P@1", mode="max", patience=patience, check_finite=False, check_on_train_epoch_end=False)
+        super().__init__("val/P@1", mode="max", patience=patience, check_finite=False,
+                         check_on_train_epoch_end=False)  # checked after each validation
         self.min_steps = min_steps
 
     def on_validation_end(self, trainer, pl_module):

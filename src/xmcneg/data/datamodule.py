@@ -160,9 +160,9 @@ class XCDataModule(pl.LightningDataModule):
         self._loaded = True
 
     def _set_splits(self, Xtr, Ytr, Xte, Yte):
-        """Carve the seeded validation split out of train (`data.val_size`; a fraction is raised to `data.val_min_docs`,
-        at most a tenth of train; at most `data.val_max_docs` scored) and set `splits`, `num_labels`, `full_train_Y`,
-        `train_label_counts`, `train_rows` / `val_rows` (rows of the training file)."""
+        """Carve the seeded validation split out of train (`data.val_size`: a fraction is raised to
+        `data.val_min_docs`, at most a tenth of train; at most `data.val_max_docs` scored) and set `splits`,
+        `num_labels`, `full_train_Y`, `train_label_counts`, `train_rows` / `val_rows` (rows of the training file)."""
         self.num_labels = Ytr.shape[1]
         self.full_train_Y = Ytr
         n = Xtr.shape[0]

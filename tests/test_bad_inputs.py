@@ -23,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a tiny valid XC BoW dataset: F features, C labels, N_TRAIN / N_TEST points
 F, C, N_TRAIN, N_TEST = 10, 80, 20, 6  # C > the samplers' default 64 negatives
 FAST = ["logger=none", "trainer.max_epochs=1", "encoder=bow_mlp", "trainer.enable_progress_bar=false",
-        "data.batch_size=8",
-        "encoder.dim=8", "encoder.hidden=16", "eval.k=5"]
+        "data.batch_size=8", "encoder.dim=8", "encoder.hidden=16", "eval.k=5"]
 
 
 def _point(i):

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # a tiny valid XC BoW dataset: F features, C labels, N_TRAIN / N_TEST points
 F, C, N_TRAIN, N_TEST = 10, 80, 20, 6  # C > the samplers' default 64 negatives
-FAST = ["logger=none", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "data.batch_size=8",
-        "encoder.dim=8", "encoder.hidden=16", "eval.k=5"]
+FAST = ["logger=none", "trainer.max_epochs=1", "encoder=bow_mlp", "trainer.enable_progress_bar=false",
+        "data.batch_size=8", "encoder.dim=8", "encoder.hidden=16", "eval.k=5"]
 
 
 def _point(i):
@@ -115,7 +115,7 @@ def lf(trn=None, **more):
     return {k: v for k, v in files.items() if v is not None}
 
 
-XC = ["dataset=xc"]
+XC = ["dataset=xc", "sampler=uniform"]
 TEXT = ["dataset=eurlex57k_text", "encoder=bow_mlp"]  # text layout, BoW features built from the text
 LF = ["dataset=lf_json", "encoder=text_bow", "encoder.text.min_df=1"]
 

@@ -37,7 +37,8 @@ from xmcneg.records import state_digests
 
 NUM_TRAIN = 601  # 571 training rows: odd, so a DistributedSampler would pad one rank with a duplicate
 DATA = ["dataset.num_labels=200", f"dataset.num_train={NUM_TRAIN}", "dataset.num_test=200",
-        "dataset.num_features=500", "data.batch_size=64"]
+        "dataset.num_features=500", "data.batch_size=64", "data.val_min_docs=0",
+        "encoder=bow_mlp"]
 TRAIN_ROWS = NUM_TRAIN - round(0.05 * NUM_TRAIN)  # data.val_size 0.05 is held out
 SAMPLERS = {
     "full": [],

@@ -9,7 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset.num_labels=200", "dataset.num_train=1500", "dataset.num_test=300", "dataset.num_features=800",
-        "logger=none", "trainer.enable_progress_bar=false", "data.batch_size=128"]
+        "logger=none", "trainer.enable_progress_bar=false", "data.batch_size=128", "sampler=uniform",
+        "encoder=bow_mlp", "data.val_min_docs=0"]  # 1,425 training rows: 12 batches an epoch
 RESULT_KEYS = {"sampler", "dataset", "encoder", "test", "train_time_s", "eval_time_s", "samples_per_s",
                "peak_rss_mb", "time_to_target_s", "epochs", "status"}
 
@@ -60,11 +61,11 @@ def test_learns_far_above_the_most_popular_label(uniform_run):
 
 def test_eval_reproduces_test_metrics_and_predicts(uniform_run, tmp_path):
     tmp, out = uniform_run
-    ckpt = out / "checkpoints" / "last.ckpt"
+    res = json.loads((out / "results.json").read_text())
+    ckpt = out / "checkpoints" / f"{res['tested']}.ckpt"  # the checkpoint train.py tested
     p = run("eval.py", [*TINY, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'ev'}"], tmp)
     assert p.returncode == 0, p.stderr[-3000:]
     ev = json.loads((tmp_path / "ev" / "results.json").read_text())
-    res = json.loads((out / "results.json").read_text())
     assert ev["test"]["P@1"] == pytest.approx(res["test"]["P@1"], abs=1e-6)
     data_dir = next((tmp / "cache" / "synthetic").glob("synthetic-*"))
     pred = tmp_path / "pred.txt"
@@ -138,3 +139,25 @@ def test_help_lists_config_groups(tmp_path):
     p = run("train.py", ["--help"], tmp_path, timeout=60)
     for group in ("dataset:", "encoder:", "sampler:", "hardware:", "logger:", "loss:"):
         assert group in p.stdout
+
+
+def test_auto_sampler_scores_every_label_below_its_threshold(tmp_path):
+    from test_extending import train
+    from xmcneg.data.datamodule import build_datamodule
+
+    for below, scoring in ((1000, "full"), (50, "sampled")):  # 100 labels
+        cfg, res = train(tmp_path / scoring, "sampler=auto", f"sampler.full_below_labels={below}",
+                         "trainer.max_epochs=1")
+        assert res["status"] == "completed" and res["sampler"] == "auto" and res["scoring"] == scoring
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.val_rows) == 80  # 5% of 800 is raised to data.val_min_docs, at most a tenth of train
+
+
+def test_plateau_of_val_p1_ends_the_run_after_min_steps(tmp_path):
+    from test_extending import train
+
+    _, res = train(tmp_path, "sampler=full", "trainer.max_epochs=100", "trainer.early_stop_patience=2",
+                   "trainer.early_stop_min_steps=120", "optim.encoder_lr=0.05", "optim.full_label_lr=0.05")
+    assert res["status"] == "completed" and 10 <= res["epochs"] < 99  # 12 steps an epoch

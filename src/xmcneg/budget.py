@@ -1,6 +1,7 @@
 """trainer.train_budget_s: a training-time budget, measured by the run's train-time clock (records.RunRecorder:
 validation, diagnostics and testing excluded), the same for every method of a race."""
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import EarlyStopping
 
 
 class TrainBudget(pl.Callback):
@@ -25,3 +26,17 @@ class TrainBudget(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.seconds is not None and self._update(trainer, pl_module) >= 1.0:
             trainer.should_stop = True
+
+
+class PlateauStop(EarlyStopping):
+    """trainer.early_stop_patience: stops training after `patience` validations without a new best val/P@1,
+    counting only validations after `min_steps` training steps (a slow start on tiny data is no plateau)."""
+
+    def __init__(self, patience, min_steps):
+        super().__init__("val/P@1", mode="max", patience=patience, check_finite=False,
+                         check_on_train_epoch_end=False)  # checked after each validation
+        self.min_steps = min_steps
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.global_step >= self.min_steps:
+            super().on_validation_end(trainer, pl_module)

@@ -22,6 +22,7 @@ def model_config(cfg, ckpt):
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     for key in ("paths", "eval", "hardware", "data"):
         mcfg[key] = cfg[key]
+    mcfg.optim = OmegaConf.merge(cfg.optim, mcfg.optim)  # optimiser keys added since the checkpoint was written
     if any(o.split("=")[0].lstrip("+~") == "dataset" or o.startswith("dataset.") for o in overrides):
         mcfg.dataset = cfg.dataset
     return mcfg

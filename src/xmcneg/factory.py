@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from xmcneg.errors import ConfigError, XMCError
 
 # keys of a config group that describe the choice rather than being constructor arguments
-NOT_ARGUMENTS = ("name", "text")
+NOT_ARGUMENTS = ("name", "text", "full_below_labels")
 
 
 def _instantiate(node, key, **kwargs):
@@ -42,6 +42,15 @@ def build_encoder(cfg, dm):
     return enc
 
 
+def full_scoring(cfg, dm):
+    """True when the sampler config asks for full scoring below a label count (`sampler.full_below_labels`, set by
+    conf/sampler/auto.yaml) and the data has fewer labels."""
+    below = cfg.sampler.get("full_below_labels")
+    if below is not None and not isinstance(below, int):
+        raise ConfigError("sampler.full_below_labels", f"expected an integer or null, got {below!r}")
+    return below is not None and int(dm.num_labels) < below
+
+
 def build_module(cfg, dm):
     """The LightningModule of `cfg.method`, with the data-dependent arguments its constructor asks for."""
     from xmcneg.eval.metrics import inverse_propensities
@@ -55,7 +64,7 @@ def build_module(cfg, dm):
         "num_labels": lambda: int(dm.num_labels),
         "inv_prop": lambda: inverse_propensities(dm.full_train_Y, float(cfg.dataset.propensity_a),
                                                  float(cfg.dataset.propensity_b)),
-        "sampler": lambda: build_part(cfg, "sampler", seed=int(cfg.seed)),
+        "sampler": lambda: None if full_scoring(cfg, dm) else build_part(cfg, "sampler", seed=int(cfg.seed)),
         "loss": lambda: build_part(cfg, "loss"),
         "datamodule": lambda: dm,
     }

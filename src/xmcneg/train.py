@@ -74,7 +74,7 @@ def run(cfg: DictConfig):
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from xmcneg.budget import TrainBudget
+    from xmcneg.budget import PlateauStop, TrainBudget
     from xmcneg.data.datamodule import build_datamodule
     from xmcneg.diagnostics import NegativeDiagnostics
     from xmcneg.factory import build_module
@@ -119,6 +119,7 @@ def run(cfg: DictConfig):
         if cfg.debug.nan_at_step is not None:
             module.fault_step = int(cfg.debug.nan_at_step)
         results["num_labels"] = int(dm.num_labels)
+        results["scoring"] = "full" if getattr(module, "sampler", 0) is None else "sampled"
         if resume_ckpt is not None:
             resume.check_fits(ckpt_path, resume_ckpt, module, cfg)
             at = {"epoch": int(resume_ckpt["epoch"]), "global_step": int(resume_ckpt["global_step"])}
@@ -142,6 +143,11 @@ def run(cfg: DictConfig):
             callbacks.append(RankDebugRecorder(out_dir))
         t, d = cfg.trainer, cfg.diagnostics
         callbacks += [TrainBudget(recorder, t.train_budget_s), NegativeDiagnostics(recorder, **d, seed=cfg.seed)]
+        if t.early_stop_patience is not None:
+            for key, least in (("early_stop_patience", 1), ("early_stop_min_steps", 0)):
+                if not isinstance(t[key], int) or t[key] < least:
+                    raise ConfigError(f"trainer.{key}", f"expected an integer >= {least}, got {t[key]!r}")
+            callbacks.append(PlateauStop(t.early_stop_patience, t.early_stop_min_steps))
         trainer = pl.Trainer(
             accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
             strategy=cfg.hardware.strategy, precision=cfg.hardware.precision,

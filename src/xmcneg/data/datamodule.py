@@ -160,14 +160,16 @@ class XCDataModule(pl.LightningDataModule):
         self._loaded = True
 
     def _set_splits(self, Xtr, Ytr, Xte, Yte):
-        """Carve the seeded validation split out of train (`data.val_size`, at most `data.val_max_docs`) and set
-        `splits`, `num_labels`, `full_train_Y`, `train_label_counts`, `train_rows` / `val_rows` (rows of the
-        training file)."""
+        """Carve the seeded validation split out of train (`data.val_size`: a fraction is raised to
+        `data.val_min_docs`, at most a tenth of train; at most `data.val_max_docs` scored) and set `splits`,
+        `num_labels`, `full_train_Y`, `train_label_counts`, `train_rows` / `val_rows` (rows of the training file)."""
         self.num_labels = Ytr.shape[1]
         self.full_train_Y = Ytr
         n = Xtr.shape[0]
         vs = float(self.cfg.val_size)
         n_val = int(round(vs * n)) if vs < 1 else int(vs)
+        if 0 < vs < 1:  # a fraction: raised to data.val_min_docs, at most a tenth of train
+            n_val = max(n_val, min(int(self.cfg.get("val_min_docs") or 0), n // 10))
         if not 0 <= n_val < n:
             raise ConfigError("data.val_size", f"gives {n_val} validation points out of {n} training points")
         perm = np.random.default_rng(self.seed).permutation(n)

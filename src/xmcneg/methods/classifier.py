@@ -73,7 +73,8 @@ class XMCClassifier(XMCModule):
         o = self.optim
         warm = linear_warmup(int(o.warmup_steps)) if int(o.warmup_steps) > 0 else None
         if self.sampler is None:  # dense table: AdamW, warmed up like the encoder
-            labels = wrap(adamw(self.labels.parameters(), float(o.full_label_lr), 0.0), warmup=warm)
+            labels = wrap(adamw(self.labels.parameters(), float(o.full_label_lr), float(o.label_weight_decay)),
+                          warmup=warm)
         else:
             labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
         return CombinedOptimizer({"encoder": self.encoder_optimizer(warm), "labels": labels})

@@ -29,6 +29,7 @@ class OptimParams:
     label_optimizer: str
     label_lr: float
     full_label_lr: float
+    label_weight_decay: float
     warmup_steps: int
     grad_clip: Optional[float]
 

@@ -71,10 +71,17 @@ def _step(enc, opts, x, target):
         o.step()
 
 
+def test_linear_encoder_with_a_sparse_table_gets_only_the_row_optimiser():
+    """bow_linear has no dense parameter once its table is sparse: no empty dense AdamW (torch refuses one)."""
+    dense, sparse = _pair(BowLinear, dim=4)
+    assert list(encoder_optimizers(sparse, lr=1e-2, weight_decay=0.0)) == ["rows"]
+    assert list(encoder_optimizers(dense, lr=1e-2, weight_decay=0.0)) == ["dense"]
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_untouched_rows_bit_identical_and_touched_rows_move(wd):
     _, enc = _pair(BowMLP, dim=4, hidden=H, dropout=0.0)
-    opts = encoder_optimizers(enc, lr=1e-2, weight_decay=wd)
+    opts = list(encoder_optimizers(enc, lr=1e-2, weight_decay=wd).values())
     assert [type(o) for o in opts] == [torch.optim.AdamW, RowAdam]
     before = enc.bag.weight.detach().clone()
     x = _batch(2)
@@ -111,7 +118,7 @@ def test_optimizer_state_round_trip_resume_retraces(tmp_path):
 
     def fresh():
         _, enc = _pair(BowMLP, dim=4, hidden=H, dropout=0.0)
-        return enc, encoder_optimizers(enc, lr=1e-2, weight_decay=0.0)
+        return enc, list(encoder_optimizers(enc, lr=1e-2, weight_decay=0.0).values())
 
     enc, opts = fresh()
     for x, t in batches[:3]:
@@ -163,7 +170,7 @@ def test_resolve_sparse_and_bad_value():
 
 # ------------------------------------------------------------------------------------- through train.py, 2 ranks
 DDP_DATA = ["dataset.num_labels=200", "dataset.num_train=601", "dataset.num_test=100", "dataset.num_features=500",
-            "data.batch_size=64", "encoder.sparse_input=true", "sampler=uniform", "trainer.max_epochs=2",
+            "data.batch_size=64", "encoder=bow_mlp", "encoder.sparse_input=true", "sampler=uniform", "trainer.max_epochs=2",
             "hardware=ddp_cpu", "logger=none", "trainer.enable_progress_bar=false", "debug.record_train_rows=true"]
 
 

@@ -171,6 +171,10 @@ class XMCModule(pl.LightningModule):
         self.input_sync = sparse_sync_mode(mode, bool(self.input_tables()))
         if self.input_sync == "all_gather":
             ignore += [name for name, _ in self.input_tables()]
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        if ignore and active_dist() is not None and trainable <= set(ignore):  # DDP refuses to wrap no parameter
+            raise ConfigError("encoder.sparse_input", "under DDP with all-gathered tables the model needs a dense "
+                                                      "parameter: set encoder.sparse_input=false or use encoder=bow_mlp")
         if ignore:
             self._ddp_params_and_buffers_to_ignore = ignore
         elif hasattr(self, "_ddp_params_and_buffers_to_ignore"):
@@ -248,8 +252,8 @@ class XMCModule(pl.LightningModule):
         sparse input tables) at `lr` (None: the encoder's own, e.g. a transformer's, else optim.encoder_lr) and
         optim.weight_decay, with the warm-up factor function `warmup` and the clip optim.grad_clip."""
         lr = lr if lr is not None else (getattr(self.encoder, "lr", None) or self.optim.encoder_lr)
-        dense, *rows = encoder_optimizers(self.encoder, float(lr), float(self.optim.weight_decay))
-        enc = CombinedOptimizer({"dense": dense, "rows": rows[0]}) if rows else dense
+        parts = encoder_optimizers(self.encoder, float(lr), float(self.optim.weight_decay))
+        enc = CombinedOptimizer(parts) if len(parts) > 1 else next(iter(parts.values()))
         return wrap(enc, warmup=warmup, clip=self.optim.grad_clip)
 
     def loss_name(self):

@@ -135,13 +135,14 @@ def adamw(params, lr, weight_decay):
 
 
 def encoder_optimizers(encoder, lr, weight_decay):
-    """[`adamw` over the encoder's dense parameters] + [RowAdam over its sparse
-    input tables, if any], at the same lr and weight decay."""
+    """{"dense": `adamw` over the encoder's dense parameters, "rows": RowAdam over its sparse input tables}, each
+    only if the encoder has such parameters (a linear BoW encoder with a sparse table has no dense one)."""
     sparse = sparse_tables(encoder)
     ids = {id(p) for p in sparse}
-    opts = [adamw([p for p in encoder.parameters() if id(p) not in ids], lr, weight_decay)]
+    dense = [p for p in encoder.parameters() if id(p) not in ids]
+    opts = {"dense": adamw(dense, lr, weight_decay)} if dense else {}
     if sparse:
-        opts.append(RowAdam(sparse, lr=lr, weight_decay=weight_decay))
+        opts["rows"] = RowAdam(sparse, lr=lr, weight_decay=weight_decay)
     return opts
 
 

@@ -172,7 +172,7 @@ class XMCModule(pl.LightningModule):
         if self.input_sync == "all_gather":
             ignore += [name for name, _ in self.input_tables()]
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        if ignore and active_dist() is not None and trainable <= set(ignore):  # DDP refuses to wrap no parameter
+        if stage == "fit" and ignore and active_dist() and trainable <= set(ignore):  # DDP wraps for fit only
             raise ConfigError("encoder.sparse_input", "under DDP with all-gathered tables the model needs a dense "
                                                       "parameter: set encoder.sparse_input=false or use encoder=bow_mlp")
         if ignore:

@@ -12,7 +12,7 @@ from xmcneg.errors import ConfigError
 from train_conf import encoder_args, sampler_args, section
 from xmcneg.methods.base import mask_positives
 from xmcneg.methods.classifier import XMCClassifier
-from xmcneg.methods.losses import BCE, NegativeSampling, SampledSoftmax, bce_loss, ns_loss, sampled_softmax_loss
+from xmcneg.methods.losses import BCE, NegativeSampling, SampledSoftmax, SquaredHinge, bce_loss, ns_loss, sampled_softmax_loss
 from xmcneg.methods.sparse_optim import SparseRowOptimizer
 from xmcneg.samplers.frequency import FrequencySampler
 from xmcneg.samplers.in_batch import InBatchSampler
@@ -20,7 +20,7 @@ from xmcneg.samplers.uniform import UniformSampler
 
 OPTIM = section("optim", label_lr=0.1)
 EVAL = section("eval", k=5, doc_chunk=4, label_chunk=7)
-LOSSES = {"bce": BCE(), "softmax": SampledSoftmax(), "ns": NegativeSampling()}
+LOSSES = {"bce": BCE(), "softmax": SampledSoftmax(), "ns": NegativeSampling(), "sq_hinge": SquaredHinge()}
 
 
 def fake_dm(C, counts=None):
@@ -70,9 +70,10 @@ def make_module(C=12, sampler=None, loss="bce", d=6, F=10):
     return XMCClassifier(enc, C, LOSSES[loss], sampler=sampler, optim=OPTIM, evaluation=EVAL)
 
 
-def test_sampled_softmax_with_all_labels_equals_full_softmax():
+@pytest.mark.parametrize("loss", ["softmax", "sq_hinge"])
+def test_sampled_loss_with_all_labels_equals_full_loss(loss):
     C = 12
-    full = make_module(C, None, "softmax")
+    full = make_module(C, None, loss)
     batch = tiny_batch()
     h = full.encoder(batch["x"])
     full_val = full.full_loss(h, batch)
@@ -82,7 +83,7 @@ def test_sampled_softmax_with_all_labels_equals_full_softmax():
     neg = torch.arange(C).expand(4, C)
     s_neg = h @ full.labels.w.weight.T + full.labels.b.weight.T
     log_q = torch.full((4, C), -math.log(C))
-    sampled = sampled_softmax_loss(s_pos, (pos >= 0).float(), s_neg, mask_positives(neg, pos).float(), log_q)
+    sampled = full.loss(s_pos, (pos >= 0).float(), s_neg, mask_positives(neg, pos).float(), log_q)
     assert sampled.item() == pytest.approx(full_val.item(), rel=1e-5, abs=1e-6)
 
 

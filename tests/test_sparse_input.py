@@ -78,6 +78,20 @@ def test_linear_encoder_with_a_sparse_table_gets_only_the_row_optimiser():
     assert list(encoder_optimizers(dense, lr=1e-2, weight_decay=0.0)) == ["dense"]
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sgd_input_table_moves_by_lr_times_gradient(sparse):
+    """optim.input_optimizer=sgd: the input table alone gets plain SGD (dense or sparse rows), the rest AdamW."""
+    enc = _pair(BowMLP, dim=4, hidden=H, dropout=0.0)[int(sparse)]
+    opts = encoder_optimizers(enc, lr=1e-2, weight_decay=0.0, input_optimizer="sgd", input_lr=0.5)
+    assert list(opts) == ["dense", "input"] and opts["input"].param_groups[0]["params"] == [enc.bag.weight]
+    before = enc.bag.weight.detach().clone()
+    _step(enc, list(opts.values()), _batch(2), torch.randn(5, 4))
+    grad = enc.bag.weight.grad.to_dense() if sparse else enc.bag.weight.grad
+    torch.testing.assert_close(enc.bag.weight.detach(), before - 0.5 * grad)
+    with pytest.raises(ConfigError, match="optim.input_optimizer"):
+        encoder_optimizers(enc, lr=1e-2, weight_decay=0.0, input_optimizer="adam")
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_untouched_rows_bit_identical_and_touched_rows_move(wd):
     _, enc = _pair(BowMLP, dim=4, hidden=H, dropout=0.0)

@@ -28,8 +28,8 @@ class XMCClassifier(XMCModule):
         self.save_hyperparameters(ignore=["encoder", "loss", "sampler", "inv_prop"])
         self.loss = loss
         if sampler is None and not hasattr(loss, "full"):
-            raise ConfigError("loss.name", f"'{loss.name}' needs sampled negatives; use bce or softmax with "
-                                           "sampler=full")
+            raise ConfigError("loss.name", f"'{loss.name}' needs sampled negatives; use bce, softmax or sq_hinge "
+                                           "with sampler=full")
         if sampler is not None and sampler.fixed_k and sampler.num_negatives >= num_labels:
             raise ConfigError("sampler.num_negatives",
                               f"{sampler.num_negatives} negatives must be fewer than the {num_labels} labels")

@@ -1,6 +1,7 @@
 """Losses over positives and (sampled) negatives. Shapes: pos (B,P) with pos_mask, neg (B,k) with neg_mask,
 log_q_neg (B,k) = log q(y|x) of one draw, k = number of draws. Masked entries never contribute.
-conf/loss/<name>.yaml instantiates one of the classes at the end (`BCE`, `SampledSoftmax`, `NegativeSampling`).
+conf/loss/<name>.yaml instantiates one of the classes at the end (`BCE`, `SampledSoftmax`, `NegativeSampling`,
+`SquaredHinge`).
 
 - bce:     sum_valid softplus(-s_pos) + sum_valid softplus(s_neg), divided by the number of valid candidates.
 - softmax: sampled softmax with logQ correction; per positive p:
@@ -8,6 +9,8 @@ conf/loss/<name>.yaml instantiates one of the classes at the end (`BCE`, `Sample
            (so with all C labels as negatives and q = 1/C, k = C this is exactly the full (decoupled) softmax).
 - ns:      Bamler & Mandt binary logistic negative sampling: mean_p softplus(-s_p) + (1/k) sum_n softplus(s_n),
            optional regulariser reg_lambda * [(s_p + log q_p)^2 + (1/k) sum_n (s_n + log q_n)^2].
+- sq_hinge: one-vs-rest squared hinge (the L2-loss SVM of linear XMC models): per document
+           sum_valid max(0, 1 - s_pos)^2 + sum_valid max(0, 1 + s_neg)^2, averaged over documents.
 """
 import math
 
@@ -73,6 +76,18 @@ class SampledSoftmax:
         s_pos = logits.gather(1, pos.clamp(min=0))
         neg_lse = torch.logsumexp(logits.masked_fill(target, float("-inf")), dim=1, keepdim=True)
         return _masked_mean(torch.logaddexp(s_pos, neg_lse.expand_as(s_pos)) - s_pos, pos_mask)
+
+
+class SquaredHinge:
+    """One-vs-rest squared hinge; scores are margins, not log-probabilities: no prediction-time correction."""
+    name, logq_corrected = "sq_hinge", True
+
+    def __call__(self, pos, pos_mask, neg, neg_mask, log_q_neg, log_q_pos=None):
+        per_doc = (F.relu(1 - pos) ** 2 * pos_mask).sum(1) + (F.relu(1 + neg) ** 2 * neg_mask).sum(1)
+        return per_doc.mean()
+
+    def full(self, logits, target, pos):
+        return (F.relu(1 - torch.where(target, logits, -logits)) ** 2).sum(1).mean()
 
 
 class NegativeSampling:

@@ -26,6 +26,8 @@ class OptimParams:
     """conf/train.yaml `optim`: the keys, their types and checks (values: only in conf/)."""
     encoder_lr: float
     weight_decay: float
+    input_optimizer: str
+    input_lr: float
     label_optimizer: str
     label_lr: float
     full_label_lr: float
@@ -36,7 +38,7 @@ class OptimParams:
     @classmethod
     def of(cls, d):
         p = params_of(cls, d, "optim")
-        for key in ("encoder_lr", "label_lr", "full_label_lr"):
+        for key in ("encoder_lr", "input_lr", "label_lr", "full_label_lr"):
             if not float(getattr(p, key)) > 0:
                 raise ConfigError(f"optim.{key}", f"must be > 0, got {getattr(p, key)}")
         if int(p.warmup_steps) < 0:

@@ -2,7 +2,8 @@
 touched rows in place, at a cost proportional to their number, never to C; untouched rows stay bit-identical.
 - `SparseRowOptimizer` (label table): rowwise_adagrad (one accumulator per row, as in DLRM/FBGEMM:
   G_r += mean(g_r^2); w_r -= lr g_r / (sqrt(G_r) + eps)), adagrad (one per element) or sgd.
-- `RowAdam`: lazy AdamW of the BoW encoders' sparse input tables; `encoder_optimizers` pairs it with a dense AdamW.
+- `RowAdam`: lazy AdamW of the BoW encoders' sparse input tables; `encoder_optimizers` pairs it with a dense AdamW
+  (or trains the input tables with plain SGD).
 - `all_gather_sparse_mean` averages such gradients over DDP ranks with dense collectives.
 """
 import math
@@ -134,15 +135,22 @@ def adamw(params, lr, weight_decay):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **{"fused" if fused else "foreach": True})
 
 
-def encoder_optimizers(encoder, lr, weight_decay):
+def encoder_optimizers(encoder, lr, weight_decay, input_optimizer="adamw", input_lr=None):
     """{"dense": `adamw` over the encoder's dense parameters, "rows": RowAdam over its sparse input tables}, each
-    only if the encoder has such parameters (a linear BoW encoder with a sparse table has no dense one)."""
-    sparse = sparse_tables(encoder)
-    ids = {id(p) for p in sparse}
+    only if the encoder has such parameters (a linear BoW encoder with a sparse table has no dense one).
+    `input_optimizer="sgd"`: the BoW input tables (`nn.EmbeddingBag` weights, dense or sparse) get plain SGD at
+    `input_lr` instead ("input"), the rest as above."""
+    if input_optimizer not in ("adamw", "sgd"):
+        raise ConfigError("optim.input_optimizer", f"expected adamw or sgd, got {input_optimizer!r}")
+    sgd = [m.weight for m in encoder.modules() if isinstance(m, nn.EmbeddingBag)] if input_optimizer == "sgd" else []
+    sparse = [p for p in sparse_tables(encoder) if all(p is not q for q in sgd)]
+    ids = {id(p) for p in sparse + sgd}
     dense = [p for p in encoder.parameters() if id(p) not in ids]
     opts = {"dense": adamw(dense, lr, weight_decay)} if dense else {}
     if sparse:
         opts["rows"] = RowAdam(sparse, lr=lr, weight_decay=weight_decay)
+    if sgd:
+        opts["input"] = torch.optim.SGD(sgd, lr=input_lr)
     return opts
 
 

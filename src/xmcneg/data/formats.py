@@ -276,7 +276,6 @@ def _csr(counts, indices, data, ncols) -> sp.csr_matrix:
     itype = np.int32 if max(indptr[-1], ncols) < 2 ** 31 else np.int64
     M = sp.csr_matrix((np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=itype),
                        indptr.astype(itype)), shape=(len(counts), ncols))
-    M.has_sorted_indices = False
     M.sort_indices()
     return M
 
@@ -602,8 +601,6 @@ def load_bow_cached(path, cache_dir, num_features=None, num_labels=None):
         XY = read_xc_bow(path)
         save_csr(cf, X=XY[0], Y=XY[1])
     X, Y = XY
-    X.has_sorted_indices = True
-    Y.has_sorted_indices = True
     _check_given(path, "num_features", num_features, X.shape[1])
     _check_given(path, "num_labels", num_labels, Y.shape[1])
     return X, Y

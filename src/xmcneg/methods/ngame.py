@@ -100,17 +100,20 @@ class NGAMESettings:
 
 
 # ------------------------------------------------------------------------------------------------------ losses
+def _row_mean(per_row, row_mask=None):
+    """Mean of `per_row` (B,) over the rows where `row_mask` (B,) is True (all rows when None)."""
+    m = torch.ones_like(per_row) if row_mask is None else row_mask.float()
+    return (per_row * m).sum() / m.sum().clamp(min=1)
+
+
 def triplet_ohnm_loss(S, pos_col, neg_mask, margin=0.3, num_hard=10, temperature=0.1, weighted=True,
                       row_mask=None):
     """NGAME phase-1 loss. S (B, U) cosine scores; pos_col (B,) column of each row's positive; neg_mask (B, U)
     True where the column may serve as a negative (False for every positive of the row); row_mask (B,) rows
     that count. Per row: the `num_hard` highest-scoring negatives n, hinge max(0, S[n] - S[pos] + margin),
     weighted by softmax(S[n] / temperature) over the violators (weights detached) or averaged."""
-    B, U = S.shape
-    if row_mask is None:
-        row_mask = torch.ones(B, dtype=torch.bool, device=S.device)
     s_pos = S.gather(1, pos_col.view(-1, 1))
-    k = min(int(num_hard), U)
+    k = min(int(num_hard), S.shape[1])
     s_neg, _ = S.masked_fill(~neg_mask, float("-inf")).topk(k, dim=1)
     valid = torch.isfinite(s_neg)
     s_neg = torch.where(valid, s_neg, torch.zeros_like(s_neg))
@@ -122,21 +125,15 @@ def triplet_ohnm_loss(S, pos_col, neg_mask, margin=0.3, num_hard=10, temperature
         per_row = (hinge * w).sum(1)
     else:
         per_row = hinge.sum(1) / valid.sum(1).clamp(min=1)
-    m = row_mask.float()
-    return (per_row * m).sum() / m.sum().clamp(min=1)
+    return _row_mean(per_row, row_mask)
 
 
 def infonce_loss(S, pos_col, neg_mask, temperature=0.1, row_mask=None):
     """Softmax cross-entropy over the row at `temperature`; the row's other positives leave the denominator."""
-    B, U = S.shape
-    if row_mask is None:
-        row_mask = torch.ones(B, dtype=torch.bool, device=S.device)
     keep = neg_mask.clone()
-    keep[torch.arange(B, device=S.device), pos_col] = True
+    keep[torch.arange(S.shape[0], device=S.device), pos_col] = True
     logits = (S / temperature).masked_fill(~keep, float("-inf"))
-    ce = F.cross_entropy(logits, pos_col, reduction="none")
-    m = row_mask.float()
-    return (ce * m).sum() / m.sum().clamp(min=1)
+    return _row_mean(F.cross_entropy(logits, pos_col, reduction="none"), row_mask)
 
 
 def triplet_multi_loss(S, is_pos, margin=0.2, num_pos=3, num_neg=5, temperature=0.1):
@@ -155,9 +152,7 @@ def triplet_multi_loss(S, is_pos, margin=0.2, num_pos=3, num_neg=5, temperature=
     hinge = (F.relu(s_n.unsqueeze(1) - s_p.unsqueeze(2) + margin) * valid).reshape(B, -1)
     viol = hinge > 0
     w = torch.softmax((hinge.detach() / temperature).masked_fill(~viol, float("-inf")), dim=1).nan_to_num(0.0)
-    per_row = (hinge * w).sum(1)
-    rows = vp.any(1).float()
-    return (per_row * rows).sum() / rows.sum().clamp(min=1)
+    return _row_mean((hinge * w).sum(1), vp.any(1))
 
 
 # ------------------------------------------------------------------------------------------------------ module
@@ -386,18 +381,12 @@ class NGAME(XMCModule):
         st = checkpoint.get("ngame")
         if st is None:
             return
-        self.bank = st["bank"].float().cpu().clone()
-        written = st.get("bank_written")
-        self.bank_written = (written.bool().cpu().clone() if written is not None
-                             else torch.zeros(self.bank.shape[0], dtype=torch.bool))
-        self._clf_index_weights = st.get("clf_index_weights")
-        c = st.get("cluster_ids")
+        self.bank, self.bank_written = st["bank"].float().cpu().clone(), st["bank_written"].bool().cpu().clone()
+        self._clf_index_weights, c = st["clf_index_weights"], st["cluster_ids"]
         self.cluster_ids = None if c is None else c.cpu().numpy().astype(np.int64)
-        self.cluster_size = int(st.get("cluster_size", 1))
-        self.last_cluster_epoch = int(st.get("last_cluster_epoch", -1))
-        self.cluster_log = [list(r) for r in st.get("cluster_log", [])]
-        self._label_emb = None
-        self._index_cache = {}
+        self.cluster_size, self.last_cluster_epoch = int(st["cluster_size"]), int(st["last_cluster_epoch"])
+        self.cluster_log = [list(r) for r in st["cluster_log"]]
+        self._label_emb, self._index_cache = None, {}
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
@@ -482,9 +471,6 @@ class NGAME(XMCModule):
         return loss, pos.shape[0]
 
     # ------------------------------------------------------------------ inference
-    def _clf_matrix(self):
-        return F.normalize(self.labels.w.weight.detach().float(), dim=-1)
-
     def _ann_candidates(self, emb, mats, reuse):
         """Union of the HNSW top-`ann_shortlist` of each matrix, per document; duplicates/missing = -1.
         reuse: keys whose cached index may be used (built from the same matrix before)."""
@@ -511,7 +497,7 @@ class NGAME(XMCModule):
         Z = self._label_embeddings(refresh=fresh and self.phase == 1)
         if self.phase == 1:
             alphas = [0.0]
-        W = self._clf_matrix() if self.phase == 2 else None
+        W = F.normalize(self.labels.w.weight.detach().float(), dim=-1) if self.phase == 2 else None
         out = {}
         if self.s.inference == "exact":
             for a in alphas:

@@ -210,20 +210,17 @@ class TextInputs:
 
     # ---------------------------------------------------------------- loading
     def load(self, d):
-        if self.fmt == "lf_json":
-            (src_tr, Ytr), (src_te, Yte), self._label_src = self._lf_sources(d)
-        else:
-            (src_tr, Ytr), (src_te, Yte), self._label_src = self._text_sources(d)
+        sources = self._lf_sources if self.fmt == "lf_json" else self._text_sources
+        (src_tr, Ytr), (src_te, Yte), self._label_src = sources(d)
         self.tokenizer = self._make_tokenizer(src_tr)
+        Xtr, Xte = self._tokens(src_tr, Ytr.shape[0]), self._tokens(src_te, Yte.shape[0])
         if self.input_kind == "tokens":
-            Xtr, Xte = self._tokens(src_tr, Ytr.shape[0]), self._tokens(src_te, Yte.shape[0])
             self.num_features = int(self.tokenizer.vocab_size)
         else:
-            Btr, Bte = self._tokens(src_tr, Ytr.shape[0]), self._tokens(src_te, Yte.shape[0])
             self.num_features = self.tokenizer.vocab_size - self.tokenizer.n_special
-            C = self._counts(Btr)
+            C = self._counts(Xtr)
             self.idf = smooth_idf(doc_freq(C), C.shape[0]).astype(np.float32)
-            Xtr, Xte = self._bag(Btr), self._bag(Bte)
+            Xtr, Xte = self._bag(Xtr), self._bag(Xte)
         src_tr.release()
         src_te.release()
         self.label_text_path = self._label_src.path if self._label_src is not None else None
@@ -305,7 +302,7 @@ class TextInputs:
         save_vocab(cf, tok.vocab)
         return tok
 
-    def _tokens(self, src, n_expected=None) -> TokenRows:
+    def _tokens(self, src, n_expected) -> TokenRows:
         """The source's token rows: from the cache, or tokenised once and cached."""
         cls = self.input_kind == "tokens"
         key = f"{self.tokenizer.name}-L{self.max_len if self.max_len is not None else 'all'}" \
@@ -316,8 +313,7 @@ class TextInputs:
             self.token_cache[src.name] = "hit"
             return rows
         texts = src.texts()
-        if n_expected is not None:
-            self._check_count(src.path, len(texts), "the label data", n_expected)
+        self._check_count(src.path, len(texts), "the label data", n_expected)
         rows = TokenRows.from_lists(self.tokenizer.encode(texts, self.max_len, cls=cls))
         formats.save_cache(cf, {"ids": rows.ids, "indptr": rows.indptr})
         self.token_cache[src.name] = "miss"

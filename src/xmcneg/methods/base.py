@@ -339,12 +339,9 @@ class XMCModule(pl.LightningModule):
         return emb, idx.cpu().numpy(), query
 
     def eval_stage(self):
-        trainer = self._trainer
-        if trainer is None:
-            return None
-        if trainer.validating or trainer.sanity_checking:
-            return "val"
-        return "test" if trainer.testing else None
+        """"val" or "test" while the trainer evaluates that split, else None."""
+        t = self._trainer
+        return None if t is None else "val" if t.validating or t.sanity_checking else "test" if t.testing else None
 
     def on_validation_epoch_end(self):
         for k, v in self.eval_metrics("val", *self.gather_eval()).items():

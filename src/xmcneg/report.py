@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xmcneg.data.formats import atomic_file
 from xmcneg.records import atomic_write_text, read_metrics_csv, time_to_target, write_json
 
 TEST_KEYS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
@@ -84,8 +85,7 @@ class Run:
 
     def __init__(self, run_dir):
         self.dir = Path(run_dir)
-        self.results = None
-        self.results_error = None
+        self.results, self.results_error = None, None
         p = self.dir / "results.json"
         if p.is_file():
             try:
@@ -119,16 +119,12 @@ class Run:
         if self.results is not None and "." not in dotted and dotted in self.results:
             return self.results[dotted]
         v = select(self.config, dotted)
-        if v is None or isinstance(v, dict):
-            if dotted in self.overrides:
-                return self.overrides[dotted]
-        return v
+        return self.overrides[dotted] if (v is None or isinstance(v, dict)) and dotted in self.overrides else v
 
     @property
     def sampler(self):
-        if self.results is not None and self.results.get("sampler"):
-            return str(self.results["sampler"])
-        return str(select(self.config, "sampler.name") or self.overrides.get("sampler", "unknown"))
+        return str((self.results or {}).get("sampler") or select(self.config, "sampler.name")
+                   or self.overrides.get("sampler", "unknown"))
 
     @property
     def seed(self):
@@ -271,9 +267,7 @@ def _fmt(ms, digits=4):
     m, s, n = ms
     if n == 0 or math.isnan(m):
         return "–"
-    if n == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f}" + ("" if n == 1 else f" ± {s:.{digits}f}")
 
 
 def _md_escape(s):
@@ -467,11 +461,9 @@ def _figure(figsize):
 def _save(plt, fig, path, dpi):
     """Write the figure to `path` atomically (a reader never sees half a PNG)."""
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=dpi, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_convergence(groups, path, log_time=False, target=None, peers=()):
@@ -494,14 +486,12 @@ def plot_convergence(groups, path, log_time=False, target=None, peers=()):
             if target is not None and metric == "val/P@1":
                 ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
             draw_peers(ax, peers, metric.split("/", 1)[1])
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
+    if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(loc="lower right", fontsize="small")
     else:
-        for row in axes:
-            for ax in row:
-                ax.text(0.5, 0.5, "no validation rows in completed runs", ha="center", va="center",
-                        transform=ax.transAxes, color="grey")
+        for ax in axes.flat:
+            ax.text(0.5, 0.5, "no validation rows in completed runs", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
     fig.suptitle("Validation metrics: mean over seeds, min–max band (dots: each run's validations)")
     _save(plt, fig, path, dpi=110)
 

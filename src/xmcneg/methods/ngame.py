@@ -239,7 +239,7 @@ class NGAME(XMCModule):
 
     def _make_index(self):
         return LabelIndex(kind="hnsw", M=int(self.s.ann_M), ef_search=int(self.s.ann_ef_search),
-                          ef_construction=int(self.s.ann_ef_construction), mips="ip", seed=self.seed)
+                          ef_construction=int(self.s.ann_ef_construction), seed=self.seed)
 
     def _recluster(self, size, epoch):
         t0 = time.perf_counter()
@@ -250,10 +250,8 @@ class NGAME(XMCModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             ids = self.trainer.strategy.broadcast(ids, src=0)
         dt = time.perf_counter() - t0
-        self.cluster_ids = ids
+        self.cluster_ids, self.cluster_size, self.last_cluster_epoch = ids, int(size), int(epoch)
         self.cluster_history.append([int(epoch), tensor_digest(torch.from_numpy(np.ascontiguousarray(ids)))])
-        self.cluster_size = int(size)
-        self.last_cluster_epoch = int(epoch)
         k = int(ids.max()) + 1 if len(ids) else 0
         self.cluster_log.append([int(epoch), int(self.phase), int(size), k, round(dt, 4)])
         self._cluster_s += dt
@@ -286,8 +284,7 @@ class NGAME(XMCModule):
         """The phase-2 training shortlist index over the normalised label vectors `weights` (kept for the
         checkpoint: a resume in the middle of the epoch rebuilds the same index)."""
         self._clf_index_weights = weights
-        self._clf_index = self._make_index()
-        self._clf_index.build(weights)
+        self._clf_index = self._make_index().build(weights)
 
     def _phase_of(self, epoch):
         if self.s.phase1_share is not None:
@@ -398,15 +395,14 @@ class NGAME(XMCModule):
         """lr factor of phase-1 step t: linear warm-up over phase1_warmup_steps, capped at a tenth of phase 1's
         steps (a short run, e.g. a transformer on a small budget, would otherwise never leave the warm-up), then
         (phase1_lr_decay=linear) linear decay to ~0 at the end of phase 1."""
-        t, f, warm, total = self.train_steps, 1.0, int(self.s.phase1_warmup_steps), None
+        t, warm, total = self.train_steps, int(self.s.phase1_warmup_steps), None
         if self._trainer is not None:
             nb = self.trainer.num_training_batches
             if isinstance(nb, (int, float)) and math.isfinite(nb) and nb > 0:
                 total = int(self.s.phase1_epochs) * int(nb)
         if warm > 0 and total:
             warm = min(warm, max(1, total // 10))
-        if warm > 0:
-            f = min(f, (t + 1) / warm)
+        f = min(1.0, (t + 1) / warm) if warm > 0 else 1.0
         if self.s.phase1_lr_decay == "linear" and self.s.phase1_share is not None:
             return min(f, max(0.0, 1.0 - self.budget_used / max(float(self.s.phase1_share), 1e-9)) + 1e-3)
         if self.s.phase1_lr_decay == "linear" and total:
@@ -442,12 +438,10 @@ class NGAME(XMCModule):
         pos_col[has] = inv.to(S.device)
         lab_u = lab_u.to(S.device)
         neg_mask = ~(pos.unsqueeze(2) == lab_u.view(1, 1, -1)).any(1)
-        if self.s.loss == "triplet":
-            loss = triplet_ohnm_loss(S, pos_col, neg_mask, float(self.s.margin), int(self.s.num_hard),
-                                     float(self.s.temperature), bool(self.s.weighted), row_mask=has)
-        else:
-            loss = infonce_loss(S, pos_col, neg_mask, float(self.s.temperature), row_mask=has)
-        return loss, B
+        if self.s.loss == "infonce":
+            return infonce_loss(S, pos_col, neg_mask, float(self.s.temperature), row_mask=has), B
+        return triplet_ohnm_loss(S, pos_col, neg_mask, float(self.s.margin), int(self.s.num_hard),
+                                 float(self.s.temperature), bool(self.s.weighted), row_mask=has), B
 
     def _phase2_loss(self, batch):
         pos, idx = batch["pos"], batch["idx"]
@@ -466,9 +460,8 @@ class NGAME(XMCModule):
         w = F.normalize(self.labels.w(short.to(self.labels.w.weight.device)), dim=-1)
         S = h @ w.T
         is_pos = ~mask_positives(short.to(pos.device), pos)
-        loss = triplet_multi_loss(S, is_pos.to(S.device), float(self.s.phase2_margin), int(self.s.phase2_num_pos),
-                                  int(self.s.phase2_num_neg), float(self.s.phase2_temperature))
-        return loss, pos.shape[0]
+        return triplet_multi_loss(S, is_pos.to(S.device), float(self.s.phase2_margin), int(self.s.phase2_num_pos),
+                                  int(self.s.phase2_num_neg), float(self.s.phase2_temperature)), pos.shape[0]
 
     # ------------------------------------------------------------------ inference
     def _ann_candidates(self, emb, mats, reuse):
@@ -479,9 +472,7 @@ class NGAME(XMCModule):
         for key, M in mats:
             index = self._index_cache.get(key) if key in reuse else None
             if index is None:
-                index = self._make_index()
-                index.build(M)
-                self._index_cache[key] = index
+                index = self._index_cache[key] = self._make_index().build(M)
             parts.append(index.search(emb, S)[1])
         cand = np.sort(np.concatenate(parts, axis=1), axis=1)
         dup = np.zeros_like(cand, dtype=bool)
@@ -549,11 +540,8 @@ class NGAME(XMCModule):
         else:
             if self.alpha is None:  # no validation in phase 2: pick alpha on the validation split now
                 val_emb = self._encode_split("val")
-                if val_emb.shape[0] > 0:
-                    self.alpha = self._select_alpha(self._ranked(val_emb, self.s.fusion_alphas),
-                                                    self.dm.split("val")[1])
-                else:
-                    self.alpha = 0.5
+                self.alpha = (self._select_alpha(self._ranked(val_emb, self.s.fusion_alphas), self.dm.split("val")[1])
+                              if val_emb.shape[0] > 0 else 0.5)
             ranked = self._ranked(emb, sorted(set(alphas) | {self.alpha}))
         metrics = xc_metrics(ranked[self.alpha][1].cpu().numpy(), Y, self.inv_prop)
         for name, a in (("knn", 0.0), ("clf", 1.0)):

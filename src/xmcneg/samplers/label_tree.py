@@ -179,8 +179,7 @@ class LabelTree:
         D = self.depth
         leaves = self.label_to_leaf[labels]
         lv = torch.arange(D, device=leaves.device)
-        rel = leaves.unsqueeze(-1) >> (D - lv)  # relative index of the level-l ancestor
-        nodes = rel + ((1 << lv) - 1)
+        nodes = (leaves.unsqueeze(-1) >> (D - lv)) + ((1 << lv) - 1)  # heap index of the level-l ancestor
         bits = ((leaves.unsqueeze(-1) >> (D - 1 - lv)) & 1).bool()
         return nodes, bits
 
@@ -409,10 +408,8 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
     D = tree_depth(C)
     Z = torch.as_tensor(Z).float()
     rows, labels = torch.as_tensor(rows).long(), torch.as_tensor(labels).long()
-    k = Z.shape[1]
+    k, E, lam = Z.shape[1], labels.numel(), float(l2)
     K = k + 1
-    E = labels.numel()
-    lam = float(l2)
     gen = torch.Generator().manual_seed(int(seed) * 7_919 + 1)
 
     # pairs sorted by label; from then on kept sorted by node (stable refinement, level by level)

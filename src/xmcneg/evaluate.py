@@ -57,22 +57,16 @@ def predict(cfg, mcfg, dm, module):
     if dm.reads_text:  # a model trained on raw text: one document per line, in its tokenisation
         texts = formats.read_lines(cfg.input)
         n = len(texts)
-
-        def inputs(rows):
-            return dm.text_inputs([texts[i] for i in rows])
     else:  # a BoW model: an XC BoW file (train.txt format; labels may be empty)
-        X, _ = formats.read_xc_bow(formats.resolve_path(cfg.input), num_features=dm.num_features)
-        X = dm.transform(X)
+        X = dm.transform(formats.read_xc_bow(formats.resolve_path(cfg.input), num_features=dm.num_features)[0])
         n = X.shape[0]
-
-        def inputs(rows):
-            return csr_rows_to_bag(X, rows)
     rows_out = []
     bs = int(mcfg.data.batch_size)
     with torch.no_grad():
         for i in range(0, n, bs):
             rows = np.arange(i, min(i + bs, n))
-            batch = {"x": inputs(rows), "pos": torch.full((len(rows), 1), -1), "idx": torch.from_numpy(rows)}
+            x = dm.text_inputs([texts[i] for i in rows]) if dm.reads_text else csr_rows_to_bag(X, rows)
+            batch = {"x": x, "pos": torch.full((len(rows), 1), -1), "idx": torch.from_numpy(rows)}
             h = module.encoder(batch["x"])
             scores, ids = module.predict_topk(h, module.correction_query(batch, h), k=k)
             for s, l in zip(scores.tolist(), ids.tolist()):

@@ -4,7 +4,6 @@ atomic checkpoints and the test hooks that kill a run or record its ranks' state
 The clock runs from fit start (a sampler's one-time fitting counts as training time) and pauses during validation;
 its state is in the checkpoints. Files are written atomically (temp file + os.replace).
 """
-import contextlib
 import csv
 import errno
 import hashlib
@@ -22,17 +21,13 @@ import torch
 from hydra.experimental.callback import Callback as HydraCallback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from xmcneg.data.formats import atomic_file
 from xmcneg.errors import XMCError
 
 
 def atomic_write_text(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path, obj):
@@ -60,24 +55,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     fail_write = False  # test hook (debug.kill_in=enospc): the write fails with ENOSPC after some bytes
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path, "wb") as f:
                 if self.fail_write:
                     f.write(b"\x80\x02" * 512)
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f.name)
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
+                if self.kill_before_rename:
+                    f.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise CheckpointWriteError(path, e) from None
-        if self.kill_before_rename:
-            os.kill(os.getpid(), signal.SIGKILL)
-        os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         from xmcneg.resume import select_rank_state
@@ -93,8 +82,7 @@ class KillSwitch(pl.Callback):
     POINTS = ("train", "val", "ckpt", "preempt", "enospc")
 
     def __init__(self, point, epoch):
-        self.point, self.epoch = point, int(epoch)
-        self.armed = True
+        self.point, self.epoch, self.armed = point, int(epoch), True
 
     def _die(self):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -187,12 +175,11 @@ class RankDebugRecorder(pl.Callback):
         write_json(self.dir / f"train_rows_e{trainer.current_epoch}_r{trainer.global_rank}.json", self.rows)
 
     def on_fit_end(self, trainer, pl_module):
-        debug_state = getattr(pl_module, "debug_state", None)
         out = {"rank": trainer.global_rank, "world_size": trainer.world_size,
                "global_step": trainer.global_step, "epoch": trainer.current_epoch,
                "state_dict": state_digests(pl_module.state_dict()),
                "optimizers": [state_digests(opt.state_dict()) for opt in trainer.optimizers],
-               "debug_state": state_digests(debug_state()) if callable(debug_state) else {}}
+               "debug_state": state_digests(pl_module.debug_state())}
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / f"fit_end_r{trainer.global_rank}.json", out)
 
@@ -235,8 +222,7 @@ class RunRecorder(pl.Callback):
     """Keeps the train-time clock and writes metrics.csv rows; logs train_time_s to every logger."""
 
     def __init__(self, out_dir, resume=True):
-        self.out_dir = Path(out_dir)
-        self.csv_path = self.out_dir / "metrics.csv"
+        self.csv_path = Path(out_dir) / "metrics.csv"
         self.train_time, self.samples, self._started = 0.0, 0, None
         # a resumed run keeps the rows up to its checkpoint (load_state_dict); a fresh one starts a new file
         self.rows = read_metrics_csv(self.csv_path) if resume else []

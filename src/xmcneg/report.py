@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xmcneg.data.formats import atomic_file
 from xmcneg.records import atomic_write_text, read_metrics_csv, time_to_target, write_json
 
 TEST_KEYS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
@@ -30,11 +31,6 @@ DIAG_KEYS = ("diag/rank_pct", "diag/above_min_pos", "diag/pos_hit", "diag/grad_s
 
 
 # ---------------------------------------------------------------------------------------------------- discovery
-def is_run_dir(d):
-    d = Path(d)
-    return (d / ".hydra").is_dir() or (d / "results.json").is_file() or (d / "metrics.csv").is_file()
-
-
 def find_run_dirs(roots):
     """Run dirs under each root (the root itself included), sorted, without duplicates; no descent into runs."""
     found = []
@@ -43,8 +39,9 @@ def find_run_dirs(roots):
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: not a directory")
         for dirpath, dirnames, _ in os.walk(root):
-            if is_run_dir(dirpath):
-                found.append(Path(dirpath))
+            d = Path(dirpath)
+            if (d / ".hydra").is_dir() or (d / "results.json").is_file() or (d / "metrics.csv").is_file():
+                found.append(d)
                 dirnames[:] = []
                 continue
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -74,13 +71,6 @@ def select(cfg, dotted):
     return cfg
 
 
-def _overrides(run_dir):
-    """{key: value} of the run's `key=value` Hydra overrides (without the + / ~ prefixes)."""
-    items = _load_yaml(Path(run_dir) / ".hydra" / "overrides.yaml") or []
-    items = [i for i in items if isinstance(i, str) and "=" in i]
-    return {k.lstrip("+~"): v for k, v in (i.split("=", 1) for i in items)}
-
-
 def _float(v):
     if isinstance(v, bool) or v is None:
         return math.nan
@@ -95,8 +85,7 @@ class Run:
 
     def __init__(self, run_dir):
         self.dir = Path(run_dir)
-        self.results = None
-        self.results_error = None
+        self.results, self.results_error = None, None
         p = self.dir / "results.json"
         if p.is_file():
             try:
@@ -111,7 +100,9 @@ class Run:
             self.rows = []
             self.results_error = self.results_error or f"unreadable metrics.csv ({e})"
         self.config = _load_yaml(self.dir / ".hydra" / "config.yaml") or {}
-        self.overrides = _overrides(self.dir)
+        items = _load_yaml(self.dir / ".hydra" / "overrides.yaml") or []  # `key=value` (less a + / ~ prefix)
+        self.overrides = {k.lstrip("+~"): v for k, v in (i.split("=", 1) for i in items
+                                                          if isinstance(i, str) and "=" in i)}
         try:  # the diagnostics, logged through the CSV logger
             self.diag = [r for r in read_metrics_csv(self.dir / "csv" / "metrics.csv") if r.get(DIAG_KEYS[0]) != ""]
         except (OSError, ValueError, csv.Error):
@@ -128,16 +119,12 @@ class Run:
         if self.results is not None and "." not in dotted and dotted in self.results:
             return self.results[dotted]
         v = select(self.config, dotted)
-        if v is None or isinstance(v, dict):
-            if dotted in self.overrides:
-                return self.overrides[dotted]
-        return v
+        return self.overrides[dotted] if (v is None or isinstance(v, dict)) and dotted in self.overrides else v
 
     @property
     def sampler(self):
-        if self.results is not None and self.results.get("sampler"):
-            return str(self.results["sampler"])
-        return str(select(self.config, "sampler.name") or self.overrides.get("sampler", "unknown"))
+        return str((self.results or {}).get("sampler") or select(self.config, "sampler.name")
+                   or self.overrides.get("sampler", "unknown"))
 
     @property
     def seed(self):
@@ -146,9 +133,7 @@ class Run:
 
     @property
     def status(self):
-        if self.results is None:
-            return "unfinished"
-        return str(self.results.get("status", "unknown"))
+        return "unfinished" if self.results is None else str(self.results.get("status", "unknown"))
 
     @property
     def completed(self):
@@ -167,11 +152,6 @@ class Run:
                  "interrupted": "interrupted before the planned end of training"}
         return known.get(self.status, f"status {self.status}")
 
-    def diag_curve(self, key):
-        """(train_time_s, value) of the diagnostics rows."""
-        t = np.asarray([_float(r.get("train_time_s")) for r in self.diag])
-        return t, np.asarray([_float(r.get(key)) for r in self.diag])
-
     def curve(self, key):
         """(train_time_s, fractional epoch, value) arrays of the rows that have a numeric `key`."""
         epochs = [r.get("epoch") for r in self.rows]
@@ -185,11 +165,7 @@ class Run:
         return t[keep], ep[keep], v[keep]
 
     def final_val(self, key="val/P@1"):
-        for r in reversed(self.rows):
-            val = _float(r.get(key))
-            if not math.isnan(val):
-                return val
-        return math.nan
+        return next((v for v in (_float(r.get(key)) for r in reversed(self.rows)) if not math.isnan(v)), math.nan)
 
     def test(self, key):
         return _float(((self.results or {}).get("test") or {}).get(key))
@@ -199,14 +175,8 @@ class Run:
 
 
 def group_label(run, group_by=()):
-    label = run.sampler
-    extra = []
-    for key in group_by:
-        if key == "sampler":
-            continue
-        v = run.get(key)
-        extra.append(f"{key}={v if v is not None else '?'}")
-    return label + (" " + ",".join(extra) if extra else "")
+    extra = [f"{key}={'?' if run.get(key) is None else run.get(key)}" for key in group_by if key != "sampler"]
+    return run.sampler + (" " + ",".join(extra) if extra else "")
 
 
 def read_peers(path):
@@ -225,14 +195,6 @@ def read_peers(path):
                 raise ValueError(f"{path}:{n}: expected a JSON object with \"dataset\" and \"library\"")
             lines.append(line)
     return lines
-
-
-def peers_for_runs(peers, runs):
-    """The peer lines of the datasets of the completed runs (all lines if no run names its dataset)."""
-    datasets = {str(r.results["dataset"]) for r in runs if r.completed and r.results.get("dataset")}
-    if not datasets:
-        return list(peers)
-    return [p for p in peers if str(p["dataset"]) in datasets]
 
 
 # ---------------------------------------------------------------------------------------------------- aggregation
@@ -291,21 +253,13 @@ def summarize(runs, target=None, group_by=()):
     base = [r["time_to_uniform_s"][0] for r in rows if r["group"] == "uniform"]
     for row in rows:
         row["speedup_vs_uniform"] = (base[0] / row["time_to_uniform_s"][0] if base else math.nan, 0.0, 1)
-    first = _first_to_target(rows)
-    failed = [r for r in runs if not r.completed]
-    return rows, target, source, first, failed
-
-
-def _first_to_target(rows):
-    """The group with the lowest mean time to target among those all of whose runs reach it (else some run)."""
+    # first: the group with the lowest mean time to target among those all of whose runs reach it (else some run)
     cands = [r for r in rows if r["reached"] > 0 and r["n"] > 0]
-    if not cands:
-        return None
     full = [r for r in cands if r["reached"] == r["n"]]
-    pool = full or cands
-    best = min(pool, key=lambda r: r["time_to_target_s"][0])
-    return {"group": best["group"], "time_s": best["time_to_target_s"][0], "reached": best["reached"],
-            "n": best["n"], "all_seeds": bool(full)}
+    best = min(full or cands, key=lambda r: r["time_to_target_s"][0]) if cands else None
+    first = None if best is None else {"group": best["group"], "time_s": best["time_to_target_s"][0],
+                                       "reached": best["reached"], "n": best["n"], "all_seeds": bool(full)}
+    return rows, target, source, first, [r for r in runs if not r.completed]
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -313,9 +267,7 @@ def _fmt(ms, digits=4):
     m, s, n = ms
     if n == 0 or math.isnan(m):
         return "–"
-    if n == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:.{digits}f}" + ("" if n == 1 else f" ± {s:.{digits}f}")
 
 
 def _md_escape(s):
@@ -509,11 +461,9 @@ def _figure(figsize):
 def _save(plt, fig, path, dpi):
     """Write the figure to `path` atomically (a reader never sees half a PNG)."""
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, dpi=dpi, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_convergence(groups, path, log_time=False, target=None, peers=()):
@@ -536,14 +486,12 @@ def plot_convergence(groups, path, log_time=False, target=None, peers=()):
             if target is not None and metric == "val/P@1":
                 ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
             draw_peers(ax, peers, metric.split("/", 1)[1])
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
+    if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(loc="lower right", fontsize="small")
     else:
-        for row in axes:
-            for ax in row:
-                ax.text(0.5, 0.5, "no validation rows in completed runs", ha="center", va="center",
-                        transform=ax.transAxes, color="grey")
+        for ax in axes.flat:
+            ax.text(0.5, 0.5, "no validation rows in completed runs", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
     fig.suptitle("Validation metrics: mean over seeds, min–max band (dots: each run's validations)")
     _save(plt, fig, path, dpi=110)
 
@@ -553,7 +501,9 @@ def plot_diagnostics(groups, path):
     plt, fig, axes = _figure((10, 7))
     for gi, (g, runs) in enumerate(sorted(groups.items())):
         for ax, key in zip(axes.flat, DIAG_KEYS):
-            _draw_group(ax, [r.diag_curve(key) for r in runs if r.diag], f"C{gi % 10}", f"{g} (n={len(runs)})")
+            curves = [([_float(d.get("train_time_s")) for d in r.diag], [_float(d.get(key)) for d in r.diag])
+                      for r in runs if r.diag]
+            _draw_group(ax, curves, f"C{gi % 10}", f"{g} (n={len(runs)})")
     for ax, key in zip(axes.flat, DIAG_KEYS):
         ax.set(xlabel="train time (s)", ylabel=key, title=key)
         ax.grid(True, alpha=0.3)
@@ -595,8 +545,9 @@ def make_report(dirs, out=None, target=None, log_time=False, group_by=(), peers=
         return make_study(runs, out_dir, target=target, log_time=log_time, group_by=group_by, peers=peers)
     rows, target, source, first, failed = summarize(runs, target=target, group_by=group_by)
     groups = completed_groups(runs, group_by)
-    if peers is not None:
-        peers = peers_for_runs(peers, runs)
+    datasets = {str(r.results["dataset"]) for r in runs if r.completed and r.results.get("dataset")}
+    if peers is not None and datasets:  # the peer lines of the completed runs' datasets (all if none names one)
+        peers = [p for p in peers if str(p["dataset"]) in datasets]
     png, md, csv_path = out_dir / "convergence.png", out_dir / "summary.md", out_dir / "summary.csv"
     plot_convergence(groups, png, log_time=log_time, target=target, peers=peers or ())
     if any(r.diag for g in groups.values() for r in g):

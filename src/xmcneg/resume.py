@@ -194,8 +194,6 @@ def select_rank_state(ckpt):
         ckpt["rng_state"] = own["rng"]
     if isinstance(ckpt.get("sampler_state"), dict) and own.get("sampler_generator") is not None:
         ckpt["sampler_state"]["generator"] = own["sampler_generator"]
-    if isinstance(ckpt.get("ngame"), dict) and ckpt["ngame"].get("torch_rng") is not None:
-        ckpt["ngame"]["torch_rng"] = own["rng"]["torch"]
     return ckpt
 
 

@@ -11,13 +11,6 @@ MESSAGE = ("multirun with the ddp strategy re-runs the whole sweep in each child
 _SAFE_LAUNCH = ("spawn", "fork", "notebook")
 
 
-def _get(cfg, key, default=None):
-    try:
-        return cfg.get(key, default)
-    except AttributeError:
-        return getattr(cfg, key, default)
-
-
 def _count(v):
     """Number of devices/nodes a Lightning `devices`/`num_nodes` value stands for (None: unknown, e.g. auto)."""
     if v is None:
@@ -42,13 +35,13 @@ def _count(v):
 def is_ddp_like(hardware, choice=None):
     """True when the hardware config runs a re-launching DDP strategy on more than one process, or is the
     `ddp` hardware option (by its `name` key or `choice`, the option picked in the hardware group)."""
-    name = str(_get(hardware, "name", "") or choice or "").lower()
-    strategy = _get(hardware, "strategy")
+    name = str(hardware.get("name", "") or choice or "").lower()
+    strategy = hardware.get("strategy")
     if strategy is not None and not isinstance(strategy, str):
-        strategy = _get(strategy, "_target_") or strategy  # a strategy given as a config node
+        strategy = strategy.get("_target_") or strategy  # a strategy given as a config node
     strategy = str(strategy or "").lower()
     if "ddp" in strategy and not any(s in strategy for s in _SAFE_LAUNCH):
-        devices, nodes = _count(_get(hardware, "devices", 1)), _count(_get(hardware, "num_nodes", 1))
+        devices, nodes = _count(hardware.get("devices", 1)), _count(hardware.get("num_nodes", 1))
         if devices is None or nodes is None or devices * nodes > 1:
             return True
     return name == "ddp"
@@ -61,13 +54,10 @@ def check_multirun(cfg, multirun=None, launcher=None):
     if (multirun is None or launcher is None) and HydraConfig.initialized():
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN if multirun is None else multirun
-        launcher = str(_get(_get(hc, "launcher", {}) or {}, "_target_", "") or "") if launcher is None else launcher
-        try:
-            choice = hc.runtime.choices.get("hardware")
-        except Exception:  # noqa: BLE001
-            pass
+        launcher = str((hc.get("launcher") or {}).get("_target_") or "") if launcher is None else launcher
+        choice = hc.runtime.choices.get("hardware")
     if not multirun or "slurm" in str(launcher).lower():
         return
-    hardware = _get(cfg, "hardware")
+    hardware = cfg.get("hardware")
     if hardware is not None and is_ddp_like(hardware, choice):
         raise ConfigError("hardware.strategy", MESSAGE)

@@ -59,15 +59,12 @@ def finish_wandb(exit_code=None):
 
 
 def resolve_ckpt(cfg, out_dir):
-    p = cfg.ckpt_path
-    if p is None:
-        return None
-    if p == "last":
-        last = Path(out_dir) / "checkpoints" / "last.ckpt"
-        if not last.exists():
-            raise MissingFileError(f"ckpt_path=last: {last} not found (resume with hydra.run.dir=<the run's dir>)")
-        return str(last)
-    return p  # resume.read_checkpoint says when it is missing
+    if cfg.ckpt_path != "last":
+        return cfg.ckpt_path  # None, or a path (resume.read_checkpoint says when it is missing)
+    last = Path(out_dir) / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        raise MissingFileError(f"ckpt_path=last: {last} not found (resume with hydra.run.dir=<the run's dir>)")
+    return str(last)
 
 
 def run(cfg: DictConfig):
@@ -181,10 +178,8 @@ def run(cfg: DictConfig):
             "epochs": int(trainer.current_epoch),
             "tested": "best" if use_best else "last",
             "global_step": int(trainer.global_step),
-            "status": "completed",
+            "status": "interrupted" if trainer.interrupted else "completed",
         })
-        if trainer.interrupted:
-            results["status"] = "interrupted"
         if trainer.is_global_zero:
             write_json(out_dir / "results.json", results)
         log.info("results: %s", out_dir / "results.json")

@@ -47,10 +47,7 @@ def num_rank_batches(num_rows, batch_size, world_size=1):
 def shard_rows(rows, rank=0, world_size=1):
     """Evaluation shard of rank `rank`: rows rank, rank + W, ... of `rows`, padded by wrapping around so every rank
     gets as many rows (the duplicates are dropped by `idx` when the predictions are gathered)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    W = int(world_size)
-    if W == 1 or len(rows) == 0:
-        return rows
+    rows, W = np.asarray(rows, dtype=np.int64), int(world_size)
     return np.resize(rows, math.ceil(len(rows) / W) * W)[rank::W]
 
 
@@ -78,8 +75,6 @@ class RankBatchSampler(Sampler):
     def __init__(self, sampler, batch_size, rank=0, world_size=1):
         self.sampler, self.batch_size = sampler, int(batch_size)
         self.rank, self.world_size = int(rank), int(world_size)
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
         if len(sampler) < self.world_size:
             raise ConfigError("hardware.devices", f"{len(sampler)} training points cannot be split over "
                                                   f"{self.world_size} processes")
@@ -215,9 +210,7 @@ class XCDataModule(pl.LightningDataModule):
             return pairs
         return _rows_to_positions(pairs, idx, self.splits[split][1].shape[0])
 
-    def _read_filter(self, split):
-        if split not in ("test", "val"):
-            return None
+    def _read_filter(self, split):  # split: "val" or "test"
         key = "filter_test_file" if split == "test" else "filter_train_file"
         p = formats.resolve_path(self.dataset_dir() / (self.dcfg.get(key) or self._FILTER_FILES[key]), required=False)
         if p is None:
@@ -260,9 +253,7 @@ class XCDataModule(pl.LightningDataModule):
         """Rows of an evaluation split in batch order (before sharding); token inputs sorted by length (less
         padding; the evaluation reads each batch's `idx`)."""
         lengths = self.inputs.lengths(self.splits[split][0])
-        if lengths is not None:
-            return np.argsort(-lengths, kind="stable")
-        return np.arange(self.splits[split][0].shape[0])
+        return np.arange(self.splits[split][0].shape[0]) if lengths is None else np.argsort(-lengths, kind="stable")
 
     def _dataloader(self, split, **kwargs):
         nw = int(self.cfg.num_workers)

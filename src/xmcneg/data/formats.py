@@ -14,7 +14,6 @@ import itertools
 import logging
 import os
 import re
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -69,6 +68,24 @@ def open_text(path, mode="rt"):
         raise DataFormatError(path, 1, "gzip-compressed data, but the file name does not end in .gz (rename it "
                                        "to end in .gz, or decompress it)")
     return f if "b" in mode else io.TextIOWrapper(f, encoding="utf-8", newline=None)
+
+
+@contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """A file to write ``path`` through (``w``: UTF-8 text, ``wb``): a temporary file next to it, fsynced and renamed
+    onto ``path`` when the block ends, removed when the block raises; a reader never sees a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def iter_lines(path):
@@ -156,9 +173,7 @@ def _read_header(path, blocks, names):
             break
     if not first:
         raise DataFormatError(path, 1, f"empty file: expected a header '{' '.join(names)}'")
-    line = first[0]
-    if line.startswith(b"\xef\xbb\xbf"):
-        line = line[3:]
+    line = first[0].removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM
     toks = line.split()
     want = f"expected '{' '.join(names)}' ({len(names)} integers)"
     if len(toks) != len(names) or not all(_INT_RE.match(t.decode("latin-1")) for t in toks):
@@ -227,8 +242,6 @@ def _fromstring(s: bytes, dtype, sep: str) -> np.ndarray:
 
 def _fast_ints(joined: bytes, count: int, sep: bytes) -> np.ndarray:
     """Parse ``count`` non-negative ints separated by single ``sep`` bytes; _BlockError if not exactly that."""
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
     b = np.frombuffer(joined, dtype=np.uint8)
     if not np.all(((b >= 48) & (b <= 57)) | (b == sep[0])):
         raise _BlockError
@@ -276,7 +289,6 @@ def _csr(counts, indices, data, ncols) -> sp.csr_matrix:
     itype = np.int32 if max(indptr[-1], ncols) < 2 ** 31 else np.int64
     M = sp.csr_matrix((np.asarray(data, dtype=np.float32), np.asarray(indices, dtype=itype),
                        indptr.astype(itype)), shape=(len(counts), ncols))
-    M.has_sorted_indices = False
     M.sort_indices()
     return M
 
@@ -344,13 +356,11 @@ def _parse_int(tok: str):
 
 def _parse_pair_slow(path, lineno, tok: str, n_index: int, what: str, value_optional=False):
     """One ``index:value`` token, checked; returns (index, float32 value)."""
-    if ":" not in tok:
-        if value_optional:
-            idx_s, val_s = tok, None
-        else:
+    idx_s, colon, val_s = tok.partition(":")
+    if not colon:
+        if not value_optional:
             raise DataFormatError(path, lineno, f"{what} token {tok!r} has no ':' (expected index:value)")
-    else:
-        idx_s, _, val_s = tok.partition(":")
+        val_s = None
     if idx_s == "":
         raise DataFormatError(path, lineno, f"{what} token {tok!r} has no index before ':'")
     i = _parse_int(idx_s)
@@ -472,10 +482,8 @@ def read_lines(path, expected=None) -> list[str]:
 # --------------------------------------------------------------------------------------------------- writers
 def _row_strings(M: sp.csr_matrix, values=True) -> list[str]:
     """Each row of a CSR matrix as 'i:v i:v ...' (values with 6 significant digits), or as 'i,i,...'."""
-    if values:
-        toks = [f"{i}:{v:.6g}" for i, v in zip(M.indices.tolist(), M.data.astype(np.float64).tolist())]
-    else:
-        toks = [str(i) for i in M.indices.tolist()]
+    toks = ([f"{i}:{v:.6g}" for i, v in zip(M.indices.tolist(), M.data.astype(np.float64).tolist())] if values
+            else [str(i) for i in M.indices.tolist()])
     ptr = (M.indptr - M.indptr[0]).tolist()
     return [(" " if values else ",").join(toks[ptr[r]:ptr[r + 1]]) for r in range(M.shape[0])]
 
@@ -535,20 +543,11 @@ def write_lines(path, lines):
 
 # ---------------------------------------------------------------------------------------------------- cache
 def save_cache(path, arrays):
-    """``np.savez`` into a temporary file renamed onto ``path`` (readers never see a partial file); logs instead of
-    failing when the cache dir is not writable."""
-    target = Path(path)
+    """``np.savez`` written through :func:`atomic_file`; logs instead of failing when the cache dir is not writable."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "wb") as f:
+            np.savez(f, **arrays)
     except OSError as e:
         log.warning("could not write cache %s: %s", path, e)
 
@@ -602,8 +601,6 @@ def load_bow_cached(path, cache_dir, num_features=None, num_labels=None):
         XY = read_xc_bow(path)
         save_csr(cf, X=XY[0], Y=XY[1])
     X, Y = XY
-    X.has_sorted_indices = True
-    Y.has_sorted_indices = True
     _check_given(path, "num_features", num_features, X.shape[1])
     _check_given(path, "num_labels", num_labels, Y.shape[1])
     return X, Y

@@ -210,32 +210,21 @@ class TextInputs:
 
     # ---------------------------------------------------------------- loading
     def load(self, d):
-        if self.fmt == "lf_json":
-            (src_tr, Ytr), (src_te, Yte), self._label_src = self._lf_sources(d)
-        else:
-            (src_tr, Ytr), (src_te, Yte), self._label_src = self._text_sources(d)
+        sources = self._lf_sources if self.fmt == "lf_json" else self._text_sources
+        (src_tr, Ytr), (src_te, Yte), self._label_src = sources(d)
         self.tokenizer = self._make_tokenizer(src_tr)
+        Xtr, Xte = self._tokens(src_tr, Ytr.shape[0]), self._tokens(src_te, Yte.shape[0])
         if self.input_kind == "tokens":
-            Xtr, Xte = self._tokens(src_tr, Ytr.shape[0]), self._tokens(src_te, Yte.shape[0])
             self.num_features = int(self.tokenizer.vocab_size)
         else:
-            Btr, Bte = self._tokens(src_tr, Ytr.shape[0]), self._tokens(src_te, Yte.shape[0])
             self.num_features = self.tokenizer.vocab_size - self.tokenizer.n_special
-            C = self._counts(Btr)
+            C = self._counts(Xtr)
             self.idf = smooth_idf(doc_freq(C), C.shape[0]).astype(np.float32)
-            Xtr, Xte = self._bag(Btr), self._bag(Bte)
+            Xtr, Xte = self._bag(Xtr), self._bag(Xte)
         src_tr.release()
         src_te.release()
         self.label_text_path = self._label_src.path if self._label_src is not None else None
         return Xtr, Ytr, Xte, Yte
-
-    @staticmethod
-    def _check_count(text_path, n_lines, label_path, n_points):
-        if n_lines != n_points:
-            # the line where the two files stop matching: the text file's end, or the first extra text line
-            raise DataFormatError(text_path, min(n_lines, n_points + 1) if n_lines else 1,
-                                  f"has {n_lines} lines (documents) but {label_path} has {n_points} points: text "
-                                  f"and label files must match line for line")
 
     def _text_sources(self, d):
         out = []
@@ -245,22 +234,19 @@ class TextInputs:
             Y = formats.read_xy(yp, num_labels=None if split == "train" else out[0][1].shape[1])
 
             def read(tp=tp, yp=yp, n=Y.shape[0]):
-                lines = _lines(tp, n)
-                self._check_count(tp, len(lines), yp, n)
+                lines = formats.read_lines(tp)
+                if len(lines) > n and not any(s.strip() for s in lines[n:]):  # blank lines after the last
+                    del lines[n:]
+                if len(lines) != n:  # at the line where the files stop matching: the text's end or first extra line
+                    raise DataFormatError(tp, min(len(lines), n + 1) if lines else 1,
+                                          f"has {len(lines)} lines (documents) but {yp} has {n} points: text and "
+                                          f"label files must match line for line")
                 return lines
 
             out.append((TextSource(split, tp, read), Y))
         C = out[0][1].shape[1]
         lp = formats.resolve_path(d / self._file("label_text_file"), required=False)
-
-        def read_labels():
-            lines = _lines(lp, C)
-            if len(lines) != C:
-                raise DataFormatError(lp, None, f"has {len(lines)} lines (label texts) but the label files "
-                                                f"have num_labels={C}: line i must be label i's text")
-            return lines
-
-        return out[0], out[1], (TextSource("labels", lp, read_labels) if lp is not None else None)
+        return out[0], out[1], (TextSource("labels", lp, lambda: formats.read_lines(lp, C)) if lp is not None else None)
 
     def _lf_sources(self, d):
         use_content = bool(self.dcfg.get("use_content", False))
@@ -294,8 +280,7 @@ class TextInputs:
             return HashTokenizer(int(self.text_key("hash_dim")))
         # word vocabulary from the training texts, cached
         min_df, max_df = int(self.text_key("min_df")), float(self.text_key("max_df"))
-        max_vocab = self.text_key("max_vocab")
-        max_vocab = int(max_vocab) if max_vocab else None
+        max_vocab = int(self.text_key("max_vocab") or 0) or None
         cf = Path(self.paths.cache_dir) / "tokens" / (
             f"vocab-{src_tr.key}-df{min_df}-{max_df:g}-v{max_vocab or 'all'}.txt")
         vocab = load_vocab(cf) if cf.exists() else None
@@ -305,7 +290,7 @@ class TextInputs:
         save_vocab(cf, tok.vocab)
         return tok
 
-    def _tokens(self, src, n_expected=None) -> TokenRows:
+    def _tokens(self, src, n_expected) -> TokenRows:
         """The source's token rows: from the cache, or tokenised once and cached."""
         cls = self.input_kind == "tokens"
         key = f"{self.tokenizer.name}-L{self.max_len if self.max_len is not None else 'all'}" \
@@ -315,10 +300,7 @@ class TextInputs:
         if rows is not None:
             self.token_cache[src.name] = "hit"
             return rows
-        texts = src.texts()
-        if n_expected is not None:
-            self._check_count(src.path, len(texts), "the label data", n_expected)
-        rows = TokenRows.from_lists(self.tokenizer.encode(texts, self.max_len, cls=cls))
+        rows = TokenRows.from_lists(self.tokenizer.encode(src.texts(), self.max_len, cls=cls))
         formats.save_cache(cf, {"ids": rows.ids, "indptr": rows.indptr})
         self.token_cache[src.name] = "miss"
         return rows
@@ -369,11 +351,3 @@ class TextInputs:
         cls = self.input_kind == "tokens"
         rows = TokenRows.from_lists(self.tokenizer.encode(list(texts), self.max_len, cls=cls))
         return self.x(rows if cls else self._bag(rows), np.arange(len(rows)))
-
-
-def _lines(path, n):
-    """The lines of a text file, less any blank lines after the first n."""
-    lines = formats.read_lines(path)
-    if len(lines) > n and not any(s.strip() for s in lines[n:]):
-        del lines[n:]
-    return lines

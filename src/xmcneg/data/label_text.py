@@ -98,21 +98,6 @@ def _weighted_rows(rows, idf, num_features):
     return X
 
 
-def _train_df(dm, num_features):
-    """Document frequency of each feature over the full train file (train + validation rows)."""
-    df = np.zeros(num_features, dtype=np.float64)
-    n = 0
-    for name in ("train", "val"):
-        try:
-            X = dm.split(name)[0]
-        except (KeyError, AttributeError):
-            continue
-        df += np.bincount(X.indices, minlength=num_features)[:num_features]
-        n += X.shape[0]
-    full = getattr(dm, "full_train_Y", None)
-    return df, (full.shape[0] if full is not None else n)
-
-
 def bow_label_features(dm) -> sp.csr_matrix:
     """(C, F) float32 CSR: label i's text in the documents' feature space, after `dm.transform`."""
     path = label_text_file(dm)
@@ -125,7 +110,7 @@ def bow_label_features(dm) -> sp.csr_matrix:
         pattern = _cfg_get(dm, "label_token_pattern") or (
             TOKEN_ALNUM if any(re.search(r"[0-9']", t) for t in vocab) else TOKEN_ALPHA)
         rows = [tokenize(t, pattern, vocab) for t in texts]
-        idf = np.log(max(_train_df(dm, F)[1], 1) / np.maximum(df, 1.0))
+        idf = np.log(max(dm.full_train_Y.shape[0], 1) / np.maximum(df, 1.0))
     else:
         rows = []
         for i, t in enumerate(texts):
@@ -139,11 +124,11 @@ def bow_label_features(dm) -> sp.csr_matrix:
                         "dataset.vocab_file")
                 ids.append(int(m.group(1)))
             rows.append(ids)
-        df, n = _train_df(dm, F)
-        idf = smooth_idf(df, n)
+        # document frequencies over the train file's rows (the train and validation splits)
+        df = sum(np.bincount(dm.split(s)[0].indices, minlength=F)[:F] for s in ("train", "val"))
+        idf = smooth_idf(df.astype(np.float64), dm.full_train_Y.shape[0])
     X = _weighted_rows(rows, idf, F)
     empty = int((np.diff(X.indptr) == 0).sum())
     if empty:
         log.warning("label texts: %d of %d labels have no in-vocabulary token (empty feature rows)", empty, C)
-    transform = getattr(dm, "transform", None)
-    return transform(X) if transform is not None else X
+    return dm.transform(X)

@@ -89,7 +89,7 @@ def count_lines(path) -> int:
     return sum(1 for _, raw in iter_lines(path) if raw.strip())
 
 
-def read_filter_pairs(path, num_docs=None, num_labels=None) -> np.ndarray:
+def read_filter_pairs(path, num_docs, num_labels) -> np.ndarray:
     """``doc_id label_id`` per line (whitespace separated) -> int64 (M, 2); bad lines raise DataFormatError."""
     pairs = []
     for k, line in iter_lines(path):
@@ -100,11 +100,9 @@ def read_filter_pairs(path, num_docs=None, num_labels=None) -> np.ndarray:
             raise DataFormatError(path, k, f"expected 'doc_id label_id' (two non-negative integers), got "
                                            f"{line[:60].decode('utf-8', 'replace')!r}")
         d, lab = int(t[0]), int(t[1])
-        if num_docs is not None and d >= num_docs:
+        if d >= num_docs:
             raise DataFormatError(path, k, f"document id {d} out of range ({num_docs} documents)")
-        if num_labels is not None and lab >= num_labels:
+        if lab >= num_labels:
             raise DataFormatError(path, k, f"label id {lab} out of range (num_labels={num_labels})")
-        if max(d, lab) >= 2 ** 63:
-            raise DataFormatError(path, k, f"id {max(d, lab)} too large")
         pairs.append((d, lab))
     return np.array(pairs, dtype=np.int64).reshape(-1, 2)

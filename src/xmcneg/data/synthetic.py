@@ -70,8 +70,7 @@ class _Structure:
 def _make_split(rng, S: _Structure, n, avg_labels, doc_len):
     """Labels (CSR, binary) and token sequences (doc pointer, feature ids) of ``n`` documents."""
     C = S.C
-    nlab = 1 + rng.poisson(max(float(avg_labels) - 1.0, 0.0), size=n)
-    nlab = np.minimum(nlab, C)
+    nlab = np.minimum(1 + rng.poisson(max(float(avg_labels) - 1.0, 0.0), size=n), C)
     slot_ptr = np.concatenate(([0], np.cumsum(nlab)))
     total = int(slot_ptr[-1])
     doc_of_slot = np.repeat(np.arange(n, dtype=np.int64), nlab)
@@ -117,13 +116,6 @@ def _make_split(rng, S: _Structure, n, avg_labels, doc_len):
     return Y, tok_ptr, feats
 
 
-def _counts(n, F, tok_ptr, feats):
-    doc = np.repeat(np.arange(n, dtype=np.int64), np.diff(tok_ptr))
-    M = sp.csr_matrix((np.ones(len(feats), dtype=np.float32), (doc, feats)), shape=(n, F))
-    M.sum_duplicates()
-    return M
-
-
 def _write_docs_text(path, words, tok_ptr, feats):
     def lines(lo, hi):
         ws = words[feats[tok_ptr[lo]:tok_ptr[hi]]].tolist()
@@ -142,13 +134,6 @@ def _write_label_text(path, words, S: _Structure, label_text_len):
         return [" ".join(r) for r in words[ids].tolist()]
 
     formats.write_rows(path, None, S.C, lines)
-
-
-def _split_stats(X, Y):
-    n = X.shape[0]
-    return {"points": int(n), "avg_labels": round(float(Y.nnz) / max(n, 1), 4),
-            "avg_features": round(float(X.nnz) / max(n, 1), 4),
-            "labels_used": int(np.count_nonzero(np.bincount(Y.indices, minlength=Y.shape[1])))}
 
 
 _INT_MIN = {"num_labels": 2, "num_features": 2, "num_train": 1, "num_test": 1, "num_val": 0, "seed": 0,
@@ -198,7 +183,9 @@ def generate(out_dir, num_labels=1000, num_features=5000, num_train=20000, num_t
     stats, files = {}, []
     for name, short, n, ss in splits:
         Y, tok_ptr, feats = _make_split(np.random.default_rng(ss), S, n, p["avg_labels"], p["doc_len"])
-        counts = _counts(n, F, tok_ptr, feats)
+        doc = np.repeat(np.arange(n, dtype=np.int64), np.diff(tok_ptr))
+        counts = sp.csr_matrix((np.ones(len(feats), dtype=np.float32), (doc, feats)), shape=(n, F))
+        counts.sum_duplicates()
         if idf is None:  # training split comes first
             idf = smooth_idf(doc_freq(counts), n)
         X = tfidf_l2(weighted(counts, idf, log_tf=True, dtype=np.float64).astype(np.float32), dtype=np.float64)
@@ -210,7 +197,9 @@ def generate(out_dir, num_labels=1000, num_features=5000, num_train=20000, num_t
             _write_docs_text(out / f"{short}_X.txt", words, tok_ptr, feats)
             formats.write_xy(out / f"{short}_X_Y.txt", Y)
             files += [f"{short}_X.txt", f"{short}_X_Y.txt"]
-        stats[name] = _split_stats(X, Y)
+        stats[name] = {"points": int(n), "avg_labels": round(float(Y.nnz) / max(n, 1), 4),
+                       "avg_features": round(float(X.nnz) / max(n, 1), 4),
+                       "labels_used": int(np.count_nonzero(np.bincount(Y.indices, minlength=C)))}
         del X, Y, tok_ptr, feats
     if p["write_text"]:
         _write_label_text(out / "lbl_X.txt", words, S, p["label_text_len"])
@@ -223,9 +212,8 @@ def generate(out_dir, num_labels=1000, num_features=5000, num_train=20000, num_t
         "same_cluster": SAME_CLUSTER, "mix_background_cluster_label": list(MIX),
         "num_labels": C, "num_features": F, "splits": stats, "files": files,
     }
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / "meta.json")
+    with formats.atomic_file(out / "meta.json") as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
 
@@ -233,18 +221,12 @@ DEFAULTS = {name: prm.default for name, prm in inspect.signature(generate).param
             if name != "out_dir"}
 
 
-def _plain(cfg_dict) -> dict:
-    d = OmegaConf.to_container(cfg_dict, resolve=True) if isinstance(cfg_dict, DictConfig) else dict(cfg_dict or {})
-    if "seed" not in d and "gen_seed" in d:
-        d["seed"] = d["gen_seed"]
-    return d
-
-
 def ensure(cfg_dict, cache_root) -> Path:
     """The dataset for these :func:`generate` parameters (``gen_seed`` = ``seed``) under
     ``cache_root/synthetic-<hash>``, generated unless complete in a temporary directory renamed into place (so
     concurrent callers share one copy)."""
-    p = _normalise(_plain(cfg_dict))
+    d = OmegaConf.to_container(cfg_dict, resolve=True) if isinstance(cfg_dict, DictConfig) else dict(cfg_dict or {})
+    p = _normalise({"seed": d["gen_seed"], **d} if "gen_seed" in d else d)
     key = hashlib.sha1(json.dumps({"version": GENERATOR_VERSION, **p}, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_root)
     out = root / f"synthetic-{key}"

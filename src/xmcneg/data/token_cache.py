@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from xmcneg.data.formats import load_npz
+from xmcneg.data.formats import atomic_file, load_npz
 
 log = logging.getLogger("xmcneg")
 
@@ -107,12 +106,10 @@ def load_vocab(path):
 
 
 def save_vocab(path, vocab):
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text("\n".join(vocab), encoding="utf-8")
-        os.replace(tmp, path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path) as f:
+            f.write("\n".join(vocab))
     except OSError as e:
         log.warning("could not write vocabulary cache %s: %s", path, e)
 

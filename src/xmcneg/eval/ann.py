@@ -27,19 +27,17 @@ def _np32(x) -> np.ndarray:
 
 
 class LabelIndex:
-    """faiss inner-product index (kind "hnsw" | "ivf" | "flat"; mips "ip" only) over label vectors (+ bias). storage
+    """faiss inner-product index (kind "hnsw" | "ivf" | "flat") over label vectors (+ bias). storage
     for ivf/hnsw: "auto" (sq8 for ivf, flat for hnsw), "flat" or "sq8" (approximate scores, corrected by ann_topk's
     re-scoring). use_gpu="auto" moves flat / IVF indexes to a GPU when faiss has one. Builds are deterministic
     (IVF: seeded k-means sample; HNSW with `deterministic`: one insertion thread). `version` counts the builds."""
 
     def __init__(self, kind: str = "hnsw", M: int = 32, ef_search: int = 128, ef_construction: int = 200,
-                 nlist: int | None = None, nprobe: int = 16, use_gpu="auto", mips: str = "ip", seed: int = 1234,
+                 nlist: int | None = None, nprobe: int = 16, use_gpu="auto", seed: int = 1234,
                  deterministic: bool = True, max_train_points_per_list: int = 64, kmeans_iters: int = 10,
                  storage: str = "auto"):
         if kind not in _KINDS:
             raise ConfigError("index.kind", f"must be one of {_KINDS}, got {kind!r}")
-        if mips != "ip":
-            raise ConfigError("index.mips", f"must be 'ip' (inner product), got {mips!r}")
         if storage == "auto":
             storage = "sq8" if kind == "ivf" else "flat"
         if storage not in _STORAGE:
@@ -63,23 +61,17 @@ class LabelIndex:
         import faiss  # imported lazily: only needed when an index is used
 
         W = _np32(label_w)
-        if W.ndim != 2 or W.shape[0] < 1:
-            raise ValueError(f"label_w must be a non-empty (C, d) matrix, got shape {W.shape}")
         C, d = W.shape
         parts = [W]
         self._has_bias = label_b is not None
         if self._has_bias:
-            b = _np32(label_b).reshape(-1)
-            if b.shape[0] != C:
-                raise ValueError(f"label_b has {b.shape[0]} entries, label_w has {C} rows")
-            parts.append(b[:, None])
+            parts.append(_np32(label_b).reshape(-1, 1))
         width = sum(p.shape[1] for p in parts)
         if self.kind != "flat" and self.storage != "flat" and width % 16:
             # faiss' SIMD scalar-quantizer kernels need d % 16 == 0 (else a slow scalar path): zero-pad
             parts.append(np.zeros((C, 16 - width % 16), dtype=np.float32))
         X = np.ascontiguousarray(np.hstack(parts)) if len(parts) > 1 else W
-        D = X.shape[1]
-        self._index_dim = D
+        self._index_dim = D = X.shape[1]
         metric = faiss.METRIC_INNER_PRODUCT
         qt = faiss.ScalarQuantizer.QT_8bit
 
@@ -98,10 +90,8 @@ class LabelIndex:
             nlist = max(1, min(nlist, C // 39 if C >= 39 else 1))
             self.nlist_used = nlist
             quantizer = faiss.IndexFlatIP(D)
-            if self.storage == "flat":
-                index = faiss.IndexIVFFlat(quantizer, D, nlist, metric)
-            else:
-                index = faiss.IndexIVFScalarQuantizer(quantizer, D, nlist, qt, metric)
+            index = (faiss.IndexIVFFlat(quantizer, D, nlist, metric) if self.storage == "flat"
+                     else faiss.IndexIVFScalarQuantizer(quantizer, D, nlist, qt, metric))
             index.cp.seed = self.seed
             index.cp.niter = self.kmeans_iters
             index.cp.max_points_per_centroid = max(self.max_train_points_per_list, 39)
@@ -143,29 +133,14 @@ class LabelIndex:
         rng = np.random.default_rng(self.seed)
         return np.ascontiguousarray(X[np.sort(rng.choice(X.shape[0], size=n, replace=False))])
 
-    def _query_matrix(self, queries) -> np.ndarray:
-        Q = _np32(queries)
-        if Q.ndim != 2 or Q.shape[1] != self.dim:
-            raise ValueError(f"queries must be (n, {self.dim}), got shape {Q.shape}")
-        if self._index_dim != self.dim:
-            # [q, 1 (bias), 0... (padding)]
-            Qa = np.zeros((Q.shape[0], self._index_dim), dtype=np.float32)
-            Qa[:, : self.dim] = Q
-            if self._has_bias:
-                Qa[:, self.dim] = 1.0
-            Q = Qa
-        return Q
-
     def search(self, queries, k: int):
         """Top-k labels by (approximate) score <q, w> + b: (scores (n, k) float32, ids (n, k) int64); missing
         results (IVF when the probed lists hold fewer than k labels) have id -1 and score -inf."""
-        if self.index is None:
-            raise RuntimeError("LabelIndex.search called before build()")
-        k = int(k)
-        if k < 1:
-            raise ConfigError("eval.k", f"must be >= 1, got {k}")
-        k = min(k, self.num_labels)
-        Q = self._query_matrix(queries)
+        k = min(int(k), self.num_labels)
+        Q = _np32(queries)
+        if self._index_dim != self.dim:  # [q, 1 (bias), 0... (padding)]
+            Q = np.hstack([Q, np.zeros((Q.shape[0], self._index_dim - self.dim), dtype=np.float32)])
+            Q[:, self.dim] = 1.0 if self._has_bias else 0.0
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.ef_search, k)
         D, I = self.index.search(Q, k)
@@ -229,8 +204,6 @@ def ann_topk(doc_emb, label_w, label_b, k: int, index: LabelIndex, shortlist: in
 def recall_against_exact(ann_ids, exact_ids) -> float:
     """Mean over rows of the fraction of exact top-k ids (ignoring -1) that appear in the ANN top-k."""
     a, x = (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in (ann_ids, exact_ids))
-    if a.ndim != 2 or x.ndim != 2 or a.shape[0] != x.shape[0]:
-        raise ValueError(f"shape mismatch: ann {a.shape} vs exact {x.shape}")
     valid = x >= 0
     found, nv = ((x[:, :, None] == a[:, None, :]).any(2) & valid).sum(1), valid.sum(1)
     rows = nv > 0

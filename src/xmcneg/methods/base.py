@@ -40,8 +40,9 @@ class EvalParams:
             raise ConfigError("eval.search", f"must be exact or ann, got {p.search!r}")
         if p.test_ckpt not in ("best", "last"):
             raise ConfigError("eval.test_ckpt", f"expected best or last, got {p.test_ckpt}")
-        if int(p.k) <= 0:
-            raise ConfigError("eval.k", f"must be > 0, got {p.k}")
+        for key in ("k", "doc_chunk", "label_chunk"):
+            if int(getattr(p, key)) <= 0:
+                raise ConfigError(f"eval.{key}", f"must be > 0, got {getattr(p, key)}")
         return p
 
 
@@ -329,8 +330,7 @@ class XMCModule(pl.LightningModule):
         evaluation shards are padded with (`xmcneg.data.datamodule.shard_rows`), so metrics are computed once on
         the whole split."""
         buf, self._eval = self._eval, None
-        emb = torch.cat(buf["emb"])
-        idx = torch.cat(buf["idx"])
+        emb, idx = torch.cat(buf["emb"]), torch.cat(buf["idx"])
         query = torch.cat(buf["query"]) if buf["query"] else None
         if self.trainer is not None and self.trainer.world_size > 1:
             emb, idx, query = (t if t is None else self.all_gather(t).flatten(0, 1) for t in (emb, idx, query))
@@ -340,12 +340,9 @@ class XMCModule(pl.LightningModule):
         return emb, idx.cpu().numpy(), query
 
     def eval_stage(self):
-        trainer = self._trainer
-        if trainer is None:
-            return None
-        if trainer.validating or trainer.sanity_checking:
-            return "val"
-        return "test" if trainer.testing else None
+        """"val" or "test" while the trainer evaluates that split, else None."""
+        t = self._trainer
+        return None if t is None else "val" if t.validating or t.sanity_checking else "test" if t.testing else None
 
     def on_validation_epoch_end(self):
         for k, v in self.eval_metrics("val", *self.gather_eval()).items():

@@ -79,11 +79,10 @@ class XMCClassifier(XMCModule):
             labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
         return CombinedOptimizer({"encoder": self.encoder_optimizer(warm), "labels": labels})
 
-    def use_correction(self):
-        return self.sampler is not None and not self.loss.logq_corrected
-
     def correction_query(self, batch, h):
-        return self.sampler.correction_query(batch, h) if self.use_correction() else None
+        if self.sampler is None or self.loss.logq_corrected:  # a logQ-corrected loss needs no correction
+            return None
+        return self.sampler.correction_query(batch, h)
 
     def eval_metrics(self, split, emb, idx, query):
         dm = self.trainer.datamodule

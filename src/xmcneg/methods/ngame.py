@@ -100,17 +100,20 @@ class NGAMESettings:
 
 
 # ------------------------------------------------------------------------------------------------------ losses
+def _row_mean(per_row, row_mask=None):
+    """Mean of `per_row` (B,) over the rows where `row_mask` (B,) is True (all rows when None)."""
+    m = torch.ones_like(per_row) if row_mask is None else row_mask.float()
+    return (per_row * m).sum() / m.sum().clamp(min=1)
+
+
 def triplet_ohnm_loss(S, pos_col, neg_mask, margin=0.3, num_hard=10, temperature=0.1, weighted=True,
                       row_mask=None):
     """NGAME phase-1 loss. S (B, U) cosine scores; pos_col (B,) column of each row's positive; neg_mask (B, U)
     True where the column may serve as a negative (False for every positive of the row); row_mask (B,) rows
     that count. Per row: the `num_hard` highest-scoring negatives n, hinge max(0, S[n] - S[pos] + margin),
     weighted by softmax(S[n] / temperature) over the violators (weights detached) or averaged."""
-    B, U = S.shape
-    if row_mask is None:
-        row_mask = torch.ones(B, dtype=torch.bool, device=S.device)
     s_pos = S.gather(1, pos_col.view(-1, 1))
-    k = min(int(num_hard), U)
+    k = min(int(num_hard), S.shape[1])
     s_neg, _ = S.masked_fill(~neg_mask, float("-inf")).topk(k, dim=1)
     valid = torch.isfinite(s_neg)
     s_neg = torch.where(valid, s_neg, torch.zeros_like(s_neg))
@@ -122,21 +125,15 @@ def triplet_ohnm_loss(S, pos_col, neg_mask, margin=0.3, num_hard=10, temperature
         per_row = (hinge * w).sum(1)
     else:
         per_row = hinge.sum(1) / valid.sum(1).clamp(min=1)
-    m = row_mask.float()
-    return (per_row * m).sum() / m.sum().clamp(min=1)
+    return _row_mean(per_row, row_mask)
 
 
 def infonce_loss(S, pos_col, neg_mask, temperature=0.1, row_mask=None):
     """Softmax cross-entropy over the row at `temperature`; the row's other positives leave the denominator."""
-    B, U = S.shape
-    if row_mask is None:
-        row_mask = torch.ones(B, dtype=torch.bool, device=S.device)
     keep = neg_mask.clone()
-    keep[torch.arange(B, device=S.device), pos_col] = True
+    keep[torch.arange(S.shape[0], device=S.device), pos_col] = True
     logits = (S / temperature).masked_fill(~keep, float("-inf"))
-    ce = F.cross_entropy(logits, pos_col, reduction="none")
-    m = row_mask.float()
-    return (ce * m).sum() / m.sum().clamp(min=1)
+    return _row_mean(F.cross_entropy(logits, pos_col, reduction="none"), row_mask)
 
 
 def triplet_multi_loss(S, is_pos, margin=0.2, num_pos=3, num_neg=5, temperature=0.1):
@@ -155,9 +152,7 @@ def triplet_multi_loss(S, is_pos, margin=0.2, num_pos=3, num_neg=5, temperature=
     hinge = (F.relu(s_n.unsqueeze(1) - s_p.unsqueeze(2) + margin) * valid).reshape(B, -1)
     viol = hinge > 0
     w = torch.softmax((hinge.detach() / temperature).masked_fill(~viol, float("-inf")), dim=1).nan_to_num(0.0)
-    per_row = (hinge * w).sum(1)
-    rows = vp.any(1).float()
-    return (per_row * rows).sum() / rows.sum().clamp(min=1)
+    return _row_mean((hinge * w).sum(1), vp.any(1))
 
 
 # ------------------------------------------------------------------------------------------------------ module
@@ -244,7 +239,7 @@ class NGAME(XMCModule):
 
     def _make_index(self):
         return LabelIndex(kind="hnsw", M=int(self.s.ann_M), ef_search=int(self.s.ann_ef_search),
-                          ef_construction=int(self.s.ann_ef_construction), mips="ip", seed=self.seed)
+                          ef_construction=int(self.s.ann_ef_construction), seed=self.seed)
 
     def _recluster(self, size, epoch):
         t0 = time.perf_counter()
@@ -255,10 +250,8 @@ class NGAME(XMCModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             ids = self.trainer.strategy.broadcast(ids, src=0)
         dt = time.perf_counter() - t0
-        self.cluster_ids = ids
+        self.cluster_ids, self.cluster_size, self.last_cluster_epoch = ids, int(size), int(epoch)
         self.cluster_history.append([int(epoch), tensor_digest(torch.from_numpy(np.ascontiguousarray(ids)))])
-        self.cluster_size = int(size)
-        self.last_cluster_epoch = int(epoch)
         k = int(ids.max()) + 1 if len(ids) else 0
         self.cluster_log.append([int(epoch), int(self.phase), int(size), k, round(dt, 4)])
         self._cluster_s += dt
@@ -291,8 +284,7 @@ class NGAME(XMCModule):
         """The phase-2 training shortlist index over the normalised label vectors `weights` (kept for the
         checkpoint: a resume in the middle of the epoch rebuilds the same index)."""
         self._clf_index_weights = weights
-        self._clf_index = self._make_index()
-        self._clf_index.build(weights)
+        self._clf_index = self._make_index().build(weights)
 
     def _phase_of(self, epoch):
         if self.s.phase1_share is not None:
@@ -386,18 +378,12 @@ class NGAME(XMCModule):
         st = checkpoint.get("ngame")
         if st is None:
             return
-        self.bank = st["bank"].float().cpu().clone()
-        written = st.get("bank_written")
-        self.bank_written = (written.bool().cpu().clone() if written is not None
-                             else torch.zeros(self.bank.shape[0], dtype=torch.bool))
-        self._clf_index_weights = st.get("clf_index_weights")
-        c = st.get("cluster_ids")
+        self.bank, self.bank_written = st["bank"].float().cpu().clone(), st["bank_written"].bool().cpu().clone()
+        self._clf_index_weights, c = st["clf_index_weights"], st["cluster_ids"]
         self.cluster_ids = None if c is None else c.cpu().numpy().astype(np.int64)
-        self.cluster_size = int(st.get("cluster_size", 1))
-        self.last_cluster_epoch = int(st.get("last_cluster_epoch", -1))
-        self.cluster_log = [list(r) for r in st.get("cluster_log", [])]
-        self._label_emb = None
-        self._index_cache = {}
+        self.cluster_size, self.last_cluster_epoch = int(st["cluster_size"]), int(st["last_cluster_epoch"])
+        self.cluster_log = [list(r) for r in st["cluster_log"]]
+        self._label_emb, self._index_cache = None, {}
 
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
@@ -409,15 +395,14 @@ class NGAME(XMCModule):
         """lr factor of phase-1 step t: linear warm-up over phase1_warmup_steps, capped at a tenth of phase 1's
         steps (a short run, e.g. a transformer on a small budget, would otherwise never leave the warm-up), then
         (phase1_lr_decay=linear) linear decay to ~0 at the end of phase 1."""
-        t, f, warm, total = self.train_steps, 1.0, int(self.s.phase1_warmup_steps), None
+        t, warm, total = self.train_steps, int(self.s.phase1_warmup_steps), None
         if self._trainer is not None:
             nb = self.trainer.num_training_batches
             if isinstance(nb, (int, float)) and math.isfinite(nb) and nb > 0:
                 total = int(self.s.phase1_epochs) * int(nb)
         if warm > 0 and total:
             warm = min(warm, max(1, total // 10))
-        if warm > 0:
-            f = min(f, (t + 1) / warm)
+        f = min(1.0, (t + 1) / warm) if warm > 0 else 1.0
         if self.s.phase1_lr_decay == "linear" and self.s.phase1_share is not None:
             return min(f, max(0.0, 1.0 - self.budget_used / max(float(self.s.phase1_share), 1e-9)) + 1e-3)
         if self.s.phase1_lr_decay == "linear" and total:
@@ -453,12 +438,10 @@ class NGAME(XMCModule):
         pos_col[has] = inv.to(S.device)
         lab_u = lab_u.to(S.device)
         neg_mask = ~(pos.unsqueeze(2) == lab_u.view(1, 1, -1)).any(1)
-        if self.s.loss == "triplet":
-            loss = triplet_ohnm_loss(S, pos_col, neg_mask, float(self.s.margin), int(self.s.num_hard),
-                                     float(self.s.temperature), bool(self.s.weighted), row_mask=has)
-        else:
-            loss = infonce_loss(S, pos_col, neg_mask, float(self.s.temperature), row_mask=has)
-        return loss, B
+        if self.s.loss == "infonce":
+            return infonce_loss(S, pos_col, neg_mask, float(self.s.temperature), row_mask=has), B
+        return triplet_ohnm_loss(S, pos_col, neg_mask, float(self.s.margin), int(self.s.num_hard),
+                                 float(self.s.temperature), bool(self.s.weighted), row_mask=has), B
 
     def _phase2_loss(self, batch):
         pos, idx = batch["pos"], batch["idx"]
@@ -477,14 +460,10 @@ class NGAME(XMCModule):
         w = F.normalize(self.labels.w(short.to(self.labels.w.weight.device)), dim=-1)
         S = h @ w.T
         is_pos = ~mask_positives(short.to(pos.device), pos)
-        loss = triplet_multi_loss(S, is_pos.to(S.device), float(self.s.phase2_margin), int(self.s.phase2_num_pos),
-                                  int(self.s.phase2_num_neg), float(self.s.phase2_temperature))
-        return loss, pos.shape[0]
+        return triplet_multi_loss(S, is_pos.to(S.device), float(self.s.phase2_margin), int(self.s.phase2_num_pos),
+                                  int(self.s.phase2_num_neg), float(self.s.phase2_temperature)), pos.shape[0]
 
     # ------------------------------------------------------------------ inference
-    def _clf_matrix(self):
-        return F.normalize(self.labels.w.weight.detach().float(), dim=-1)
-
     def _ann_candidates(self, emb, mats, reuse):
         """Union of the HNSW top-`ann_shortlist` of each matrix, per document; duplicates/missing = -1.
         reuse: keys whose cached index may be used (built from the same matrix before)."""
@@ -493,9 +472,7 @@ class NGAME(XMCModule):
         for key, M in mats:
             index = self._index_cache.get(key) if key in reuse else None
             if index is None:
-                index = self._make_index()
-                index.build(M)
-                self._index_cache[key] = index
+                index = self._index_cache[key] = self._make_index().build(M)
             parts.append(index.search(emb, S)[1])
         cand = np.sort(np.concatenate(parts, axis=1), axis=1)
         dup = np.zeros_like(cand, dtype=bool)
@@ -511,7 +488,7 @@ class NGAME(XMCModule):
         Z = self._label_embeddings(refresh=fresh and self.phase == 1)
         if self.phase == 1:
             alphas = [0.0]
-        W = self._clf_matrix() if self.phase == 2 else None
+        W = F.normalize(self.labels.w.weight.detach().float(), dim=-1) if self.phase == 2 else None
         out = {}
         if self.s.inference == "exact":
             for a in alphas:
@@ -563,11 +540,8 @@ class NGAME(XMCModule):
         else:
             if self.alpha is None:  # no validation in phase 2: pick alpha on the validation split now
                 val_emb = self._encode_split("val")
-                if val_emb.shape[0] > 0:
-                    self.alpha = self._select_alpha(self._ranked(val_emb, self.s.fusion_alphas),
-                                                    self.dm.split("val")[1])
-                else:
-                    self.alpha = 0.5
+                self.alpha = (self._select_alpha(self._ranked(val_emb, self.s.fusion_alphas), self.dm.split("val")[1])
+                              if val_emb.shape[0] > 0 else 0.5)
             ranked = self._ranked(emb, sorted(set(alphas) | {self.alpha}))
         metrics = xc_metrics(ranked[self.alpha][1].cpu().numpy(), Y, self.inv_prop)
         for name, a in (("knn", 0.0), ("clf", 1.0)):

@@ -107,8 +107,6 @@ class AdversarialSampler(Sampler):
     def _on(self, device):
         key = str(device)
         if key not in self._cache:
-            if self.tree is None:
-                raise RuntimeError("AdversarialSampler used before setup()")
             self._cache[key] = (self.tree.to(device), self.proj.to(device))
         return self._cache[key]
 
@@ -136,9 +134,8 @@ class AdversarialSampler(Sampler):
         xt = self.project(batch, doc_emb)
         ids, logp = tree.sample(xt, self.num_negatives, self.generator)
         if self.uniform_mix > 0:
-            shape = ids.shape
-            mix = (torch.rand(shape, generator=self.generator) < self.uniform_mix).to(ids.device)
-            uni = self.uniform(shape, ids.device)
+            mix = (torch.rand(ids.shape, generator=self.generator) < self.uniform_mix).to(ids.device)
+            uni = self.uniform(ids.shape, ids.device)
             ids = torch.where(mix, uni, ids)
             logp = self._mix(torch.where(mix, tree.log_prob(xt, uni), logp))
         return ids, logp

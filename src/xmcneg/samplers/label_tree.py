@@ -30,15 +30,9 @@ class Projection:
     """x~ = x @ weight - offset (whitened PCA) of "bag" inputs (sparse features) or "dense" ones (embeddings)."""
 
     def __init__(self, weight: torch.Tensor, offset: torch.Tensor, kind: str = "bag"):
-        if kind not in ("bag", "dense"):
-            raise ValueError(f"projection kind must be 'bag' or 'dense', got {kind!r}")
         self.weight = weight.float().contiguous()
         self.offset = offset.float().contiguous()
         self.kind = kind
-
-    @property
-    def dim(self):
-        return self.weight.shape[1]
 
     def to(self, device):
         return Projection(self.weight.to(device), self.offset.to(device), self.kind)
@@ -142,10 +136,6 @@ class LabelTree:
         self._enforce_padding()
 
     @property
-    def dim(self):
-        return self.wb.shape[1] - 1
-
-    @property
     def weight(self):
         return self.wb[:, :-1]
 
@@ -189,8 +179,7 @@ class LabelTree:
         D = self.depth
         leaves = self.label_to_leaf[labels]
         lv = torch.arange(D, device=leaves.device)
-        rel = leaves.unsqueeze(-1) >> (D - lv)  # relative index of the level-l ancestor
-        nodes = rel + ((1 << lv) - 1)
+        nodes = (leaves.unsqueeze(-1) >> (D - lv)) + ((1 << lv) - 1)  # heap index of the level-l ancestor
         bits = ((leaves.unsqueeze(-1) >> (D - 1 - lv)) & 1).bool()
         return nodes, bits
 
@@ -360,21 +349,15 @@ def _label_grams(Xp: torch.Tensor, labels: torch.Tensor, C: int, chunk: int = 1 
     return G
 
 
-def _sym_index(K):
-    """Index that expands a packed upper triangle (K(K+1)/2,) into a full symmetric (K*K,) matrix."""
-    iu = torch.triu_indices(K, K)
-    sym = torch.zeros(K, K, dtype=torch.long)
-    sym[iu[0], iu[1]] = torch.arange(iu.shape[1])
-    sym[iu[1], iu[0]] = torch.arange(iu.shape[1])
-    return sym.reshape(-1)
-
-
 def _inverse_hessians(G_lab, curv, lseg: _Segments, K, lam, node_chunk=1 << 16):
     """(nn, K, K) float32 inverses of H_v = sum_{y in v} curv_y G_y + lam I (float64 batched Cholesky): the Newton
     Hessian with each pair's curvature replaced by its label's mean (exact at theta = 0)."""
     nn = lseg.nn
     Hn = lseg.sum(G_lab, curv)
-    sym = _sym_index(K)
+    iu = torch.triu_indices(K, K)  # `sym` expands a packed upper triangle (K(K+1)/2,) into a symmetric (K*K,)
+    sym = torch.zeros(K, K, dtype=torch.long)
+    sym[iu[0], iu[1]] = sym[iu[1], iu[0]] = torch.arange(iu.shape[1])
+    sym = sym.reshape(-1)
     Hinv = torch.empty(nn, K, K, dtype=torch.float32)
     for a in range(0, nn, node_chunk):  # float64 factorisation, node-chunked; inverses kept in float32
         H = Hn[a: a + node_chunk].double()[:, sym].view(-1, K, K)
@@ -425,14 +408,8 @@ def fit_label_tree(Z, rows, labels, num_labels: int, l2: float = 0.1, newton_ste
     D = tree_depth(C)
     Z = torch.as_tensor(Z).float()
     rows, labels = torch.as_tensor(rows).long(), torch.as_tensor(labels).long()
-    if rows.shape != labels.shape or rows.dim() != 1:
-        raise ValueError("rows and labels must be 1-d and of the same length")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
-        raise ValueError(f"label ids must be in [0, {C})")
-    k = Z.shape[1]
+    k, E, lam = Z.shape[1], labels.numel(), float(l2)
     K = k + 1
-    E = labels.numel()
-    lam = float(l2)
     gen = torch.Generator().manual_seed(int(seed) * 7_919 + 1)
 
     # pairs sorted by label; from then on kept sorted by node (stable refinement, level by level)

@@ -78,8 +78,7 @@ class MIPSSampler(Sampler):
         self.index.build(w.float().cpu(), b.float().cpu())
         self.build_s += time.perf_counter() - t0
         self.index_version += 1
-        self.last_refresh_step = int(step)
-        self.index_epoch = int(epoch)
+        self.last_refresh_step, self.index_epoch = int(step), int(epoch)
         self.refresh_steps_log.append(int(step))
         log.debug("MIPS index v%d (%s) built at step %d, epoch %d", self.index_version, self.index_kind, step, epoch)
 
@@ -91,8 +90,6 @@ class MIPSSampler(Sampler):
                 self.step_s += now - pt
         self._prev_call = (int(step), int(epoch), now)
         if self.due(step, epoch):
-            if model is None:
-                raise RuntimeError("MIPSSampler.refresh needs the model to read the label matrix")
             self.rebuild(model, step, epoch)
         self.hard_active = self.hard_wanted(epoch) and self.index is not None
         return self.stats()
@@ -138,10 +135,8 @@ class MIPSSampler(Sampler):
         u = n - h
         excl = torch.cat([pos, hard], 1)
         big = C + (1 << 40)
+        # distinct ids: positives are unique, hard negatives are index answers that are not positives
         excl = torch.where(excl >= 0, excl, torch.full_like(excl, big)).sort(1).values
-        dup = torch.zeros_like(excl, dtype=torch.bool)  # drop duplicate exclusions (defensive: positives are unique)
-        dup[:, 1:] = excl[:, 1:] == excl[:, :-1]
-        excl = torch.where(dup, torch.full_like(excl, big), excl).sort(1).values
         m = (excl < big).sum(1)                                         # (B,) excluded labels per row
         free = (C - m).clamp(min=0)
         u = torch.where(free > 0, u, torch.zeros_like(u))                # nothing left to draw from

@@ -145,10 +145,12 @@ def test_auto_sampler_scores_every_label_below_its_threshold(tmp_path):
     from test_extending import train
     from xmcneg.data.datamodule import build_datamodule
 
-    for below, scoring in ((1000, "full"), (50, "sampled")):  # 100 labels
+    # 100 labels; full scoring trains with the sampler's full_loss (squared hinge), sampled with the loss group's
+    for below, scoring, loss in ((1000, "full", "sq_hinge"), (50, "sampled", "softmax")):
         cfg, res = train(tmp_path / scoring, "sampler=auto", f"sampler.full_below_labels={below}",
                          "trainer.max_epochs=1")
         assert res["status"] == "completed" and res["sampler"] == "auto" and res["scoring"] == scoring
+        assert res["loss"] == loss
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from xmcneg.errors import ConfigError, XMCError
 
 # keys of a config group that describe the choice rather than being constructor arguments
-NOT_ARGUMENTS = ("name", "text", "full_below_labels")
+NOT_ARGUMENTS = ("name", "text", "full_below_labels", "full_loss")
 
 
 def _instantiate(node, key, **kwargs):
@@ -68,5 +68,7 @@ def build_module(cfg, dm):
         "loss": lambda: build_part(cfg, "loss"),
         "datamodule": lambda: dm,
     }
+    if full_scoring(cfg, dm) and cfg.sampler.get("full_loss") is not None:  # sampler=auto
+        cfg.loss = cfg.sampler.full_loss
     kwargs = {k: make() for k, make in makers.items() if k in params}
     return _instantiate(OmegaConf.to_container(cfg.method, resolve=True), "method", **kwargs)

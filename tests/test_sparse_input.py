@@ -184,8 +184,9 @@ def test_resolve_sparse_and_bad_value():
 
 # ------------------------------------------------------------------------------------- through train.py, 2 ranks
 DDP_DATA = ["dataset.num_labels=200", "dataset.num_train=601", "dataset.num_test=100", "dataset.num_features=500",
-            "data.batch_size=64", "encoder=bow_mlp", "encoder.sparse_input=true", "sampler=uniform", "trainer.max_epochs=2",
-            "hardware=ddp_cpu", "logger=none", "trainer.enable_progress_bar=false", "debug.record_train_rows=true"]
+            "data.batch_size=64", "encoder=bow_mlp", "encoder.sparse_input=true", "optim.input_optimizer=adamw",
+            "sampler=uniform", "trainer.max_epochs=2", "hardware=ddp_cpu", "logger=none",
+            "trainer.enable_progress_bar=false", "debug.record_train_rows=true"]  # RowAdam on the sparse input table
 
 
 def _ddp_run(sync, tmp_path):

@@ -248,13 +248,15 @@ class XMCModule(pl.LightningModule):
         self._rng_state = checkpoint.get("rng_state")
 
     # ------------------------------------------------------------------ training
-    def encoder_optimizer(self, warmup=None, lr=None):
+    def encoder_optimizer(self, warmup=None, lr=None, input_optimizer=None):
         """The encoder's optimiser part: a fused AdamW over its dense parameters (+ a row-wise lazy AdamW over its
         sparse input tables) at `lr` (None: the encoder's own, e.g. a transformer's, else optim.encoder_lr) and
-        optim.weight_decay, with the warm-up factor function `warmup` and the clip optim.grad_clip."""
+        optim.weight_decay, its BoW input tables by `input_optimizer` (None: optim.input_optimizer, at
+        optim.input_lr), with the warm-up factor function `warmup` and the clip optim.grad_clip."""
         lr = lr if lr is not None else (getattr(self.encoder, "lr", None) or self.optim.encoder_lr)
         o = self.optim
-        parts = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay), o.input_optimizer, float(o.input_lr))
+        parts = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay), input_optimizer or o.input_optimizer,
+                                   float(o.input_lr))
         enc = CombinedOptimizer(parts) if len(parts) > 1 else next(iter(parts.values()))
         return wrap(enc, warmup=warmup, clip=self.optim.grad_clip)
 

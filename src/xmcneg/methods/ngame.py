@@ -388,7 +388,9 @@ class NGAME(XMCModule):
     # ------------------------------------------------------------------ training
     def configure_optimizers(self):
         clf = SparseRowOptimizer(self.labels.parameters(), lr=float(self.s.phase2_lr), kind=self.s.phase2_optimizer)
-        return CombinedOptimizer({"encoder": self.encoder_optimizer(lambda _t: self._phase1_lr(), self.s.phase1_lr),
+        # the Siamese phase trains the whole encoder, input table included, by AdamW at phase1_lr
+        return CombinedOptimizer({"encoder": self.encoder_optimizer(lambda _t: self._phase1_lr(), self.s.phase1_lr,
+                                                                    "adamw"),
                                   "labels": clf})
 
     def _phase1_lr(self):

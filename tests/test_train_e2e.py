@@ -145,7 +145,7 @@ def test_auto_sampler_scores_every_label_below_its_threshold(tmp_path):
     from test_extending import train
     from xmcneg.data.datamodule import build_datamodule
 
-    # 100 labels; full scoring trains with the sampler's full_loss (squared hinge), sampled with the loss group's
+    # 100 labels; loss=auto (the default): the squared hinge under full scoring, the softmax with sampled negatives
     for below, scoring, loss in ((1000, "full", "sq_hinge"), (50, "sampled", "softmax")):
         cfg, res = train(tmp_path / scoring, "sampler=auto", f"sampler.full_below_labels={below}",
                          "trainer.max_epochs=1")

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from xmcneg.errors import ConfigError, XMCError
 
 # keys of a config group that describe the choice rather than being constructor arguments
-NOT_ARGUMENTS = ("name", "text", "full_below_labels", "full_loss")
+NOT_ARGUMENTS = ("name", "text", "full_below_labels")
 
 
 def _instantiate(node, key, **kwargs):
@@ -68,7 +68,7 @@ def build_module(cfg, dm):
         "loss": lambda: build_part(cfg, "loss"),
         "datamodule": lambda: dm,
     }
-    if full_scoring(cfg, dm) and cfg.sampler.get("full_loss") is not None:  # sampler=auto
-        cfg.loss = cfg.sampler.full_loss
+    if cfg.loss.name == "auto":  # conf/loss/auto.yaml: one loss for full scoring, one for sampled negatives
+        cfg.loss = cfg.loss.full if full_scoring(cfg, dm) or not cfg.sampler.get("_target_") else cfg.loss.sampled
     kwargs = {k: make() for k, make in makers.items() if k in params}
     return _instantiate(OmegaConf.to_container(cfg.method, resolve=True), "method", **kwargs)

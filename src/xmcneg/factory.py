@@ -68,7 +68,5 @@ def build_module(cfg, dm):
         "loss": lambda: build_part(cfg, "loss"),
         "datamodule": lambda: dm,
     }
-    if cfg.loss.name == "auto":  # conf/loss/auto.yaml: one loss for full scoring, one for sampled negatives
-        cfg.loss = cfg.loss.full if full_scoring(cfg, dm) or not cfg.sampler.get("_target_") else cfg.loss.sampled
     kwargs = {k: make() for k, make in makers.items() if k in params}
     return _instantiate(OmegaConf.to_container(cfg.method, resolve=True), "method", **kwargs)

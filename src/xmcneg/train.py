@@ -117,7 +117,6 @@ def run(cfg: DictConfig):
             module.fault_step = int(cfg.debug.nan_at_step)
         results["num_labels"] = int(dm.num_labels)
         results["scoring"] = "full" if getattr(module, "sampler", 0) is None else "sampled"
-        results["loss"] = str(cfg.loss.name)
         if resume_ckpt is not None:
             resume.check_fits(ckpt_path, resume_ckpt, module, cfg)
             at = {"epoch": int(resume_ckpt["epoch"]), "global_step": int(resume_ckpt["global_step"])}

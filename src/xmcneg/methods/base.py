@@ -253,12 +253,12 @@ class XMCModule(pl.LightningModule):
         sparse input tables) at `lr` (None: the encoder's own, e.g. a transformer's, else optim.encoder_lr) and
         optim.weight_decay, its BoW input tables by `input_optimizer` (None: optim.input_optimizer, at
         optim.input_lr), with the warm-up factor function `warmup` and the clip optim.grad_clip."""
-        lr = lr if lr is not None else (getattr(self.encoder, "lr", None) or self.optim.encoder_lr)
         o = self.optim
+        lr = lr if lr is not None else (getattr(self.encoder, "lr", None) or o.encoder_lr)
         parts = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay), input_optimizer or o.input_optimizer,
                                    float(o.input_lr))
         enc = CombinedOptimizer(parts) if len(parts) > 1 else next(iter(parts.values()))
-        return wrap(enc, warmup=warmup, clip=self.optim.grad_clip)
+        return wrap(enc, warmup=warmup, clip=o.grad_clip)
 
     def loss_name(self):
         return "training loss"

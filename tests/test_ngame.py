@@ -261,10 +261,13 @@ def test_missing_label_texts_is_a_config_error(tmp_path):
         build_module(cfg, dm)
 
 
-@pytest.mark.parametrize("enc_lr,phase1_lr,expected", [(None, None, 1e-3), (5e-5, None, 5e-5), (5e-5, 0.01, 0.01)])
+@pytest.mark.parametrize("enc_lr,phase1_lr,expected", [(None, None, "optim"), (5e-5, None, 5e-5), (5e-5, 0.01, 0.01)])
 def test_phase1_lr_comes_from_sampler_then_encoder_then_optim(tmp_path, enc_lr, phase1_lr, expected):
+    from train_conf import section
     from xmcneg.data.datamodule import build_datamodule
     from xmcneg.factory import build_module
+
+    expected = section("optim")["encoder_lr"] if expected == "optim" else expected
 
     over = {} if phase1_lr is None else {"sampler.phase1_lr": phase1_lr}
     cfg = _cfg(tmp_path, **over)

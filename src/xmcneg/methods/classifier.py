@@ -72,12 +72,15 @@ class XMCClassifier(XMCModule):
     def configure_optimizers(self):
         o = self.optim
         warm = linear_warmup(int(o.warmup_steps)) if int(o.warmup_steps) > 0 else None
-        if self.sampler is None:  # dense table: AdamW, warmed up like the encoder
-            labels = wrap(adamw(self.labels.parameters(), float(o.full_label_lr), float(o.label_weight_decay)),
-                          warmup=warm)
-        else:
-            labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
-        return CombinedOptimizer({"encoder": self.encoder_optimizer(warm), "labels": labels})
+        parts = {"encoder": self.encoder_optimizer(warm)}
+        if self.sampler is not None:
+            parts["labels"] = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
+        elif float(o.full_label_lr) > 0:  # dense table: AdamW, warmed up like the encoder
+            parts["labels"] = wrap(adamw(self.labels.parameters(), float(o.full_label_lr),
+                                         float(o.label_weight_decay)), warmup=warm)
+        else:  # full_label_lr 0: the table keeps its random init (with dim >= C, a fixed near-orthogonal basis)
+            self.labels.requires_grad_(False)
+        return CombinedOptimizer(parts)
 
     def correction_query(self, batch, h):
         if self.sampler is None or self.loss.logq_corrected:  # a logQ-corrected loss needs no correction

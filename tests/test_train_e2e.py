@@ -107,7 +107,7 @@ def test_nan_loss_stops_run_and_marks_failed(tmp_path):
 
 
 def test_full_label_lr_zero_keeps_the_label_table_at_its_init():
-    """optim.full_label_lr=0 (sampler=full): the label table is a fixed random basis, the encoder alone learns."""
+    """optim.full_label_lr=0 (sampler=full): the label table is fixed random unit vectors, the encoder alone learns."""
     import torch
 
     from train_conf import encoder_args, section
@@ -121,6 +121,7 @@ def test_full_label_lr_zero_keeps_the_label_table_at_its_init():
     opt = m.configure_optimizers()
     assert list(opt.parts) == ["encoder"] and not any(p.requires_grad for p in m.labels.parameters())
     labels, table = m.labels.w.weight.detach().clone(), m.encoder.bag.weight.detach().clone()
+    torch.testing.assert_close(labels.norm(dim=1), torch.ones(6))
     x = {"indices": torch.tensor([0, 3, 4, 7]), "offsets": torch.tensor([0, 2]), "weights": torch.ones(4)}
     loss = m.full_loss(m.encoder(x), {"pos": torch.tensor([[1, -1], [2, 5]])})
     loss.backward()

@@ -34,6 +34,11 @@ class XMCClassifier(XMCModule):
             raise ConfigError("sampler.num_negatives",
                               f"{sampler.num_negatives} negatives must be fewer than the {num_labels} labels")
         self._ann_cache = None
+        self.fixed_labels = sampler is None and self.optim is not None and float(self.optim.full_label_lr) == 0
+        if self.fixed_labels:  # full_label_lr 0: random unit label vectors, never trained (with dim >= C nearly
+            with torch.no_grad():  # orthogonal: the encoder alone is the classifier, as a linear model's weights)
+                self.labels.w.weight.copy_(torch.nn.functional.normalize(self.labels.w.weight, dim=1))
+            self.labels.requires_grad_(False)
 
     def training_loss(self, batch):
         h = self.encoder(batch["x"])
@@ -75,11 +80,9 @@ class XMCClassifier(XMCModule):
         parts = {"encoder": self.encoder_optimizer(warm)}
         if self.sampler is not None:
             parts["labels"] = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
-        elif float(o.full_label_lr) > 0:  # dense table: AdamW, warmed up like the encoder
+        elif not self.fixed_labels:  # dense table: AdamW, warmed up like the encoder
             parts["labels"] = wrap(adamw(self.labels.parameters(), float(o.full_label_lr),
                                          float(o.label_weight_decay)), warmup=warm)
-        else:  # full_label_lr 0: the table keeps its random init (with dim >= C, a fixed near-orthogonal basis)
-            self.labels.requires_grad_(False)
         return CombinedOptimizer(parts)
 
     def correction_query(self, batch, h):

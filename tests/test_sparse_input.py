@@ -92,6 +92,18 @@ def test_sgd_input_table_moves_by_lr_times_gradient(sparse):
         encoder_optimizers(enc, lr=1e-2, weight_decay=0.0, input_optimizer="adam")
 
 
+def test_input_weight_decay_is_an_l2_penalty_of_the_dense_sgd_table():
+    dense, sparse = _pair(BowLinear, dim=H)
+    opts = encoder_optimizers(dense, lr=1e-2, weight_decay=0.0, input_optimizer="sgd", input_lr=0.5,
+                              input_weight_decay=0.1)
+    before = dense.bag.weight.detach().clone()
+    _step(dense, list(opts.values()), _batch(2), torch.randn(5, H))
+    torch.testing.assert_close(dense.bag.weight.detach(), before - 0.5 * (dense.bag.weight.grad + 0.1 * before))
+    with pytest.raises(ConfigError, match="optim.input_weight_decay.*dense input table"):
+        encoder_optimizers(sparse, lr=1e-2, weight_decay=0.0, input_optimizer="sgd", input_lr=0.5,
+                           input_weight_decay=0.1)
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_untouched_rows_bit_identical_and_touched_rows_move(wd):
     _, enc = _pair(BowMLP, dim=4, hidden=H, dropout=0.0)

@@ -106,6 +106,29 @@ def test_nan_loss_stops_run_and_marks_failed(tmp_path):
     assert (out / "checkpoints" / "last.ckpt").exists()  # 12 steps per epoch: epoch 0's checkpoint survives
 
 
+def test_full_label_lr_zero_keeps_the_label_table_at_its_init():
+    """optim.full_label_lr=0 (sampler=full): the label table is fixed random unit vectors, the encoder alone learns."""
+    import torch
+
+    from train_conf import encoder_args, section
+    from xmcneg.encoders.bow_linear import BowLinear
+    from xmcneg.methods.classifier import XMCClassifier
+    from xmcneg.methods.losses import SquaredHinge
+
+    m = XMCClassifier(BowLinear(10, **encoder_args("bow_linear", dim=8)), 6, SquaredHinge(),
+                      optim={**section("optim"), "full_label_lr": 0.0},
+                      evaluation=section("eval"))
+    opt = m.configure_optimizers()
+    assert list(opt.parts) == ["encoder"] and not any(p.requires_grad for p in m.labels.parameters())
+    labels, table = m.labels.w.weight.detach().clone(), m.encoder.bag.weight.detach().clone()
+    torch.testing.assert_close(labels.norm(dim=1), torch.ones(6))
+    x = {"indices": torch.tensor([0, 3, 4, 7]), "offsets": torch.tensor([0, 2]), "weights": torch.ones(4)}
+    loss = m.full_loss(m.encoder(x), {"pos": torch.tensor([[1, -1], [2, 5]])})
+    loss.backward()
+    opt.step()
+    assert torch.equal(m.labels.w.weight, labels) and not torch.equal(m.encoder.bag.weight, table)
+
+
 def test_deferred_nan_check_names_the_window_and_fires_at_epoch_end():
     """The accelerator path (no per-step host sync): NaN/Inf is read every finite_check_every steps, and at the
     epoch end (before the epoch's checkpoint)."""

@@ -256,7 +256,7 @@ class XMCModule(pl.LightningModule):
         o = self.optim
         lr = lr if lr is not None else (getattr(self.encoder, "lr", None) or o.encoder_lr)
         parts = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay), input_optimizer or o.input_optimizer,
-                                   float(o.input_lr))
+                                   float(o.input_lr), float(o.input_weight_decay))
         enc = CombinedOptimizer(parts) if len(parts) > 1 else next(iter(parts.values()))
         return wrap(enc, warmup=warmup, clip=o.grad_clip)
 

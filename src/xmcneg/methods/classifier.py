@@ -34,6 +34,11 @@ class XMCClassifier(XMCModule):
             raise ConfigError("sampler.num_negatives",
                               f"{sampler.num_negatives} negatives must be fewer than the {num_labels} labels")
         self._ann_cache = None
+        self.fixed_labels = sampler is None and self.optim is not None and float(self.optim.full_label_lr) == 0
+        if self.fixed_labels:  # full_label_lr 0: random unit label vectors, never trained (with dim >= C nearly
+            with torch.no_grad():  # orthogonal: the encoder alone is the classifier, as a linear model's weights)
+                self.labels.w.weight.copy_(torch.nn.functional.normalize(self.labels.w.weight, dim=1))
+            self.labels.requires_grad_(False)
 
     def training_loss(self, batch):
         h = self.encoder(batch["x"])
@@ -72,12 +77,13 @@ class XMCClassifier(XMCModule):
     def configure_optimizers(self):
         o = self.optim
         warm = linear_warmup(int(o.warmup_steps)) if int(o.warmup_steps) > 0 else None
-        if self.sampler is None:  # dense table: AdamW, warmed up like the encoder
-            labels = wrap(adamw(self.labels.parameters(), float(o.full_label_lr), float(o.label_weight_decay)),
-                          warmup=warm)
-        else:
-            labels = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
-        return CombinedOptimizer({"encoder": self.encoder_optimizer(warm), "labels": labels})
+        parts = {"encoder": self.encoder_optimizer(warm)}
+        if self.sampler is not None:
+            parts["labels"] = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)
+        elif not self.fixed_labels:  # dense table: AdamW, warmed up like the encoder
+            parts["labels"] = wrap(adamw(self.labels.parameters(), float(o.full_label_lr),
+                                         float(o.label_weight_decay)), warmup=warm)
+        return CombinedOptimizer(parts)
 
     def correction_query(self, batch, h):
         if self.sampler is None or self.loss.logq_corrected:  # a logQ-corrected loss needs no correction

@@ -28,6 +28,7 @@ class OptimParams:
     weight_decay: float
     input_optimizer: str
     input_lr: float
+    input_weight_decay: float
     label_optimizer: str
     label_lr: float
     full_label_lr: float
@@ -38,9 +39,12 @@ class OptimParams:
     @classmethod
     def of(cls, d):
         p = params_of(cls, d, "optim")
-        for key in ("encoder_lr", "input_lr", "label_lr", "full_label_lr"):
+        for key in ("encoder_lr", "input_lr", "label_lr"):
             if not float(getattr(p, key)) > 0:
                 raise ConfigError(f"optim.{key}", f"must be > 0, got {getattr(p, key)}")
+        for key in ("full_label_lr", "input_weight_decay"):
+            if not float(getattr(p, key)) >= 0:
+                raise ConfigError(f"optim.{key}", f"must be >= 0, got {getattr(p, key)}")
         if int(p.warmup_steps) < 0:
             raise ConfigError("optim.warmup_steps", f"must be >= 0, got {p.warmup_steps}")
         return p

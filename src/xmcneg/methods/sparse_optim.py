@@ -135,11 +135,11 @@ def adamw(params, lr, weight_decay):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **{"fused" if fused else "foreach": True})
 
 
-def encoder_optimizers(encoder, lr, weight_decay, input_optimizer="adamw", input_lr=None):
+def encoder_optimizers(encoder, lr, weight_decay, input_optimizer="adamw", input_lr=None, input_weight_decay=0.0):
     """{"dense": `adamw` over the encoder's dense parameters, "rows": RowAdam over its sparse input tables}, each
     only if the encoder has such parameters (a linear BoW encoder with a sparse table has no dense one).
     `input_optimizer="sgd"`: the BoW input tables (`nn.EmbeddingBag` weights, dense or sparse) get plain SGD at
-    `input_lr` instead ("input"), the rest as above."""
+    `input_lr` and the L2 penalty `input_weight_decay` instead ("input"), the rest as above."""
     if input_optimizer not in ("adamw", "sgd"):
         raise ConfigError("optim.input_optimizer", f"expected adamw or sgd, got {input_optimizer!r}")
     sgd = [m.weight for m in encoder.modules() if isinstance(m, nn.EmbeddingBag)] if input_optimizer == "sgd" else []
@@ -150,7 +150,11 @@ def encoder_optimizers(encoder, lr, weight_decay, input_optimizer="adamw", input
     if sparse:
         opts["rows"] = RowAdam(sparse, lr=lr, weight_decay=weight_decay)
     if sgd:
-        opts["input"] = torch.optim.SGD(sgd, lr=input_lr)
+        if input_weight_decay and any(getattr(m, "sparse", False) for m in encoder.modules()
+                                      if isinstance(m, nn.EmbeddingBag)):
+            raise ConfigError("optim.input_weight_decay", "needs a dense input table (encoder.sparse_input=false): "
+                                                          "the penalty moves every row at every step")
+        opts["input"] = torch.optim.SGD(sgd, lr=input_lr, weight_decay=input_weight_decay)
     return opts
 
 

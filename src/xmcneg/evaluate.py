@@ -100,15 +100,14 @@ def ensemble_topk(members, k, batches):
     `batches(mcfg, dm)` (the same documents in the same order for every member)."""
     from xmcneg.eval.ensemble import combine
     from xmcneg.eval.topk import exact_topk
-
     from xmcneg.methods.classifier import XMCClassifier
 
     parts = []
     with torch.no_grad():
         for path, mcfg, dm, module in members:
             if not isinstance(module, XMCClassifier):
-                raise ConfigError("ckpt_path", f"{path}: an ensemble takes models of method=classifier (scores are inner "
-                                               f"products with the label table), not {type(module).__name__}")
+                raise ConfigError("ckpt_path", f"{path}: an ensemble takes models of method=classifier (inner "
+                                               f"products with a label table), not {type(module).__name__}")
             embs = []
             for batch in batches(mcfg, dm):
                 h = module.encoder(batch["x"])

@@ -79,9 +79,13 @@ def _train(sampler, sync, cache_dir, tmp_path_factory):
     return _TRAINED[(sampler, sync)]
 
 
-# frequency negatives take uniform's DDP path (shared ids): that run is kept out of CI (-m slow runs it)
+# frequency negatives take uniform's DDP path (shared ids), and uniform's all_gather run is the path of
+# tests/test_sparse_input.py::test_ddp_sparse_input_all_gather: those runs are kept out of CI (-m slow runs them)
+SLOW_RUNS = {("frequency", "auto"), ("uniform", "all_gather")}
+
+
 @pytest.mark.parametrize("sampler,sync", [
-    pytest.param(s, m, id=f"{s}-{m}", marks=[pytest.mark.slow] * (s == "frequency")) for s, m in RUNS])
+    pytest.param(s, m, id=f"{s}-{m}", marks=[pytest.mark.slow] * ((s, m) in SLOW_RUNS)) for s, m in RUNS])
 def test_ddp_run(sampler, sync, cache_dir, tmp_path_factory, tmp_path):
     out = _train(sampler, sync, cache_dir, tmp_path_factory)
     res = _load(out / "results.json")
@@ -134,7 +138,8 @@ def test_ddp_run(sampler, sync, cache_dir, tmp_path_factory, tmp_path):
         assert ev[k] == pytest.approx(v, abs=1e-6), f"test {k}: DDP {v} vs eval.py {ev[k]}"
 
 
-@pytest.mark.parametrize("sampler", ALL_GATHER)
+@pytest.mark.parametrize("sampler", [pytest.param(s, marks=[pytest.mark.slow] * ((s, "all_gather") in SLOW_RUNS))
+                                     for s in ALL_GATHER])
 def test_all_gather_equals_ddp_sparse_allreduce(sampler, cache_dir, tmp_path_factory):
     """Same seed, same data: the two ways of averaging the label tables' gradients give the same training run
     (the same final weights: the gradients agree up to float summation order, bit for bit here with 2 ranks)."""

@@ -150,8 +150,7 @@ def encoder_optimizers(encoder, lr, weight_decay, input_optimizer="adamw", input
     if sparse:
         opts["rows"] = RowAdam(sparse, lr=lr, weight_decay=weight_decay)
     if sgd:
-        if input_weight_decay and any(getattr(m, "sparse", False) for m in encoder.modules()
-                                      if isinstance(m, nn.EmbeddingBag)):
+        if input_weight_decay and any(p is q for p in sparse_tables(encoder) for q in sgd):
             raise ConfigError("optim.input_weight_decay", "needs a dense input table (encoder.sparse_input=false): "
                                                           "the penalty moves every row at every step")
         opts["input"] = torch.optim.SGD(sgd, lr=input_lr, weight_decay=input_weight_decay)

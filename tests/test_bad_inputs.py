@@ -185,6 +185,8 @@ CASES = [
      key_err("optim.input_optimizer", r"expected adamw or sgd, got 'bogus'")),
     ("full_label_lr_negative", xc(), XC + ["optim.full_label_lr=-1"],
      key_err("optim.full_label_lr", r"must be >= 0, got -1")),
+    ("label_init_unknown", xc(), XC + ["optim.label_init=pifa"],
+     key_err("optim.label_init", r"expected random or centroid, got 'pifa'")),
     ("label_optimizer_unknown", xc(), XC + ["optim.label_optimizer=bogus"],
      key_err("optim.label_optimizer", r"unknown 'bogus', expected one of .+")),
     ("kill_in_unknown", xc(), XC + ["debug.kill_in=bogus"], key_err("debug.kill_in", r"expected one of .+, got bogus")),

@@ -79,9 +79,10 @@ def _train(sampler, sync, cache_dir, tmp_path_factory):
     return _TRAINED[(sampler, sync)]
 
 
-# frequency negatives take uniform's DDP path (shared ids), and uniform's all_gather run is the path of
+# frequency and in-batch negatives take uniform's DDP path (sparse label-table gradients over rows that differ by
+# rank, averaged by DDP's reducer), and uniform's all_gather run is the path of
 # tests/test_sparse_input.py::test_ddp_sparse_input_all_gather: those runs are kept out of CI (-m slow runs them)
-SLOW_RUNS = {("frequency", "auto"), ("uniform", "all_gather")}
+SLOW_RUNS = {("frequency", "auto"), ("in_batch", "auto"), ("uniform", "all_gather")}
 
 
 @pytest.mark.parametrize("sampler,sync", [

@@ -77,9 +77,12 @@ def test_eval_reproduces_test_metrics_and_predicts(uniform_run, tmp_path):
 
 
 def test_full_softmax_runs(tmp_path):
-    p = run("train.py", [*TINY, "sampler=full", "loss=softmax", "trainer.max_epochs=1",
+    """Full softmax, label vectors started at their documents' centroids (optim.label_init=centroid, set after
+    the encoder exists and before the first step)."""
+    p = run("train.py", [*TINY, "sampler=full", "loss=softmax", "trainer.max_epochs=1", "optim.label_init=centroid",
                          f"hydra.run.dir={tmp_path / 'r'}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "label vectors initialised at the centroids of" in (tmp_path / "r" / "train.log").read_text()
     assert json.loads((tmp_path / "r" / "results.json").read_text())["test"]["P@1"] > 0.3
 
 
@@ -127,6 +130,30 @@ def test_full_label_lr_zero_keeps_the_label_table_at_its_init():
     loss.backward()
     opt.step()
     assert torch.equal(m.labels.w.weight, labels) and not torch.equal(m.encoder.bag.weight, table)
+
+
+def test_centroid_label_init_starts_from_a_nearest_centroid_classifier():
+    """LabelTable.set_centroids: w_y = direction of the sum of y's documents' outputs, length norm / median
+    document norm, b_y = 0; a label without documents keeps its vector. On separable data the initial scores
+    already rank each document's own label first."""
+    import numpy as np
+    import scipy.sparse as sp
+    import torch
+
+    from xmcneg.methods.label_table import LabelTable
+
+    h = torch.tensor([[3.0, 0.0], [1.0, 0.2], [0.0, 2.0], [0.1, 1.0]])
+    Y = sp.csr_matrix(np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0]], dtype=np.float32))
+    t = LabelTable(3, 2, sparse=False)
+    untouched = t.w.weight[2].detach().clone()
+    with torch.no_grad():
+        t.b.weight.fill_(5.0)
+    assert t.set_centroids(h, Y, norm=2.0) == 2
+    med = h.norm(dim=1).median()
+    torch.testing.assert_close(t.w.weight[0], torch.nn.functional.normalize(h[:2].sum(0), dim=0) * 2.0 / med)
+    torch.testing.assert_close(t.w.weight[1], torch.nn.functional.normalize(h[2:].sum(0), dim=0) * 2.0 / med)
+    assert torch.equal(t.w.weight[2], untouched) and not t.b.weight.any()
+    assert torch.equal(t.score_all(h)[:, :2].argmax(1), torch.tensor([0, 0, 1, 1]))
 
 
 def test_deferred_nan_check_names_the_window_and_fires_at_epoch_end():

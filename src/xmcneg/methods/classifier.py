@@ -40,6 +40,19 @@ class XMCClassifier(XMCModule):
                 self.labels.w.weight.copy_(torch.nn.functional.normalize(self.labels.w.weight, dim=1))
             self.labels.requires_grad_(False)
 
+    def on_fit_start(self):
+        if self.optim is not None and self.optim.label_init == "centroid" and self.train_steps == 0 \
+                and not self.fixed_labels:  # a fresh run (a resumed one has trained vectors)
+            self.init_labels_from_centroids()
+        super().on_fit_start()
+
+    def init_labels_from_centroids(self):
+        """optim.label_init=centroid: the label vectors start at the centroids of their training documents'
+        encoder outputs (LabelTable.set_centroids): one encoder pass over the training split, on every rank."""
+        t0 = time.perf_counter()
+        n = self.labels.set_centroids(self.embed_split("train"), self.trainer.datamodule.split("train")[1])
+        log.info("label vectors initialised at the centroids of %d labels in %.1fs", n, time.perf_counter() - t0)
+
     def training_loss(self, batch):
         h = self.encoder(batch["x"])
         if self.sampler is None:

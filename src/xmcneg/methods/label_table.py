@@ -37,6 +37,21 @@ class LabelTable(nn.Module):
         self.sparse = bool(sparse)
         self.sync = None  # None (one process), "ddp" or "all_gather"; set by resolve_sync
 
+    @torch.no_grad()
+    def set_centroids(self, h, Y, norm=1.0):
+        """w_y = the direction of the summed rows of `h` (N, d: documents' encoder outputs) of label y's documents
+        (Y: (N, C) scipy sparse), of length `norm` / (the median row norm of h); b_y = 0. Scores then start as a
+        nearest-centroid classifier's: `norm` x cosine to the centroid x the document's relative norm. Labels
+        without a document keep their vectors. Returns the number of labels set."""
+        sums = torch.from_numpy(Y.T.tocsr().astype("float32") @ h.detach().float().cpu().numpy())
+        norms = sums.norm(dim=1)
+        has = norms > 0
+        scale = norm / h.norm(dim=1).median().clamp(min=1e-12).item()
+        w = self.w.weight
+        w[has.to(w.device)] = (sums[has] * (scale / norms[has]).unsqueeze(1)).to(w)
+        self.b.weight.zero_()
+        return int(has.sum())
+
     def resolve_sync(self, mode="auto"):
         """Set and return the sync mode for the running process group (None without one)."""
         self.sync = sparse_sync_mode(mode, self.sparse)

@@ -33,6 +33,7 @@ class OptimParams:
     label_lr: float
     full_label_lr: float
     label_weight_decay: float
+    label_init: str
     warmup_steps: int
     grad_clip: Optional[float]
 
@@ -45,6 +46,8 @@ class OptimParams:
         for key in ("full_label_lr", "input_weight_decay"):
             if not float(getattr(p, key)) >= 0:
                 raise ConfigError(f"optim.{key}", f"must be >= 0, got {getattr(p, key)}")
+        if p.label_init not in ("random", "centroid"):
+            raise ConfigError("optim.label_init", f"expected random or centroid, got {p.label_init!r}")
         if int(p.warmup_steps) < 0:
             raise ConfigError("optim.warmup_steps", f"must be >= 0, got {p.warmup_steps}")
         return p

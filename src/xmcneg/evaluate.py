@@ -124,15 +124,11 @@ def ensemble_topk(members, k, batches):
 
 def ensemble_metrics(members):
     """Test metrics of the ensemble, with the test filter of the dataset when it has one (LF benchmarks)."""
-    from xmcneg.eval.metrics import filter_predictions, xc_metrics
+    from xmcneg.eval.metrics import split_metrics
 
     _, mcfg, dm, module = members[0]
-    Y = dm.split("test")[1]
     ids = ensemble_topk(members, int(mcfg.eval.k), test_batches)[1].cpu().numpy()
-    pairs = dm.filter_pairs("test", idx=np.arange(Y.shape[0]))
-    if pairs is not None:
-        ids, _ = filter_predictions(ids, None, pairs)
-    return xc_metrics(ids, Y, module.inv_prop)
+    return split_metrics(dm, "test", np.arange(dm.split("test")[1].shape[0]), ids, module.inv_prop)
 
 
 def load_members(cfg):

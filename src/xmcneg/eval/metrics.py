@@ -172,3 +172,12 @@ def filter_predictions(topk, scores, filter_pairs):
     import torch
 
     return torch.from_numpy(ids).to(topk.device), None if sc is None else torch.from_numpy(sc).to(scores.device)
+
+
+def split_metrics(dm, split, idx, topk, inv_prop=None):
+    """`xc_metrics` of the top-k label ids `topk` of rows `idx` of datamodule `dm`'s `split`, after dropping the
+    split's filter pairs (LF benchmarks; a datamodule without `filter_pairs` has none)."""
+    pairs = dm.filter_pairs(split, idx=idx) if hasattr(dm, "filter_pairs") else None
+    if pairs is not None:
+        topk, _ = filter_predictions(topk, None, pairs)
+    return xc_metrics(topk, dm.split(split)[1][idx], inv_prop)

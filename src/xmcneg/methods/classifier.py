@@ -11,7 +11,7 @@ import torch
 
 from xmcneg.errors import ConfigError
 from xmcneg.eval.ann import LabelIndex, ann_topk, recall_against_exact
-from xmcneg.eval.metrics import filter_predictions, xc_metrics
+from xmcneg.eval.metrics import split_metrics
 from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
 from xmcneg.methods.optim import CombinedOptimizer, linear_warmup, wrap
@@ -104,16 +104,12 @@ class XMCClassifier(XMCModule):
         return self.sampler.correction_query(batch, h)
 
     def eval_metrics(self, split, emb, idx, query):
-        dm = self.trainer.datamodule
-        Y = dm.split(split)[1][idx]
-        pairs = dm.filter_pairs(split, idx=idx) if hasattr(dm, "filter_pairs") else None  # LF benchmarks
         metrics = {}
         for prefix, q in ((("", query),) if query is None else (("", query), ("raw/", None))):
             self._eval_prefix = prefix  # names the ANN recall logged by predict_topk
             ids = self.predict_topk(emb, q)[1].cpu().numpy()
-            if pairs is not None:
-                ids, _ = filter_predictions(ids, None, pairs)
-            metrics.update({f"{prefix}{k}": v for k, v in xc_metrics(ids, Y, self.inv_prop).items()})
+            m = split_metrics(self.trainer.datamodule, split, idx, ids, self.inv_prop)
+            metrics.update({f"{prefix}{k}": v for k, v in m.items()})
         return metrics
 
     def predict_topk(self, emb, query=None, k=None):

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from inprocess import run_in_process
 from test_train_e2e import TINY, run
 from xmcneg.resume import CheckpointError, read_checkpoint
 
@@ -56,11 +57,11 @@ def test_eval_and_train_report_a_corrupt_checkpoint_in_one_line(trained, tmp_pat
     tmp, good = trained
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[:5000])
-    p = run("eval.py", [*TINY, f"ckpt_path={truncated}", f"hydra.run.dir={tmp_path / 'ev'}"], tmp)
+    p = run_in_process("eval.py", [*TINY, f"ckpt_path={truncated}", f"hydra.run.dir={tmp_path / 'ev'}"], tmp)
     assert "truncated, corrupt" in one_error_line(p, truncated)
     plain = tmp_path / "plain.ckpt"
     torch.save({"weights": torch.zeros(3)}, plain)
-    p = run("train.py", [*TINY, f"ckpt_path={plain}", f"hydra.run.dir={tmp_path / 'tr'}"], tmp)
+    p = run_in_process("train.py", [*TINY, f"ckpt_path={plain}", f"hydra.run.dir={tmp_path / 'tr'}"], tmp)
     assert "not a checkpoint written by xmcneg" in one_error_line(p, plain)
 
 
@@ -68,11 +69,12 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_named(trained, tmp_path):
     tmp, good = trained
     # eval on a dataset with another label count: the label table's shape differs
     p = run("eval.py", [*TINY, "dataset.num_labels=300", f"ckpt_path={good}", f"hydra.run.dir={tmp_path / 'ev'}"],
-            tmp)
+            tmp)  # a subprocess: eval.py takes the dataset from the command line only when Hydra says it is there
     line = one_error_line(p, good)
     assert "does not fit this model/dataset" in line and "labels.w.weight (200, " in line
     # resume training with another sampler than the checkpoint was trained with
-    p = run("train.py", [*TINY, "sampler=frequency", f"ckpt_path={good}", f"hydra.run.dir={tmp_path / 'tr'}"], tmp)
+    p = run_in_process("train.py", [*TINY, "sampler=frequency", f"ckpt_path={good}",
+                                    f"hydra.run.dir={tmp_path / 'tr'}"], tmp)
     assert "sampler.name=uniform, this run has sampler.name=frequency" in one_error_line(p, good)
 
 

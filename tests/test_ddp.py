@@ -7,7 +7,8 @@ fit end to <run dir>/debug/):
 (b) both ranks end with bit-identical weights (the sparse label tables updated by the row-wise optimiser too),
     optimiser states and sampler state (adversarial tree, MIPS index builds, NGAME clusters), equal to the final
     checkpoint's weights;
-(c) the test metrics equal a single-process `eval.py` of the checkpoint that was tested.
+(c) the test metrics equal a single-process `eval.py` of the checkpoint that was tested (its entry point, run in
+    the test process: tests/inprocess.py).
 
 uniform and mips run again with `hardware.sparse_grad_sync=all_gather` (the label tables outside DDP, their sparse
 gradients all-gathered with dense collectives: the path NCCL takes) under the same checks, and must end with the same
@@ -30,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 
+from inprocess import run_in_process
 from test_train_e2e import run
 from train_conf import sampler_args
 from xmcneg.data.datamodule import EpochPermutation, RankBatchSampler, num_rank_batches, rank_batches, shard_rows
@@ -130,8 +132,8 @@ def test_ddp_run(sampler, sync, cache_dir, tmp_path_factory, tmp_path):
 
     # (c) the DDP test metrics (all ranks' predictions gathered, padding dropped) = a single-process eval.py
     ckpt = out / "checkpoints" / f"{res['tested']}.ckpt"
-    p = run("eval.py", [*DATA, f"ckpt_path={ckpt}", "trainer.enable_progress_bar=false",
-                        f"hydra.run.dir={tmp_path / 'eval'}"], cache_dir, timeout=300)
+    p = run_in_process("eval.py", [*DATA, f"ckpt_path={ckpt}", "trainer.enable_progress_bar=false",
+                                   f"hydra.run.dir={tmp_path / 'eval'}"], cache_dir)
     assert p.returncode == 0, p.stderr[-4000:]
     ev = _load(tmp_path / "eval" / "results.json")["test"]
     assert set(ev) == set(res["test"]) and "P@1" in ev and "P@5" in ev

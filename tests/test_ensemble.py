@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from inprocess import run_in_process
 from test_train_e2e import run
 from xmcneg.eval.ensemble import combine, standardised
 
@@ -64,7 +65,7 @@ def test_members_of_different_label_sets_are_refused(two_models, tmp_path):
     ckpt["xmcneg_config"]["dataset"]["name"] = "other"
     b = tmp_path / "other.ckpt"
     torch.save(ckpt, b)
-    p = run("eval.py", ["logger=none", f"ckpt_path=[{a},{b}]", f"hydra.run.dir={tmp_path / 'ev'}"], tmp)
+    p = run_in_process("eval.py", ["logger=none", f"ckpt_path=[{a},{b}]", f"hydra.run.dir={tmp_path / 'ev'}"], tmp)
     assert p.returncode == 2
     err = [line for line in p.stderr.splitlines() if line.strip()]
     assert err[-1].startswith("error: config key 'ckpt_path':") and "one label set" in err[-1], p.stderr[-2000:]

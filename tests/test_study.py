@@ -17,6 +17,7 @@ from xmcneg.methods.losses import SampledSoftmax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from inprocess import run_in_process  # noqa: E402
 from test_train_e2e import TINY, run  # noqa: E402
 
 
@@ -51,12 +52,14 @@ def test_val_every_s_and_train_budget_and_diagnostics(tmp_path):
 
 def test_diagnostics_leave_training_unchanged(tmp_path):
     """The diagnostics draw from the sampler's stream and put it back: the same run with and without them."""
+    sweep = tmp_path / "sweep"  # the two runs as the two jobs of one multirun (one process)
+    p = run("train.py", ["-m", *TINY, "sampler=frequency", "trainer.max_epochs=2", "diagnostics.every_steps=0,1",
+                         "logger=csv", f"hydra.sweep.dir={sweep}",
+                         "hydra.sweep.subdir=every${diagnostics.every_steps}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
     res = []
     for every in (0, 1):
-        out = tmp_path / f"run{every}"
-        p = run("train.py", [*TINY, "sampler=frequency", "trainer.max_epochs=2", f"diagnostics.every_steps={every}",
-                             "logger=csv", f"hydra.run.dir={out}"], tmp_path)
-        assert p.returncode == 0, p.stderr[-3000:]
+        out = sweep / f"every{every}"
         res.append(json.loads((out / "results.json").read_text())["test"])
         assert bool(every) == ("diag/rank_pct" in (out / "csv" / "metrics.csv").read_text())
     assert res[0] == res[1]
@@ -70,7 +73,8 @@ def test_ngame_phase_share_switches_on_the_budget_share(tmp_path):
     log = p.stdout + p.stderr
     # 12 batches per epoch: 12 of 24 steps (a share of 0.5) are done at the start of epoch 1
     assert "ngame: epoch 1: phase 2" in log and "ngame: epoch 0: phase 2" not in log
-    p = run("train.py", [*args[:-3], "sampler.phase1_share=0.5", f"hydra.run.dir={tmp_path / 'bad'}"], tmp_path)
+    p = run_in_process("train.py", [*args[:-3], "sampler.phase1_share=0.5", f"hydra.run.dir={tmp_path / 'bad'}"],
+                       tmp_path)
     assert p.returncode == 2 and "error: config key 'sampler.phase1_share'" in p.stderr
     assert "Traceback" not in p.stderr
 

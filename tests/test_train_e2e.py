@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from inprocess import run_in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset.num_labels=200", "dataset.num_train=1500", "dataset.num_test=300", "dataset.num_features=800",
         "logger=none", "trainer.enable_progress_bar=false", "data.batch_size=128", "sampler=uniform",
@@ -91,7 +93,8 @@ def test_malformed_file_gives_one_line_error(tmp_path):
     d.mkdir()
     (d / "train.txt").write_text("3 5 4\n0,1 0:1.0 2:0.5\n1 1:x\n2 3:1\n")
     (d / "test.txt").write_text("1 5 4\n0 0:1\n")
-    p = run("train.py", ["dataset=xc", f"dataset.dir={d}", "logger=none", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path)
+    p = run_in_process("train.py", ["dataset=xc", f"dataset.dir={d}", "logger=none", f"hydra.run.dir={tmp_path / 'r'}"],
+                       tmp_path)
     assert p.returncode == 2
     err = [line for line in p.stderr.splitlines() if line.strip()]
     assert err[-1].startswith(f"error: {d / 'train.txt'}:3:"), p.stderr[-2000:]
@@ -107,6 +110,22 @@ def test_nan_loss_stops_run_and_marks_failed(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "failed" and "step 15" in res["reason"]
     assert (out / "checkpoints" / "last.ckpt").exists()  # 12 steps per epoch: epoch 0's checkpoint survives
+
+
+def test_without_a_validation_split_every_row_trains_and_the_last_weights_are_tested(tmp_path):
+    """data.val_size=0: no validation; all 1,500 training rows each epoch, one metrics.csv row per epoch end."""
+    out = tmp_path / "r"
+    p = run("train.py", [*TINY, "data.val_size=0", "trainer.max_epochs=2", "eval.target_p1=0.05",
+                         "debug.record_train_rows=true", f"hydra.run.dir={out}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "no validation split" in p.stderr + p.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "completed" and res["tested"] == "last" and res["epochs"] == 2
+    assert res["time_to_target_s"] is None and res["test"]["P@1"] > 0
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,step,train_time_s" and [r.split(",")[:2] for r in rows[1:]] == [["0", "12"], ["1", "24"]]
+    trained = json.loads((out / "debug" / "train_rows_e0_r0.json").read_text())
+    assert sorted(i for b in trained for i in b) == list(range(1500))
 
 
 def test_full_label_lr_zero_keeps_the_label_table_at_its_init():

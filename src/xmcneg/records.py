@@ -219,10 +219,11 @@ def time_to_target(rows, target, key="val/P@1"):
 
 
 class RunRecorder(pl.Callback):
-    """Keeps the train-time clock and writes metrics.csv rows; logs train_time_s to every logger."""
+    """Keeps the train-time clock and writes metrics.csv rows (one per validation; without a validation split,
+    `validates=False`, one per epoch end, without val/ metrics); logs train_time_s to every logger."""
 
-    def __init__(self, out_dir, resume=True):
-        self.csv_path = Path(out_dir) / "metrics.csv"
+    def __init__(self, out_dir, resume=True, validates=True):
+        self.csv_path, self.validates = Path(out_dir) / "metrics.csv", validates
         self.train_time, self.samples, self._started = 0.0, 0, None
         # a resumed run keeps the rows up to its checkpoint (load_state_dict); a fresh one starts a new file
         self.rows = read_metrics_csv(self.csv_path) if resume else []
@@ -252,16 +253,22 @@ class RunRecorder(pl.Callback):
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
+        self._add_row(trainer, pl_module, {k: float(v) for k, v in trainer.callback_metrics.items()
+                                           if k.startswith("val/")})
+        self.start()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not self.validates:
+            self._add_row(trainer, pl_module, {})
+
+    def _add_row(self, trainer, pl_module, val):
         t = self.elapsed()
-        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         step = getattr(pl_module, "train_steps", trainer.global_step)
-        row = {"epoch": trainer.current_epoch, "step": step, "train_time_s": round(t, 3), **val}
-        self.rows.append(row)
+        self.rows.append({"epoch": trainer.current_epoch, "step": step, "train_time_s": round(t, 3), **val})
         if trainer.is_global_zero:
             self._write_csv()
             for lg in trainer.loggers:
                 lg.log_metrics({"train_time_s": t, **val}, step=step)
-        self.start()
 
     def on_train_end(self, trainer, pl_module):
         self.pause()

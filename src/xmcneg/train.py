@@ -123,7 +123,11 @@ def run(cfg: DictConfig):
             results["resumed_from"] = {"ckpt": ckpt_path, **at}
             log.info("resuming from %s (epoch %d, step %d)", ckpt_path, at["epoch"], at["global_step"])
             resume_ckpt = None
-        recorder = RunRecorder(out_dir, resume=ckpt_path is not None)
+        validates = dm.split("val")[0].shape[0] > 0
+        if not validates:
+            log.info("data.val_size=0: no validation split; training on every training point until "
+                     "trainer.max_epochs or max_time (no plateau stop), then testing the last weights")
+        recorder = RunRecorder(out_dir, resume=ckpt_path is not None, validates=validates)
         # one rolling checkpoint, checkpoints/last.ckpt, replaced atomically at every epoch end
         ckpt = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), filename="last", save_top_k=1, monitor=None,
                                enable_version_counter=False, every_n_epochs=1, save_on_train_epoch_end=True)

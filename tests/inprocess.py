@@ -33,14 +33,21 @@ def run_in_process(script, args, tmp_path):
     saved, threads = {k: os.environ.get(k) for k in ENV}, torch.get_num_threads()
     stdout, stderr, code = io.StringIO(), io.StringIO(), 0
     try:
-        for k, v in ENV.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _set_env(ENV)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             train.cli(train.run if script == "train.py" else evaluate.run, cfg)
     except SystemExit as e:
         code = e.code
     finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        _set_env(saved)
         torch.set_num_threads(threads)
     return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def _set_env(values):
+    """Set each variable to its value; None unsets it."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -151,6 +151,29 @@ def test_full_label_lr_zero_keeps_the_label_table_at_its_init():
     assert torch.equal(m.labels.w.weight, labels) and not torch.equal(m.encoder.bag.weight, table)
 
 
+def test_auto_input_optimizer_is_sgd_with_every_label_scored_below_its_label_count():
+    """optim.input_optimizer=auto: plain SGD on the input table with full scoring below input_sgd_below_labels
+    labels; AdamW with sampled negatives or at or above that count."""
+    import torch
+
+    from train_conf import encoder_args, section
+    from xmcneg.encoders.bow_linear import BowLinear
+    from xmcneg.methods.classifier import XMCClassifier
+    from xmcneg.methods.losses import SampledSoftmax
+
+    def model(below):
+        return XMCClassifier(BowLinear(10, **encoder_args("bow_linear", dim=8)), 6, SampledSoftmax(),
+                             optim={**section("optim"), "input_optimizer": "auto", "input_sgd_below_labels": below},
+                             evaluation=section("eval"))
+
+    m = model(10000)
+    assert m.input_optimizer_kind() == "sgd"
+    assert isinstance(m.configure_optimizers().parts["encoder"], torch.optim.SGD)  # bow_linear: the table alone
+    assert model(6).input_optimizer_kind() == "adamw" and model(None).input_optimizer_kind() == "adamw"
+    m.sampler = object()  # sampled negatives
+    assert m.input_optimizer_kind() == "adamw"
+
+
 def test_centroid_label_init_starts_from_a_nearest_centroid_classifier():
     """LabelTable.set_centroids: w_y = direction of the sum of y's documents' outputs, length norm / median
     document norm, b_y = 0; a label without documents keeps its vector. On separable data the initial scores

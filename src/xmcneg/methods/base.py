@@ -248,6 +248,14 @@ class XMCModule(pl.LightningModule):
         self._rng_state = checkpoint.get("rng_state")
 
     # ------------------------------------------------------------------ training
+    def input_optimizer_kind(self):
+        """optim.input_optimizer, with `auto` resolved: plain SGD when every label is scored (no sampler) and there
+        are fewer than optim.input_sgd_below_labels labels, else AdamW."""
+        kind, below = self.optim.input_optimizer, self.optim.input_sgd_below_labels
+        if kind != "auto":
+            return kind
+        return "sgd" if self.sampler is None and below is not None and self.num_labels < int(below) else "adamw"
+
     def encoder_optimizer(self, warmup=None, lr=None, input_optimizer=None):
         """The encoder's optimiser part: a fused AdamW over its dense parameters (+ a row-wise lazy AdamW over its
         sparse input tables) at `lr` (None: the encoder's own, e.g. a transformer's, else optim.encoder_lr) and
@@ -255,8 +263,9 @@ class XMCModule(pl.LightningModule):
         optim.input_lr), with the warm-up factor function `warmup` and the clip optim.grad_clip."""
         o = self.optim
         lr = lr if lr is not None else (getattr(self.encoder, "lr", None) or o.encoder_lr)
-        parts = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay), input_optimizer or o.input_optimizer,
-                                   float(o.input_lr), float(o.input_weight_decay))
+        parts = encoder_optimizers(self.encoder, float(lr), float(o.weight_decay),
+                                   input_optimizer or self.input_optimizer_kind(), float(o.input_lr),
+                                   float(o.input_weight_decay))
         enc = CombinedOptimizer(parts) if len(parts) > 1 else next(iter(parts.values()))
         return wrap(enc, warmup=warmup, clip=o.grad_clip)
 

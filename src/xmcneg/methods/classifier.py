@@ -90,6 +90,10 @@ class XMCClassifier(XMCModule):
     def configure_optimizers(self):
         o = self.optim
         warm = linear_warmup(int(o.warmup_steps)) if int(o.warmup_steps) > 0 else None
+        if o.input_optimizer == "auto":
+            log.info("optim.input_optimizer=auto: %s on the input table (%s scoring, %d labels, sgd below %s)",
+                     self.input_optimizer_kind(), "sampled" if self.sampler is not None else "full",
+                     self.num_labels, o.input_sgd_below_labels)
         parts = {"encoder": self.encoder_optimizer(warm)}
         if self.sampler is not None:
             parts["labels"] = SparseRowOptimizer(self.labels.parameters(), lr=float(o.label_lr), kind=o.label_optimizer)

@@ -27,6 +27,7 @@ class OptimParams:
     encoder_lr: float
     weight_decay: float
     input_optimizer: str
+    input_sgd_below_labels: Optional[int]
     input_lr: float
     input_weight_decay: float
     label_optimizer: str
@@ -46,6 +47,12 @@ class OptimParams:
         for key in ("full_label_lr", "input_weight_decay"):
             if not float(getattr(p, key)) >= 0:
                 raise ConfigError(f"optim.{key}", f"must be >= 0, got {getattr(p, key)}")
+        if p.input_optimizer not in ("auto", "adamw", "sgd"):
+            raise ConfigError("optim.input_optimizer", f"expected auto, adamw or sgd, got {p.input_optimizer!r}")
+        if p.input_sgd_below_labels is not None and not (isinstance(p.input_sgd_below_labels, int)
+                                                         and p.input_sgd_below_labels >= 0):
+            raise ConfigError("optim.input_sgd_below_labels",
+                              f"expected an integer >= 0 or null, got {p.input_sgd_below_labels!r}")
         if p.label_init not in ("random", "centroid"):
             raise ConfigError("optim.label_init", f"expected random or centroid, got {p.label_init!r}")
         if int(p.warmup_steps) < 0:

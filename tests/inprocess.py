@@ -3,7 +3,8 @@ config) or that only evaluate: the entry point `xmcneg.train.cli` on a config co
 (no Hydra app around it: `paths.output_dir` is set from `hydra.run.dir=`, and HydraConfig is not initialised, so
 eval.py does not see which keys the command line gave). It saves the ~7 s a new Python
 process spends importing torch and Lightning. The result has `returncode`, `stdout` and `stderr`, like
-`subprocess.run`'s; the first runs of each kind stay subprocesses (tests/test_train_e2e.py, test_bad_inputs.py)."""
+`subprocess.run`'s. The runs that check the command line itself stay subprocesses (tests/test_train_e2e.py,
+tests/test_bad_inputs.py::test_train_py_subprocess)."""
 import contextlib
 import io
 import os

@@ -2,9 +2,8 @@
 malformed data file), `error: config key '<key>': ...` (a bad config value) or `error: <what is missing> ...`
 (a missing file), and exit code 2, with no traceback (the traceback only with HYDRA_FULL_ERROR=1).
 
-The table runs `xmcneg.train.cli(xmcneg.train.run, cfg)` in-process on a config composed with Hydra's compose
-API (no Hydra app around it, so HydraConfig is not initialised; `paths.output_dir` is given explicitly). Two
-cases run `train.py` as a subprocess, as a user does. The readers' own leniencies (empty documents, documents
+The table runs `xmcneg.train.cli(xmcneg.train.run, cfg)` in-process (tests/inprocess.py: a config composed with
+Hydra's compose API, no Hydra app around it). Two cases run `train.py` as a subprocess, as a user does. The readers' own leniencies (empty documents, documents
 without labels, repeated labels, CRLF) are covered in tests/test_formats.py.
 """
 import gzip
@@ -16,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+
+from inprocess import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -272,30 +272,15 @@ def _write(d, files):
             (d / name).write_text(text)
 
 
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
 @pytest.mark.parametrize("files,overrides,expected", _params())
-def test_bad_input_gives_one_line_and_exit_2(tmp_path, monkeypatch, capsys, files, overrides, expected):
-    from xmcneg import train
-
-    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    monkeypatch.setenv("XMC_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # pl.seed_everything sets these: restore them afterwards
-        monkeypatch.delenv(var, raising=False)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, files, overrides, expected):
     d = tmp_path / "data"
     if files is not None:
         _write(d, files)
     out = tmp_path / "run"
-    cfg = _compose([f"dataset.dir={d}", *FAST, *overrides, f"paths.output_dir={out}",
-                    f"paths.cache_dir={tmp_path / 'cache'}"])
-    with pytest.raises(SystemExit) as exc:
-        train.cli(train.run, cfg)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
+    p = run_in_process("train.py", [f"dataset.dir={d}", *FAST, *overrides, f"hydra.run.dir={out}"], tmp_path)
+    err = p.stderr
+    assert p.returncode == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1, err
     assert re.fullmatch(expected(d), lines[0]), f"\n got: {lines[0]}\nwant: {expected(d)}"

@@ -58,8 +58,6 @@ def test_eval_tests_and_predicts_with_an_ensemble(two_models, tmp_path):
 
 
 def test_members_of_different_label_sets_are_refused(two_models, tmp_path):
-    import torch
-
     tmp, (a, _) = two_models
     ckpt = torch.load(a, map_location="cpu", weights_only=True)  # the same model, as if trained on another dataset
     ckpt["xmcneg_config"]["dataset"]["name"] = "other"

@@ -117,6 +117,8 @@ def test_ddp_run(sampler, sync, cache_dir, tmp_path_factory, tmp_path):
             assert not diff, f"{key} differs between ranks: {diff[:5]}"
         assert s0[key] == s1[key], f"{key} differs between ranks"
     assert any("labels.w" in k for k in s0["state_dict"])
+    if sampler == "full":  # wide.enabled=auto: full scoring of BoW inputs trains a wide head, reduced by DDP too
+        assert "wide.values" in s0["state_dict"]
     last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state_digests(last["state_dict"]) == s0["state_dict"]
     dbg_state = s0["debug_state"]

@@ -23,6 +23,8 @@ def model_config(cfg, ckpt):
     for key in ("paths", "eval", "hardware", "data"):
         mcfg[key] = cfg[key]
     mcfg.optim = OmegaConf.merge(cfg.optim, mcfg.optim)  # optimiser keys added since the checkpoint was written
+    if "wide" not in mcfg:  # written before the wide head existed: a model without one
+        mcfg.wide = OmegaConf.merge(cfg.wide, {"enabled": False})
     if any(o.split("=")[0].lstrip("+~") == "dataset" or o.startswith("dataset.") for o in overrides):
         mcfg.dataset = cfg.dataset
     return mcfg
@@ -84,7 +86,8 @@ def predict(cfg, members):
         with torch.no_grad():
             for batch in input_batches(cfg, mcfg, dm):
                 h = module.encoder(batch["x"])
-                out.append(module.predict_topk(h, module.correction_query(batch, h), k=k))
+                x = batch["x"] if getattr(module, "wide", None) is not None else None
+                out.append(module.predict_topk(h, module.correction_query(batch, h), k=k, x=x))
         scores, ids = torch.cat([s for s, _ in out]), torch.cat([i for _, i in out])
     else:
         scores, ids = ensemble_topk(members, k, lambda mcfg, dm: input_batches(cfg, mcfg, dm))
@@ -98,28 +101,43 @@ def predict(cfg, members):
 def ensemble_topk(members, k, batches):
     """Exact top-k (scores, ids) of the ensemble (`xmcneg.eval.ensemble`) over the documents of
     `batches(mcfg, dm)` (the same documents in the same order for every member)."""
-    from xmcneg.eval.ensemble import combine
+    from xmcneg.eval.ensemble import combine, standardised_rows
     from xmcneg.eval.topk import exact_topk
     from xmcneg.methods.classifier import XMCClassifier
 
-    parts = []
+    parts, inputs = [], []
     with torch.no_grad():
         for path, mcfg, dm, module in members:
             if not isinstance(module, XMCClassifier):
                 raise ConfigError("ckpt_path", f"{path}: an ensemble takes models of method=classifier (inner "
                                                f"products with a label table), not {type(module).__name__}")
-            embs = []
+            embs, xs = [], []
             for batch in batches(mcfg, dm):
                 h = module.encoder(batch["x"])
                 if module.correction_query(batch, h) is not None:
                     raise ConfigError("ckpt_path", f"{path}: its sampler corrects the scores at prediction time; an "
                                                    "ensemble averages plain inner-product scores")
                 embs.append(h.float())
+                xs.append(batch["x"])
             parts.append((torch.cat(embs), *module.labels.weights()))
-    docs, labels = combine(parts)
-    ev = members[0][1].eval
-    return exact_topk(docs, labels, None, k=min(k, labels.shape[0]), doc_chunk=int(ev.doc_chunk),
-                      label_chunk=int(ev.label_chunk))
+            inputs.append((module.wide, xs, [e.shape[0] for e in embs]))
+        ev = members[0][1].eval
+        k = min(k, parts[0][1].shape[0])
+        if all(wide is None for wide, _, _ in inputs):  # inner products only: one search over concatenated vectors
+            docs, labels = combine(parts)
+            return exact_topk(docs, labels, None, k=k, doc_chunk=int(ev.doc_chunk), label_chunk=int(ev.label_chunk))
+        # a member with a wide head: every member's (batch, C) scores, standardised per document and summed
+        out_s, out_i, start = [], [], 0
+        for j, n in enumerate(inputs[0][2]):
+            total = 0
+            for (emb, w, b), (wide, xs, _) in zip(parts, inputs):
+                s = emb[start:start + n] @ w.T + b
+                total = total + standardised_rows(s if wide is None else s + wide(xs[j]))
+            top = torch.topk(total, k, dim=1)
+            out_s.append(top.values)
+            out_i.append(top.indices)
+            start += n
+        return torch.cat(out_s), torch.cat(out_i)
 
 
 def ensemble_metrics(members):

@@ -62,11 +62,15 @@ def build_module(cfg, dm):
     makers = {  # in this order (the encoder's and label table's initialisation draw from the global RNG)
         "encoder": lambda: build_encoder(cfg, dm),
         "num_labels": lambda: int(dm.num_labels),
+        "num_features": lambda: getattr(dm, "num_features", None),
         "inv_prop": lambda: inverse_propensities(dm.full_train_Y, float(cfg.dataset.propensity_a),
                                                  float(cfg.dataset.propensity_b)),
         "sampler": lambda: None if full_scoring(cfg, dm) else build_part(cfg, "sampler", seed=int(cfg.seed)),
         "loss": lambda: build_part(cfg, "loss"),
         "datamodule": lambda: dm,
     }
+    if "wide" not in params and cfg.get("wide") is not None and cfg.wide.get("enabled") is True:
+        raise ConfigError("wide.enabled", f"method {cfg.method._target_.rsplit('.', 1)[-1]} has no wide head "
+                                          "(method=classifier has: the samplers other than ngame and in_batch_random)")
     kwargs = {k: make() for k, make in makers.items() if k in params}
     return _instantiate(OmegaConf.to_container(cfg.method, resolve=True), "method", **kwargs)

@@ -77,8 +77,10 @@ def check_fits(path, ckpt, module, cfg=None, hint=None):
     state, own = ckpt["state_dict"], module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    # an empty vector here is sized by the data at fit start (the wide head's support): the checkpoint's size holds
     shapes = [f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} here" for k, v in own.items()
-              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+              and tuple(v.shape) != (0,)]
     if missing or unexpected or shapes:
         detail = "; ".join(shapes[:2] + [f"missing {', '.join(missing[:3])}"] * bool(missing)
                            + [f"unexpected {', '.join(unexpected[:3])}"] * bool(unexpected))

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from xmcneg.data.inputs import csr_rows_to_bag
+from xmcneg.distributed import to_device
 from xmcneg.errors import ConfigError
 from xmcneg.eval.ann import LabelIndex, ann_topk, recall_against_exact
 from xmcneg.eval.metrics import split_metrics
@@ -16,13 +18,14 @@ from xmcneg.eval.topk import exact_topk
 from xmcneg.methods.base import XMCModule, mask_positives
 from xmcneg.methods.optim import CombinedOptimizer, linear_warmup, wrap
 from xmcneg.methods.sparse_optim import SparseRowOptimizer, adamw
+from xmcneg.methods.wide_head import WideHead, WideParams, bag_rows
 
 log = logging.getLogger(__name__)
 
 
 class XMCClassifier(XMCModule):
     def __init__(self, encoder, num_labels: int, loss, sampler=None, optim=None, evaluation=None, inv_prop=None,
-                 check_finite: bool = True):
+                 check_finite: bool = True, wide=None, num_features=None):
         super().__init__(encoder, num_labels, sparse_labels=sampler is not None, evaluation=evaluation,
                          inv_prop=inv_prop, sampler=sampler, check_finite=check_finite, optim=optim)
         self.save_hyperparameters(ignore=["encoder", "loss", "sampler", "inv_prop"])
@@ -39,6 +42,24 @@ class XMCClassifier(XMCModule):
             with torch.no_grad():  # orthogonal: the encoder alone is the classifier, as a linear model's weights)
                 self.labels.w.weight.copy_(torch.nn.functional.normalize(self.labels.w.weight, dim=1))
             self.labels.requires_grad_(False)
+        self.wide_params = None if wide is None else WideParams.of(wide)
+        self.wide = None
+        if self.wide_params is not None and self.wide_params.enabled is not False:
+            why_not = ("needs every label scored: sampler=full (or sampler=auto below its full_below_labels)"
+                       if sampler is not None else "reads bag-of-words features: use a BoW encoder (bow_linear, "
+                       "bow_mlp)" if encoder.input_kind != "bow" or num_features is None else None)
+            if why_not is None:
+                self.wide = WideHead(num_features, num_labels, self.wide_params.features)
+            elif self.wide_params.enabled is True:
+                raise ConfigError("wide.enabled", f"the wide head {why_not}")
+
+    def setup(self, stage):
+        if self.wide is not None and stage == "fit" and self.wide.size == 0:  # a fresh run: fix the support
+            t0 = time.perf_counter()
+            self.wide.set_support(*self.trainer.datamodule.split("train"))
+            log.info("wide head: %d label-feature weights (up to %d features per label) in %.1fs", self.wide.size,
+                     self.wide.features, time.perf_counter() - t0)
+        super().setup(stage)
 
     def on_fit_start(self):
         if self.optim is not None and self.optim.label_init == "centroid" and self.train_steps == 0 \
@@ -80,12 +101,16 @@ class XMCClassifier(XMCModule):
 
     def full_loss(self, h, batch):
         logits = self.labels.score_all(h)  # (B, C)
+        wide = None if self.wide is None else self.wide(batch["x"])
+        if wide is not None and self.wide_params.loss == "joint":  # one loss on the summed scores
+            logits, wide = logits + wide, None
         pos = batch["pos"]
         pos_mask = pos >= 0
         target = torch.zeros_like(logits, dtype=torch.bool)
         rows = torch.arange(pos.shape[0], device=pos.device).unsqueeze(1).expand_as(pos)
         target[rows[pos_mask], pos[pos_mask]] = True
-        return self.loss.full(logits, target, pos)
+        loss = self.loss.full(logits, target, pos)
+        return loss if wide is None else loss + self.loss.full(wide, target, pos)  # separate: a loss for each part
 
     def configure_optimizers(self):
         o = self.optim
@@ -100,6 +125,8 @@ class XMCClassifier(XMCModule):
         elif not self.fixed_labels:  # dense table: AdamW, warmed up like the encoder
             parts["labels"] = wrap(adamw(self.labels.parameters(), float(o.full_label_lr),
                                          float(o.label_weight_decay)), warmup=warm)
+        if self.wide is not None:
+            parts["wide"] = torch.optim.Adagrad(self.wide.parameters(), lr=float(self.wide_params.lr))
         return CombinedOptimizer(parts)
 
     def correction_query(self, batch, h):
@@ -111,23 +138,32 @@ class XMCClassifier(XMCModule):
         metrics = {}
         for prefix, q in ((("", query),) if query is None else (("", query), ("raw/", None))):
             self._eval_prefix = prefix  # names the ANN recall logged by predict_topk
-            ids = self.predict_topk(emb, q)[1].cpu().numpy()
+            x = None if self.wide is None else csr_rows_to_bag(self.trainer.datamodule.split(split)[0], idx)
+            ids = self.predict_topk(emb, q, x=x)[1].cpu().numpy()
             m = split_metrics(self.trainer.datamodule, split, idx, ids, self.inv_prop)
             metrics.update({f"{prefix}{k}": v for k, v in m.items()})
         return metrics
 
-    def predict_topk(self, emb, query=None, k=None):
+    def predict_topk(self, emb, query=None, k=None, x=None):
         """Top-k (scores, ids) over all labels for document embeddings `emb` (+ the sampler's score correction for
-        `query`). eval.search=ann re-scores a faiss shortlist with the sampler's `score_correction_ids` (without
-        it: exact search) and logs `<stage>/ann_recall@5` against exact search on the first 1000 documents."""
+        `query`, + the wide head's scores of the same documents' BoW input `x`). eval.search=ann re-scores a faiss
+        shortlist with the sampler's `score_correction_ids` (without it, or with a wide head: exact search) and logs
+        `<stage>/ann_recall@5` against exact search on the first 1000 documents."""
         k = min(int(k or self.evaluation.k), self.num_labels)
+        if self.wide is not None:
+            if x is None:
+                raise ValueError("a model with a wide head scores documents from their BoW input too (x=...)")
+            if self.evaluation.search == "ann" and not getattr(self, "_ann_fallback_warned", False):
+                log.info("eval.search=ann: the wide head's scores are not in the label index; using exact search")
+                self._ann_fallback_warned = True
+            return self._exact_predict_topk(emb, query, k, x)
         if self.evaluation.search == "ann":
             out = self._ann_predict_topk(emb, query, k)
             if out is not None:
                 return out
         return self._exact_predict_topk(emb, query, k)
 
-    def _exact_predict_topk(self, emb, query, k):
+    def _exact_predict_topk(self, emb, query, k, x=None):
         chunk = int(self.evaluation.doc_chunk)
         w, b = self.labels.weights()
         out_s, out_i = [], []
@@ -136,6 +172,9 @@ class XMCClassifier(XMCModule):
             if query is not None:
                 q = query[i: i + chunk]
                 correction = lambda _e, start, end, q=q: self.sampler.score_correction(q, start, end)
+            elif x is not None:  # the wide head's (n, C) scores of these documents, sliced per label block
+                s_wide = self.wide(to_device(bag_rows(x, i, min(i + chunk, emb.shape[0])), emb.device))
+                correction = lambda _e, start, end, s=s_wide: s[:, start:end]
             s, ids = exact_topk(emb[i: i + chunk], w, b, k=k, doc_chunk=chunk,
                                 label_chunk=int(self.evaluation.label_chunk), correction=correction)
             out_s.append(s)

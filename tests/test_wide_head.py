@@ -34,13 +34,19 @@ def test_support_is_each_labels_top_features_by_summed_value():
             assert not dropped or min(M[c, list(got)]) >= max(M[c, list(dropped)])
 
 
-def test_scores_equal_the_dense_linear_model_on_the_support():
-    X, Y = _data()
-    head = WideHead(X.shape[1], Y.shape[1], features=4)
+def _random_head(X, Y, features):
+    """A head with its support fixed on (X, Y) and random weights and biases."""
+    head = WideHead(X.shape[1], Y.shape[1], features=features)
     head.set_support(X, Y)
     with torch.no_grad():
         head.values.normal_()
         head.bias.normal_()
+    return head
+
+
+def test_scores_equal_the_dense_linear_model_on_the_support():
+    X, Y = _data()
+    head = _random_head(X, Y, 4)
     V = np.zeros((X.shape[1], Y.shape[1]), dtype=np.float32)
     ptr, lab = head.ptr.numpy(), head.label.numpy()
     for f in range(X.shape[1]):
@@ -61,10 +67,7 @@ def test_scores_equal_the_dense_linear_model_on_the_support():
 
 def test_a_fresh_head_loads_a_trained_ones_state():
     X, Y = _data()
-    head = WideHead(X.shape[1], Y.shape[1], features=5)
-    head.set_support(X, Y)
-    with torch.no_grad():
-        head.values.uniform_()
+    head = _random_head(X, Y, 5)
     fresh = WideHead(X.shape[1], Y.shape[1], features=5)  # empty support, as when eval.py rebuilds a model
     fresh.load_state_dict(head.state_dict())
     x = csr_rows_to_bag(X, np.arange(X.shape[0]))

@@ -1,5 +1,6 @@
 """The label-scoring method of the full and the sampled samplers (conf/method/classifier.yaml): s(x, y) =
-<f(x), w_y> + b_y. `sampler=None` (`sampler=full`) scores every label every step (dense AdamW on the table);
+<f(x), w_y> + b_y. `sampler=None` (`sampler=full`) scores every label every step (dense AdamW on the table), and
+with a BoW encoder adds the wide head's scores (methods/wide_head.py, `wide.*`: a sparse linear model on the input);
 otherwise positives + the sampler's negatives are looked up in sparse tables updated row-wise. Evaluation scores
 all labels exactly (eval/topk.py) or re-scores a faiss shortlist (eval.search=ann), adds the sampler's correction
 when the loss is not logQ-corrected, and logs the corrected metrics and the raw ones (`raw/...`).

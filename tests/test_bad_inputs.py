@@ -178,7 +178,7 @@ CASES = [
     ("propensity_a_negative", xc(), XC + ["dataset.propensity_a=-1"],
      key_err("dataset.propensity_a", r"must be > 0, got -1\.0")),
     ("feature_transform_unknown", xc(), XC + ["dataset.feature_transform=bogus"],
-     key_err("dataset.feature_transform", r"unknown 'bogus', expected one of none, l2, tfidf_l2")),
+     key_err("dataset.feature_transform", r"unknown 'bogus', expected one of auto, none, l2, tfidf_l2")),
     ("ns_loss_with_full_sampler", xc(), XC + ["loss=ns", "sampler=full"],
      key_err("loss.name", r"'ns' needs sampled negatives; use bce, softmax or sq_hinge with sampler=full")),
     ("input_optimizer_unknown", xc(), XC + ["optim.input_optimizer=bogus"],

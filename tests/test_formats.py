@@ -312,3 +312,22 @@ def test_damaged_parse_cache_is_reparsed(tmp_path, damage):
     got = formats.load_bow_cached(p, tmp_path / "cache")
     for a, w in zip(got, want):
         assert (a != w).nnz == 0 and a.shape == w.shape
+
+
+def test_auto_feature_transform_follows_the_values():
+    """dataset.feature_transform=auto (dataset=xc): integer values (binary, counts) get tf-idf + L2, real values
+    (tf-idf already) L2-normalised rows; a row's direction is kept in the second case."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from xmcneg.data.inputs import FeatureTransform
+
+    counts = sp.csr_matrix(np.array([[1, 0, 3], [0, 2, 1]], dtype=np.float32))
+    t = FeatureTransform("auto").fit(counts)
+    assert t.name == "tfidf_l2" and t.idf is not None
+    weights = sp.csr_matrix(np.array([[0.5, 0, 0.25], [0, 0.3, 0.1]], dtype=np.float32))
+    t = FeatureTransform("auto").fit(weights)
+    out = t(weights).toarray()
+    assert t.name == "l2" and t.idf is None
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1, rtol=1e-6)
+    np.testing.assert_allclose(out[0] / out[0, 0], weights.toarray()[0] / 0.5, rtol=1e-6)

@@ -4,6 +4,7 @@ encoder, tf-idf bags of words for a BoW encoder, as ``encoder.text`` says). Both
 ``x(X, rows)`` (a batch of encoder inputs), ``label_rows``, ``lengths``, ``encoder_kwargs``, ``text_inputs``."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,13 @@ from xmcneg.data.tokenizers import HashTokenizer, HFTokenizer, WordTokenizer
 from xmcneg.errors import ConfigError, DataFormatError, MissingFileError
 from xmcneg.hf_model import resolve_model_dir
 
+log = logging.getLogger(__name__)
+
 TEXT_FORMATS = ("text", "lf_json")
 BOW_FORMATS = ("bow", "synthetic")
 TOKENIZERS = ("hf", "word")
 BOW_FEATURES = ("tfidf", "hashing")
-TRANSFORMS = ("none", "l2", "tfidf_l2")
+TRANSFORMS = ("auto", "none", "l2", "tfidf_l2")
 BOW_SOURCES = ("text", "bow")
 
 
@@ -79,7 +82,9 @@ def make_inputs(dataset_cfg, paths_cfg, encoder_cfg):
 
 # ------------------------------------------------------------------------------------------------ XC BoW
 class FeatureTransform:
-    """none | l2 (row L2 normalisation) | tfidf_l2 (idf from the train split, then L2); fitted on train only."""
+    """none | l2 (row L2 normalisation) | tfidf_l2 (idf from the train split, then L2) | auto (tfidf_l2 when every
+    training value is a non-negative integer: binary or count features; l2 otherwise: weights such as tf-idf, whose
+    rows the learning rates assume of unit length); fitted on train only."""
 
     def __init__(self, name):
         if name not in TRANSFORMS:
@@ -88,6 +93,12 @@ class FeatureTransform:
         self.name, self.idf = name, None
 
     def fit(self, X_train):
+        if self.name == "auto":
+            v = X_train.data
+            counts = v.size > 0 and bool((v >= 0).all() and (v == np.round(v)).all())
+            self.name = "tfidf_l2" if counts else "l2"
+            log.info("dataset.feature_transform=auto: %s (%s feature values)", self.name,
+                     "integer" if counts else "real")
         if self.name == "tfidf_l2":
             self.idf = smooth_idf(doc_freq(X_train), X_train.shape[0]).astype(np.float32)
         return self

@@ -58,7 +58,7 @@ def main():
     for k in args.features:
         head = WideHead(X.shape[1], C, k)
         head.set_support(X, Y)
-        products = int(np.median([int((head.ptr[x["indices"] + 1] - head.ptr[x["indices"]]).sum()) for x in batches]))
+        products = int(np.median([int(head.spans(x["indices"])[1].sum()) for x in batches]))
         ms = median_ms(lambda r: head(batches[r]).sum().backward())
         print(json.dumps({"dataset": cfg.dataset.name, "labels": C, "features": k, "support": head.size,
                           "products_per_batch": products, "wide_ms": ms, "label_table_ms": table_ms}), flush=True)

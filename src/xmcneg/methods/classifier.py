@@ -137,9 +137,9 @@ class XMCClassifier(XMCModule):
 
     def eval_metrics(self, split, emb, idx, query):
         metrics = {}
+        x = None if self.wide is None else csr_rows_to_bag(self.trainer.datamodule.split(split)[0], idx)
         for prefix, q in ((("", query),) if query is None else (("", query), ("raw/", None))):
             self._eval_prefix = prefix  # names the ANN recall logged by predict_topk
-            x = None if self.wide is None else csr_rows_to_bag(self.trainer.datamodule.split(split)[0], idx)
             ids = self.predict_topk(emb, q, x=x)[1].cpu().numpy()
             m = split_metrics(self.trainer.datamodule, split, idx, ids, self.inv_prop)
             metrics.update({f"{prefix}{k}": v for k, v in m.items()})

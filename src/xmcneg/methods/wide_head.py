@@ -93,13 +93,18 @@ class WideHead(nn.Module):
                 getattr(self, name).data = torch.zeros(t.shape, dtype=t.dtype, device=self.ptr.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def spans(self, idx):
+        """(first support position, number of labels) of each feature id in `idx`."""
+        start = self.ptr[idx]
+        return start, self.ptr[idx + 1] - start
+
     def forward(self, x):
         """(B, C) scores of every label for the documents of the EmbeddingBag input `x`."""
         idx, offsets, w = x["indices"], x["offsets"], x["weights"]
         B, C, n = offsets.numel(), self.num_labels, idx.numel()
         doc = torch.repeat_interleave(torch.arange(B, device=idx.device),
                                       torch.diff(offsets, append=offsets.new_tensor([n])), output_size=n)
-        start, lens = self.ptr[idx], self.ptr[idx + 1] - self.ptr[idx]
+        start, lens = self.spans(idx)
         E = int(lens.sum())
         # every (document, feature) non-zero times every label its feature supports
         first = torch.cumsum(lens, 0) - lens
